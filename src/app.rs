@@ -1,0 +1,471 @@
+//! The composition root: builds the running proxy from a config, applies reloads, owns shutdown.
+//!
+//! A reload is all-or-nothing: the new config is validated, its clusters and route tables are
+//! compiled and every new socket is bound before anything live changes. Only then are listener
+//! states swapped (requests in flight keep the snapshot they started with), new accept loops
+//! started and removed ones told to drain.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::control::config::{self, reload, ConfigErrors, ListenerConfig, Loaded};
+use crate::proxy::connect::Cluster;
+use crate::proxy::listener::{self, ListenerKind, ListenerState, Running};
+use crate::proxy::router::{RouteTable, UnknownCluster};
+use crate::telemetry::{admin, metrics::Metrics};
+
+/// A failure to start or to apply a config.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {address}: {source}")]
+    Bind {
+        /// Which listener (or the admin server).
+        what: String,
+        /// The address.
+        address: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config file was invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// A compiled route referred to a missing cluster.
+    #[error(transparent)]
+    Compile(#[from] UnknownCluster),
+    /// The metrics registry could not be built.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The config file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// The new config is live, with this version.
+    Applied(u64),
+    /// The file has not changed since it was last read.
+    Unchanged,
+    /// The proxy runs on the embedded config: there is nothing to reload.
+    NoFile,
+    /// The file was rejected; the previous config keeps serving.
+    Rejected(String),
+}
+
+/// The config in force and what it was compiled into, as the admin server shows it.
+pub struct Active {
+    /// The validated config and its source.
+    pub loaded: Loaded,
+    /// Grows by one with each applied config; the first is 1.
+    pub version: u64,
+    /// When it was applied.
+    pub applied_at: SystemTime,
+    /// Each listener with the address it actually bound.
+    pub listeners: Vec<BoundListener>,
+    /// The running clusters, in config order.
+    pub clusters: Vec<Arc<Cluster>>,
+}
+
+/// A listener and its bound address.
+pub struct BoundListener {
+    /// Listener name.
+    pub name: String,
+    /// `http` or `tcp`.
+    pub protocol: &'static str,
+    /// Address in the config.
+    pub configured: SocketAddr,
+    /// Address bound.
+    pub bound: SocketAddr,
+}
+
+/// State only the reload path touches; behind an async lock so reloads never interleave.
+struct Control {
+    listeners: HashMap<String, Running>,
+    clusters: HashMap<String, Arc<Cluster>>,
+    last_seen_hash: String,
+}
+
+/// Everything the running proxy shares between its tasks and the admin server.
+pub struct Shared {
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// The config in force.
+    pub active: ArcSwap<Active>,
+    /// The error of the most recent reload, if it failed.
+    pub last_error: ArcSwapOption<String>,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    config_path: Option<PathBuf>,
+    control: Mutex<Control>,
+    shutdown: CancellationToken,
+    admin_stop: CancellationToken,
+    tracker: TaskTracker,
+    admin_addr: SocketAddr,
+}
+
+/// A running proxy.
+#[derive(Clone)]
+pub struct App {
+    shared: Arc<Shared>,
+}
+
+impl App {
+    /// Binds the admin server and every listener of `loaded`, then starts serving. With a
+    /// `config_path`, the file is watched and reloaded on change.
+    pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, AppError> {
+        let metrics = Metrics::new()?;
+        let admin_addr = loaded.config.admin_address;
+        let admin_socket =
+            TcpListener::bind(admin_addr)
+                .await
+                .map_err(|source| AppError::Bind {
+                    what: "the admin server".into(),
+                    address: admin_addr,
+                    source,
+                })?;
+        let admin_addr = admin_socket.local_addr().map_err(|source| AppError::Bind {
+            what: "the admin server".into(),
+            address: admin_addr,
+            source,
+        })?;
+        let mut control = Control {
+            listeners: HashMap::new(),
+            clusters: HashMap::new(),
+            last_seen_hash: loaded.hash.clone(),
+        };
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let active =
+            compile_and_swap(&metrics, &mut control, loaded, 1, &shutdown, &tracker).await?;
+        metrics.set_config_version(1);
+        let shared = Arc::new(Shared {
+            metrics,
+            active: ArcSwap::from_pointee(active),
+            last_error: ArcSwapOption::empty(),
+            ready: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            config_path,
+            control: Mutex::new(control),
+            shutdown,
+            admin_stop: CancellationToken::new(),
+            tracker,
+            admin_addr,
+        });
+        tokio::spawn(admin::serve(
+            admin_socket,
+            shared.clone(),
+            shared.admin_stop.clone(),
+        ));
+        let app = App { shared };
+        if let Some(path) = app.shared.config_path.clone() {
+            app.watch(path);
+        }
+        Ok(app)
+    }
+
+    fn watch(&self, path: PathBuf) {
+        let changes = match reload::watch(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot watch the config file; reload with SIGHUP");
+                return;
+            }
+        };
+        let app = self.clone();
+        let stop = self.shared.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = reload::on_change(changes, || app.reload(false)) => {}
+            }
+        });
+    }
+
+    /// The admin server's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.shared.admin_addr
+    }
+
+    /// The bound address of the listener called `name`.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.shared
+            .active
+            .load()
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.bound)
+    }
+
+    /// The shared state, for the admin server and tests.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Reads the config file again and applies it if it changed (or always, with `force`).
+    pub async fn reload(&self, force: bool) -> ReloadOutcome {
+        let Some(path) = &self.shared.config_path else {
+            return ReloadOutcome::NoFile;
+        };
+        let mut control = self.shared.control.lock().await;
+        let result = self.reload_locked(path, &mut control, force).await;
+        let m = &self.shared.metrics;
+        match result {
+            Ok(Some(version)) => {
+                m.reload(true, version);
+                self.shared.last_error.store(None);
+                tracing::info!(version, path = %path.display(), "config reloaded");
+                ReloadOutcome::Applied(version)
+            }
+            Ok(None) => ReloadOutcome::Unchanged,
+            Err(e) => {
+                m.reload(false, 0);
+                let text = e.to_string();
+                for line in text.lines() {
+                    tracing::error!("config rejected, previous config stays: {line}");
+                }
+                self.shared.last_error.store(Some(Arc::new(text.clone())));
+                ReloadOutcome::Rejected(text)
+            }
+        }
+    }
+
+    async fn reload_locked(
+        &self,
+        path: &Path,
+        control: &mut Control,
+        force: bool,
+    ) -> Result<Option<u64>, AppError> {
+        let file = path.display().to_string();
+        let text = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|source| AppError::Read {
+                path: file.clone(),
+                source,
+            })?;
+        let loaded = config::parse(&file, &text);
+        let hash = match &loaded {
+            Ok(l) => l.hash.clone(),
+            Err(_) => config::hash_text(&text),
+        };
+        if !force && hash == control.last_seen_hash {
+            return Ok(None);
+        }
+        control.last_seen_hash = hash;
+        let loaded = loaded?;
+        let version = self.shared.active.load().version + 1;
+        let active = compile_and_swap(
+            &self.shared.metrics,
+            control,
+            loaded,
+            version,
+            &self.shared.shutdown,
+            &self.shared.tracker,
+        )
+        .await?;
+        self.shared.active.store(Arc::new(active));
+        Ok(Some(version))
+    }
+
+    /// Whether the proxy is ready for traffic: config loaded, listeners bound, not draining.
+    pub fn is_ready(&self) -> bool {
+        self.shared.is_ready()
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `drain_timeout`, then stops the
+    /// admin server. Returns whether everything finished in time.
+    pub async fn shutdown(&self) -> bool {
+        let drain = self.shared.active.load().loaded.config.drain_timeout;
+        self.shared.draining.store(true, Ordering::SeqCst);
+        tracing::info!(?drain, "draining");
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        let drained = tokio::time::timeout(drain, self.shared.tracker.wait())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!("drain timeout reached with work still in flight");
+        }
+        self.shared.admin_stop.cancel();
+        drained
+    }
+}
+
+impl Shared {
+    /// See [`App::is_ready`].
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// Where a listener of the new config gets its socket from.
+enum Socket {
+    /// Take over this running listener (same address).
+    Reuse(String),
+    /// A freshly bound socket.
+    Fresh(TcpListener),
+}
+
+/// Compiles `loaded`, binds what it needs, and only then swaps it into the running listeners.
+async fn compile_and_swap(
+    metrics: &Metrics,
+    control: &mut Control,
+    loaded: Loaded,
+    version: u64,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Active, AppError> {
+    let cfg = &loaded.config;
+    let clusters: HashMap<String, Arc<Cluster>> = cfg
+        .clusters
+        .iter()
+        .map(|c| {
+            let cluster = match control.clusters.get(&c.name) {
+                Some(old) if old.config == *c => old.clone(),
+                _ => Arc::new(Cluster::new(c.clone(), metrics)),
+            };
+            (c.name.clone(), cluster)
+        })
+        .collect();
+    let mut states = Vec::with_capacity(cfg.listeners.len());
+    for l in &cfg.listeners {
+        states.push(listener_state(l, &clusters, metrics, cfg.access_log)?);
+    }
+
+    let mut sockets = Vec::with_capacity(cfg.listeners.len());
+    let mut taken: Vec<&str> = Vec::new();
+    for l in &cfg.listeners {
+        let by_name = control
+            .listeners
+            .get_key_value(&l.name)
+            .filter(|(_, r)| r.configured == l.address);
+        let by_address = || {
+            control.listeners.iter().find(|(name, r)| {
+                l.address.port() != 0
+                    && r.configured == l.address
+                    && !taken.contains(&name.as_str())
+                    && !cfg
+                        .listeners
+                        .iter()
+                        .any(|o| &o.name == *name && o.address == l.address)
+            })
+        };
+        match by_name.or_else(by_address) {
+            Some((name, _)) => {
+                taken.push(name);
+                sockets.push(Socket::Reuse(name.clone()));
+            }
+            None => {
+                let socket = listener::bind(l.address)
+                    .await
+                    .map_err(|source| AppError::Bind {
+                        what: format!("listener `{}`", l.name),
+                        address: l.address,
+                        source,
+                    })?;
+                sockets.push(Socket::Fresh(socket));
+            }
+        }
+    }
+
+    // Commit: nothing below can fail in a way that leaves a half-applied config.
+    let mut running = HashMap::with_capacity(cfg.listeners.len());
+    let mut bound = Vec::with_capacity(cfg.listeners.len());
+    for ((l, state), socket) in cfg.listeners.iter().zip(states).zip(sockets) {
+        let r = match socket {
+            Socket::Reuse(name) => match control.listeners.remove(&name) {
+                Some(r) => {
+                    r.state.store(Arc::new(state));
+                    r
+                }
+                None => continue,
+            },
+            Socket::Fresh(socket) => {
+                match listener::spawn(socket, l.address, state, shutdown.child_token(), tracker) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(listener = %l.name, error = %e, "listener lost its socket");
+                        continue;
+                    }
+                }
+            }
+        };
+        tracing::info!(listener = %l.name, address = %r.local, "listening");
+        bound.push(BoundListener {
+            name: l.name.clone(),
+            protocol: match l.kind {
+                config::ListenerKind::Http { .. } => "http",
+                config::ListenerKind::Tcp { .. } => "tcp",
+            },
+            configured: l.address,
+            bound: r.local,
+        });
+        running.insert(l.name.clone(), r);
+    }
+    for (name, old) in control.listeners.drain() {
+        tracing::info!(listener = %name, "listener removed; draining its connections");
+        old.stop.cancel();
+    }
+    control.listeners = running;
+    let ordered = cfg
+        .clusters
+        .iter()
+        .filter_map(|c| clusters.get(&c.name).cloned())
+        .collect();
+    control.clusters = clusters;
+    Ok(Active {
+        loaded,
+        version,
+        applied_at: SystemTime::now(),
+        listeners: bound,
+        clusters: ordered,
+    })
+}
+
+fn listener_state(
+    l: &ListenerConfig,
+    clusters: &HashMap<String, Arc<Cluster>>,
+    metrics: &Metrics,
+    access_log: bool,
+) -> Result<ListenerState, AppError> {
+    let kind = match &l.kind {
+        config::ListenerKind::Http { routes } => {
+            ListenerKind::Http(RouteTable::build(&l.name, routes, clusters, metrics)?)
+        }
+        config::ListenerKind::Tcp { cluster } => ListenerKind::Tcp(
+            clusters
+                .get(cluster)
+                .cloned()
+                .ok_or_else(|| UnknownCluster::new(&l.name, cluster))?,
+        ),
+    };
+    Ok(ListenerState {
+        name: l.name.as_str().into(),
+        kind,
+        metrics: metrics.listener(&l.name),
+        access_log,
+    })
+}

@@ -1,0 +1,165 @@
+//! The raw configuration document exactly as users write it in YAML.
+//!
+//! These structs only describe shape: every field is optional where a default exists and unknown fields
+//! are rejected. Meaning (addresses, durations, references between sections) is checked in
+//! [`super::validate`], which turns a [`RawConfig`] into a typed [`super::Config`].
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The admin server (health, metrics, config, clusters).
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// How long in-flight requests may take to finish on shutdown, e.g. `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<String>,
+    /// Log one line per proxied request or connection.
+    #[serde(default)]
+    pub access_log: bool,
+    /// Addresses the proxy accepts traffic on.
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    /// Named groups of upstream endpoints.
+    #[serde(default)]
+    pub clusters: Vec<RawCluster>,
+}
+
+/// The admin server section.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Socket address of the admin server; loopback by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+/// Which protocol a listener speaks to its clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 and HTTP/2 (prior knowledge) on the same port, routed per request.
+    #[default]
+    Http,
+    /// Raw TCP: bytes are spliced to one cluster.
+    Tcp,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    /// Socket address to bind, e.g. `0.0.0.0:15006`.
+    pub address: String,
+    /// `http` (default) or `tcp`.
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// For `http` listeners: routes tried in order, first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RawRoute>,
+    /// For `tcp` listeners: the cluster connections are spliced to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+}
+
+/// One HTTP route: a match and where matching requests go.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    /// Conditions a request must meet; an empty match takes every request.
+    #[serde(default, rename = "match")]
+    pub matcher: RawMatch,
+    /// Send matching requests to this cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Or split them between clusters by weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weighted_clusters: Option<Vec<RawWeightedCluster>>,
+    /// Time allowed until the upstream's response headers arrive; `0s` disables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// Request conditions of a route; all given conditions must hold.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    /// Path starts with this prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Path equals this string exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// Path matches this regular expression (anchored at both ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// Host (without port), exact or `*.suffix`, case-insensitive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Allowed request methods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Header conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<RawHeaderMatch>,
+}
+
+/// One header condition: exactly one of `exact`, `regex`, `present`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    /// Header name, case-insensitive.
+    pub name: String,
+    /// The value equals this string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// The value matches this regular expression (anchored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// The header is present (`true`) or absent (`false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// One target of a weighted split.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeightedCluster {
+    /// Cluster name.
+    pub cluster: String,
+    /// Relative weight; `0` sends nothing.
+    pub weight: u32,
+}
+
+/// Which protocol is spoken to a cluster's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive pooling.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), one multiplexed connection per endpoint.
+    Http2,
+}
+
+/// A named group of upstream endpoints.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// Unique name, used by routes and in metrics.
+    pub name: String,
+    /// Static endpoints as `host:port`.
+    pub endpoints: Vec<String>,
+    /// Time allowed to establish a TCP connection to an endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    /// `http1` (default) or `http2`.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}

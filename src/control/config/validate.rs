@@ -1,0 +1,642 @@
+//! Turns a [`RawConfig`] into a typed [`Config`], collecting every semantic error with its path.
+//!
+//! Nothing here fails fast: each problem is recorded and checking goes on, so a user sees all of
+//! them in one `outrigger check`. A typed `Config` exists only if the list ends up empty, which is
+//! what keeps an invalid reload from ever reaching the live snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{HeaderName, Method};
+use regex::Regex;
+
+use super::model::{
+    ListenerProtocol, RawCluster, RawConfig, RawHeaderMatch, RawListener, RawMatch, RawRoute,
+    UpstreamProtocol,
+};
+
+/// Admin address when the config names none.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
+/// Shutdown drain time when the config names none.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upstream connect timeout when a cluster names none.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time to response headers when a route names none.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A problem found in the config: where (a document path), what, and perhaps how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Path in the document, e.g. `listeners[0].routes[1].cluster`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// A suggestion, such as the nearest valid name.
+    pub hint: Option<String>,
+}
+
+/// A validated configuration, ready to be compiled into the running proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Admin server address.
+    pub admin_address: SocketAddr,
+    /// Time in-flight work gets to finish on shutdown.
+    pub drain_timeout: Duration,
+    /// Whether each request and connection is logged.
+    pub access_log: bool,
+    /// Listeners in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Clusters in file order.
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// A validated listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// Unique name.
+    pub name: String,
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// What the listener does with a connection.
+    pub kind: ListenerKind,
+}
+
+/// What a listener does with its connections.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenerKind {
+    /// Serve HTTP and route each request.
+    Http {
+        /// Routes in match order.
+        routes: Vec<RouteConfig>,
+    },
+    /// Splice bytes to one cluster.
+    Tcp {
+        /// Target cluster name (known to exist).
+        cluster: String,
+    },
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Unique name.
+    pub name: String,
+    /// Conditions.
+    pub matcher: RouteMatch,
+    /// Target clusters with weights (one entry for a plain `cluster:`); weights sum to more than 0.
+    pub targets: Vec<(String, u32)>,
+    /// Time to response headers; `None` when disabled.
+    pub timeout: Option<Duration>,
+}
+
+impl PartialEq for RouteConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.matcher == other.matcher
+            && self.targets == other.targets
+            && self.timeout == other.timeout
+    }
+}
+
+/// Request conditions of a route.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    /// Path condition.
+    pub path: PathMatch,
+    /// Host condition, lowercase; a leading `*.` matches any subdomain.
+    pub host: Option<String>,
+    /// Allowed methods; `None` allows all.
+    pub methods: Option<Vec<Method>>,
+    /// Header conditions.
+    pub headers: Vec<HeaderMatch>,
+}
+
+impl PartialEq for RouteMatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+            && self.host == other.host
+            && self.methods == other.methods
+            && self.headers == other.headers
+    }
+}
+
+/// How a route matches the request path.
+#[derive(Debug, Clone, Default)]
+pub enum PathMatch {
+    /// Every path.
+    #[default]
+    Any,
+    /// Paths starting with this prefix.
+    Prefix(String),
+    /// This exact path.
+    Exact(String),
+    /// Paths matching this anchored regex.
+    Regex(Regex),
+}
+
+impl PartialEq for PathMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Any, Self::Any) => true,
+            (Self::Prefix(a), Self::Prefix(b)) | (Self::Exact(a), Self::Exact(b)) => a == b,
+            (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+/// A header condition.
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    /// Header name.
+    pub name: HeaderName,
+    /// What its value must be.
+    pub value: HeaderValueMatch,
+}
+
+impl PartialEq for HeaderMatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.value == other.value
+    }
+}
+
+/// What a header's value must be.
+#[derive(Debug, Clone)]
+pub enum HeaderValueMatch {
+    /// Equal to this.
+    Exact(String),
+    /// Matching this anchored regex.
+    Regex(Regex),
+    /// Present (`true`) or absent (`false`).
+    Present(bool),
+}
+
+impl PartialEq for HeaderValueMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Exact(a), Self::Exact(b)) => a == b,
+            (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
+            (Self::Present(a), Self::Present(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// A validated cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// Unique name.
+    pub name: String,
+    /// Static endpoints.
+    pub endpoints: Vec<Authority>,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Protocol spoken upstream.
+    pub protocol: UpstreamProtocol,
+}
+
+/// Checks `raw` and builds a [`Config`], or returns every problem found.
+pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
+    let mut v = Validator::default();
+    let admin_address = raw
+        .admin
+        .address
+        .as_deref()
+        .map(|a| v.socket_addr("admin.address", a))
+        .unwrap_or_else(|| DEFAULT_ADMIN_ADDRESS.parse().ok());
+    let drain_timeout = v
+        .duration("drain_timeout", raw.drain_timeout.as_deref())
+        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+
+    let cluster_names: Vec<&str> = raw.clusters.iter().map(|c| c.name.as_str()).collect();
+    let mut seen = HashSet::new();
+    let mut clusters = Vec::with_capacity(raw.clusters.len());
+    for (i, c) in raw.clusters.iter().enumerate() {
+        let path = format!("clusters[{i}]");
+        if !seen.insert(c.name.as_str()) {
+            v.problem(
+                format!("{path}.name"),
+                format!("duplicate cluster name `{}`", c.name),
+            );
+        }
+        if let Some(c) = v.cluster(&path, c) {
+            clusters.push(c);
+        }
+    }
+
+    let mut listeners = Vec::with_capacity(raw.listeners.len());
+    let mut listener_names = HashSet::new();
+    let mut route_names = HashSet::new();
+    let mut bound: Vec<(SocketAddr, String)> = admin_address
+        .map(|a| vec![(a, "the admin server".to_owned())])
+        .unwrap_or_default();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        if !listener_names.insert(l.name.as_str()) {
+            v.problem(
+                format!("{path}.name"),
+                format!("duplicate listener name `{}`", l.name),
+            );
+        }
+        let address = v.socket_addr(&format!("{path}.address"), &l.address);
+        if let Some(addr) = address {
+            if let Some((_, other)) = bound.iter().find(|(b, _)| overlaps(*b, addr)) {
+                v.problem(
+                    format!("{path}.address"),
+                    format!("address {addr} overlaps with {other}"),
+                );
+            }
+            bound.push((addr, format!("listener `{}`", l.name)));
+        }
+        let kind = v.listener_kind(&path, l, &cluster_names, &mut route_names);
+        if let (Some(address), Some(kind)) = (address, kind) {
+            listeners.push(ListenerConfig {
+                name: l.name.clone(),
+                address,
+                kind,
+            });
+        }
+    }
+
+    match (v.problems.is_empty(), admin_address) {
+        (true, Some(admin_address)) => Ok(Config {
+            admin_address,
+            drain_timeout,
+            access_log: raw.access_log,
+            listeners,
+            clusters,
+        }),
+        _ => Err(v.problems),
+    }
+}
+
+/// Two bind addresses conflict when their ports match (port 0 never does) and either is the
+/// wildcard of the same family or they are equal.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() || a.is_ipv4() != b.is_ipv4() {
+        return false;
+    }
+    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
+}
+
+/// The nearest of `candidates` to `word`, if close enough to be a likely typo.
+pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, path: String, message: String) {
+        self.problems.push(Problem {
+            path,
+            message,
+            hint: None,
+        });
+    }
+
+    fn problem_with_hint(&mut self, path: String, message: String, hint: Option<String>) {
+        self.problems.push(Problem {
+            path,
+            message,
+            hint,
+        });
+    }
+
+    fn socket_addr(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem_with_hint(
+                    path.to_owned(),
+                    format!("invalid socket address `{text}`"),
+                    Some("write an IP and a port, e.g. `127.0.0.1:8080` or `[::1]:8080`".into()),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, text: Option<&str>) -> Option<Duration> {
+        let text = text?;
+        match humantime::parse_duration(text) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem_with_hint(
+                    path.to_owned(),
+                    format!("invalid duration `{text}`: {e}"),
+                    Some("write a number and a unit, e.g. `250ms`, `2s` or `1m`".into()),
+                );
+                None
+            }
+        }
+    }
+
+    fn regex(&mut self, path: String, pattern: &str) -> Option<Regex> {
+        match Regex::new(&format!("^(?:{pattern})$")) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let detail = e.to_string();
+                let last = detail.lines().last().unwrap_or_default().trim();
+                let last = last.strip_prefix("error: ").unwrap_or(last);
+                self.problem(path, format!("invalid regex `{pattern}`: {last}"));
+                None
+            }
+        }
+    }
+
+    fn cluster_ref(&mut self, path: String, name: &str, known: &[&str]) -> bool {
+        if known.contains(&name) {
+            return true;
+        }
+        let hint = nearest(name, known.iter().copied()).map(|n| format!("did you mean `{n}`?"));
+        self.problem_with_hint(path, format!("unknown cluster `{name}`"), hint);
+        false
+    }
+
+    fn cluster(&mut self, path: &str, c: &RawCluster) -> Option<ClusterConfig> {
+        let before = self.problems.len();
+        if c.name.is_empty() {
+            self.problem(format!("{path}.name"), "cluster name is empty".into());
+        }
+        if c.endpoints.is_empty() {
+            self.problem(
+                format!("{path}.endpoints"),
+                format!("cluster `{}` has no endpoints", c.name),
+            );
+        }
+        let mut endpoints = Vec::with_capacity(c.endpoints.len());
+        for (j, e) in c.endpoints.iter().enumerate() {
+            match e.parse::<Authority>() {
+                Ok(a) if a.port_u16().is_some_and(|p| p != 0) && !a.as_str().contains('@') => {
+                    endpoints.push(a)
+                }
+                _ => self.problem_with_hint(
+                    format!("{path}.endpoints[{j}]"),
+                    format!("invalid endpoint `{e}`"),
+                    Some("write `host:port`, e.g. `127.0.0.1:8080` or `app.internal:80`".into()),
+                ),
+            }
+        }
+        let connect_timeout = self
+            .duration(
+                &format!("{path}.connect_timeout"),
+                c.connect_timeout.as_deref(),
+            )
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        if connect_timeout.is_zero() {
+            self.problem(
+                format!("{path}.connect_timeout"),
+                "connect_timeout must be greater than 0".into(),
+            );
+        }
+        (self.problems.len() == before).then(|| ClusterConfig {
+            name: c.name.clone(),
+            endpoints,
+            connect_timeout,
+            protocol: c.protocol,
+        })
+    }
+
+    fn listener_kind<'a>(
+        &mut self,
+        path: &str,
+        l: &'a RawListener,
+        clusters: &[&str],
+        route_names: &mut HashSet<&'a str>,
+    ) -> Option<ListenerKind> {
+        match l.protocol {
+            ListenerProtocol::Tcp => {
+                if !l.routes.is_empty() {
+                    self.problem_with_hint(
+                        format!("{path}.routes"),
+                        "a tcp listener has no routes".into(),
+                        Some("use `cluster:` to name where connections go".into()),
+                    );
+                }
+                let Some(cluster) = &l.cluster else {
+                    self.problem_with_hint(
+                        path.to_owned(),
+                        format!("tcp listener `{}` needs a `cluster`", l.name),
+                        None,
+                    );
+                    return None;
+                };
+                self.cluster_ref(format!("{path}.cluster"), cluster, clusters)
+                    .then(|| ListenerKind::Tcp {
+                        cluster: cluster.clone(),
+                    })
+            }
+            ListenerProtocol::Http => {
+                if l.cluster.is_some() {
+                    self.problem_with_hint(
+                        format!("{path}.cluster"),
+                        "an http listener sends requests through `routes`, not `cluster`".into(),
+                        Some("add a route with `cluster:` and no `match:` to catch all".into()),
+                    );
+                }
+                let mut routes = Vec::with_capacity(l.routes.len());
+                for (j, r) in l.routes.iter().enumerate() {
+                    let rpath = format!("{path}.routes[{j}]");
+                    if !route_names.insert(r.name.as_str()) {
+                        self.problem(
+                            format!("{rpath}.name"),
+                            format!("duplicate route name `{}`", r.name),
+                        );
+                    }
+                    if let Some(route) = self.route(&rpath, r, clusters) {
+                        routes.push(route);
+                    }
+                }
+                Some(ListenerKind::Http { routes })
+            }
+        }
+    }
+
+    fn route(&mut self, path: &str, r: &RawRoute, clusters: &[&str]) -> Option<RouteConfig> {
+        let before = self.problems.len();
+        let matcher = self.route_match(&format!("{path}.match"), &r.matcher);
+        let targets = match (&r.cluster, &r.weighted_clusters) {
+            (Some(c), None) => {
+                self.cluster_ref(format!("{path}.cluster"), c, clusters);
+                vec![(c.clone(), 1)]
+            }
+            (None, Some(ws)) => {
+                for (k, w) in ws.iter().enumerate() {
+                    self.cluster_ref(
+                        format!("{path}.weighted_clusters[{k}].cluster"),
+                        &w.cluster,
+                        clusters,
+                    );
+                }
+                if ws.iter().map(|w| u64::from(w.weight)).sum::<u64>() == 0 {
+                    self.problem(
+                        format!("{path}.weighted_clusters"),
+                        "weights sum to zero: no request could be sent anywhere".into(),
+                    );
+                }
+                ws.iter().map(|w| (w.cluster.clone(), w.weight)).collect()
+            }
+            (Some(_), Some(_)) => {
+                self.problem(
+                    format!("{path}.weighted_clusters"),
+                    "give either `cluster` or `weighted_clusters`, not both".into(),
+                );
+                Vec::new()
+            }
+            (None, None) => {
+                self.problem_with_hint(
+                    path.to_owned(),
+                    format!("route `{}` has no destination", r.name),
+                    Some("add `cluster: NAME` or `weighted_clusters:`".into()),
+                );
+                Vec::new()
+            }
+        };
+        let timeout = match self.duration(&format!("{path}.timeout"), r.timeout.as_deref()) {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => Some(DEFAULT_ROUTE_TIMEOUT),
+        };
+        (self.problems.len() == before).then(|| RouteConfig {
+            name: r.name.clone(),
+            matcher: matcher.unwrap_or_default(),
+            targets,
+            timeout,
+        })
+    }
+
+    fn route_match(&mut self, path: &str, m: &RawMatch) -> Option<RouteMatch> {
+        let before = self.problems.len();
+        let path_match = match (&m.prefix, &m.exact, &m.regex) {
+            (None, None, None) => PathMatch::Any,
+            (Some(p), None, None) => {
+                self.slash(&format!("{path}.prefix"), p);
+                PathMatch::Prefix(p.clone())
+            }
+            (None, Some(e), None) => {
+                self.slash(&format!("{path}.exact"), e);
+                PathMatch::Exact(e.clone())
+            }
+            (None, None, Some(r)) => self
+                .regex(format!("{path}.regex"), r)
+                .map(PathMatch::Regex)
+                .unwrap_or_default(),
+            _ => {
+                self.problem(
+                    path.to_owned(),
+                    "give at most one of `prefix`, `exact` and `regex`".into(),
+                );
+                PathMatch::Any
+            }
+        };
+        let host = m.host.as_ref().map(|h| h.to_ascii_lowercase());
+        let methods = m.methods.as_ref().map(|ms| {
+            ms.iter()
+                .enumerate()
+                .filter_map(|(k, name)| match Method::from_bytes(name.as_bytes()) {
+                    Ok(method) => Some(method),
+                    Err(_) => {
+                        self.problem(
+                            format!("{path}.methods[{k}]"),
+                            format!("invalid method `{name}`"),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
+        let headers = m
+            .headers
+            .iter()
+            .enumerate()
+            .filter_map(|(k, h)| self.header_match(&format!("{path}.headers[{k}]"), h))
+            .collect();
+        (self.problems.len() == before).then_some(RouteMatch {
+            path: path_match,
+            host,
+            methods,
+            headers,
+        })
+    }
+
+    fn slash(&mut self, path: &str, value: &str) {
+        if !value.starts_with('/') {
+            self.problem(
+                path.to_owned(),
+                format!("path `{value}` must start with `/`"),
+            );
+        }
+    }
+
+    fn header_match(&mut self, path: &str, h: &RawHeaderMatch) -> Option<HeaderMatch> {
+        let name = match HeaderName::from_bytes(h.name.as_bytes()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.problem(
+                    format!("{path}.name"),
+                    format!("invalid header name `{}`", h.name),
+                );
+                None
+            }
+        };
+        let value = match (&h.exact, &h.regex, h.present) {
+            (Some(e), None, None) => Some(HeaderValueMatch::Exact(e.clone())),
+            (None, Some(r), None) => self
+                .regex(format!("{path}.regex"), r)
+                .map(HeaderValueMatch::Regex),
+            (None, None, Some(p)) => Some(HeaderValueMatch::Present(p)),
+            _ => {
+                self.problem(
+                    path.to_owned(),
+                    "give exactly one of `exact`, `regex` and `present`".into(),
+                );
+                None
+            }
+        };
+        Some(HeaderMatch {
+            name: name?,
+            value: value?,
+        })
+    }
+}
+
+/// Names of the clusters that `config` refers to, for looking them up after validation.
+pub fn cluster_index(config: &Config) -> HashMap<&str, &ClusterConfig> {
+    config
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_rules() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(overlaps(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(overlaps(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(!overlaps(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!overlaps(a("127.0.0.1:0"), a("127.0.0.1:0")));
+        assert!(!overlaps(a("[::]:80"), a("127.0.0.1:80")));
+    }
+
+    #[test]
+    fn nearest_suggests_close_names_only() {
+        assert_eq!(nearest("timout", ["timeout", "name"]), Some("timeout"));
+        assert_eq!(nearest("backend", ["api", "web"]), None);
+    }
+}

@@ -1,0 +1,3 @@
+//! The control side: configuration, its reloads, and (later) discovery and the Raft group.
+
+pub mod config;

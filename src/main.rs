@@ -1,0 +1,138 @@
+//! The `outrigger` command: `run` the proxy, or `check` a config file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use outrigger::app::App;
+use outrigger::control::config::{self, Loaded};
+use outrigger::telemetry::logging::{self, LogFormat};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(
+    name = "outrigger",
+    version,
+    about = "A service-mesh sidecar proxy focused on resiliency"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (on the embedded default config when no file is given).
+    Run {
+        /// Config file; watched and reloaded on change and on SIGHUP.
+        #[arg(long, short, env = "OUTRIGGER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Validate a config file without starting anything.
+    Check {
+        /// Config file to check.
+        #[arg(long, short, env = "OUTRIGGER_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Check { config } => check(&config),
+        Command::Run { config, log_format } => {
+            logging::init(log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("outrigger: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load_file(path) {
+        Ok(loaded) => {
+            let c = &loaded.config;
+            let routes: usize = c
+                .listeners
+                .iter()
+                .map(|l| match &l.kind {
+                    config::ListenerKind::Http { routes } => routes.len(),
+                    config::ListenerKind::Tcp { .. } => 0,
+                })
+                .sum();
+            println!(
+                "ok: {} listeners, {} routes, {} clusters",
+                c.listeners.len(),
+                routes,
+                c.clusters.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for d in &errors.0 {
+                println!("{d}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: Option<PathBuf>) -> ExitCode {
+    let loaded: Result<Loaded, _> = match &path {
+        Some(p) => config::load_file(p),
+        None => config::load_embedded(),
+    };
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(errors) => {
+            for d in &errors.0 {
+                tracing::error!("{d}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(file = %loaded.file, hash = %loaded.hash, "config loaded");
+    let app = match App::start(loaded, path).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(admin = %app.admin_addr(), "outrigger started");
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                app.reload(true).await;
+            }
+        }
+    }
+    let drained = app.shutdown().await;
+    tracing::info!(drained, "outrigger stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,311 @@
+//! The L7 server: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, each request routed and relayed.
+//!
+//! Bodies stream in both directions and are never buffered; trailers (gRPC status) pass through as
+//! frames. Every failure becomes a local reply built by [`crate::error`], never a dropped connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use http::header::{self, HeaderName};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::config::UpstreamProtocol;
+use crate::error::{local_reply, ErrorKind, ProxyError};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::connect::Cluster;
+use crate::proxy::listener::{ListenerKind, ListenerState};
+use crate::proxy::router::Route;
+
+/// How long busy HTTP/1 connections get, once draining starts, to receive a response carrying
+/// `connection: close` before idle ones are closed. Closing an idle keep-alive connection at the
+/// instant its client sends a request would fail that request.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// The HTTP server settings shared by every connection of a listener.
+pub type Server = auto::Builder<TokioExecutor>;
+
+/// Builds the HTTP/1.1 + HTTP/2 server used by HTTP listeners.
+pub fn server() -> Server {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// What a connection's requests need: the listener's live state and who the client is.
+struct Conn {
+    state: Arc<ArcSwap<ListenerState>>,
+    peer: SocketAddr,
+    drain: CancellationToken,
+}
+
+/// Serves one downstream connection until it closes, or until `drain` fires and it winds down.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ArcSwap<ListenerState>>,
+    drain: CancellationToken,
+    server: Arc<Server>,
+) {
+    let _ = stream.set_nodelay(true);
+    let conn = Arc::new(Conn {
+        state,
+        peer,
+        drain: drain.clone(),
+    });
+    let svc = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
+    });
+    let connection = server.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        res = connection.as_mut() => res,
+        () = drain.cancelled() => {
+            tokio::select! {
+                res = connection.as_mut() => res,
+                () = tokio::time::sleep(DRAIN_GRACE) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
+    }
+}
+
+async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let state = conn.state.load_full();
+    let h1 = req.version() <= Version::HTTP_11;
+    let mut resp = match &state.kind {
+        ListenerKind::Http(table) => match table.find(&req) {
+            Some(route) => forward(&state, route, conn.peer, req, start).await,
+            None => {
+                state.metrics.local_reply(ErrorKind::NoRoute);
+                if state.access_log {
+                    tracing::info!(target: "access", listener = %state.name, method = %req.method(),
+                        uri = %req.uri(), status = 404, reason = "no_route");
+                }
+                local_reply(ErrorKind::NoRoute)
+            }
+        },
+        ListenerKind::Tcp(_) => local_reply(ErrorKind::NoRoute),
+    };
+    if h1 && conn.drain.is_cancelled() {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn forward(
+    state: &ListenerState,
+    route: &Route,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let Some(target) = route.pick() else {
+        state.metrics.local_reply(ErrorKind::NoRoute);
+        return local_reply(ErrorKind::NoRoute);
+    };
+    let logged = state
+        .access_log
+        .then(|| (req.method().clone(), req.uri().clone()));
+    let resp = match send(&target.cluster, route.timeout, peer, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(listener = %state.name, route = %route.name, cluster = %target.cluster.name(),
+                error = %e, "local reply");
+            state.metrics.local_reply(e.kind());
+            e.into_response()
+        }
+    };
+    let elapsed = start.elapsed();
+    target.metrics.observe(resp.status(), elapsed);
+    if let Some((method, uri)) = logged {
+        tracing::info!(target: "access", listener = %state.name, route = %route.name,
+            cluster = %target.cluster.name(), %method, %uri, status = resp.status().as_u16(),
+            reason = resp.headers().get(crate::error::REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            duration_ms = elapsed.as_secs_f64() * 1000.0);
+    }
+    resp
+}
+
+async fn send(
+    cluster: &Cluster,
+    timeout: Option<Duration>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let endpoint = cluster
+        .pick()
+        .ok_or_else(|| ProxyError::UpstreamConnect("the cluster has no endpoints".into()))?;
+    let req = prepare(req, &endpoint.authority, cluster.config.protocol, peer)?;
+    let _in_flight = endpoint.start();
+    let pending = cluster.client.request(req);
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, pending)
+            .await
+            .map_err(|_| ProxyError::Timeout)?,
+        None => pending.await,
+    };
+    match result {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+        }
+        Err(e) if e.is_connect() => {
+            cluster.connect_failed(&endpoint);
+            Err(ProxyError::UpstreamConnect(Box::new(e)))
+        }
+        Err(e) => Err(ProxyError::UpstreamReset(Box::new(e))),
+    }
+}
+
+/// Rewrites a downstream request for the upstream: target URI, version, forwarding headers.
+fn prepare(
+    req: Request<Incoming>,
+    authority: &http::uri::Authority,
+    protocol: UpstreamProtocol,
+    peer: SocketAddr,
+) -> Result<Request<Incoming>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+    append_forwarded_for(&mut parts.headers, peer);
+    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::UpstreamConnect(Box::new(e)))?;
+    parts.version = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    Ok(Request::from_parts(parts, body))
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get(X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut buf = BytesMut::with_capacity(prev.len() + 2 + ip.len());
+            buf.extend_from_slice(prev.as_bytes());
+            buf.extend_from_slice(b", ");
+            buf.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_maybe_shared(buf.freeze())
+        }
+        None => HeaderValue::from_str(&ip),
+    };
+    if let Ok(v) = value {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// Removes headers that describe one connection rather than the message (RFC 9110 §7.6.1),
+/// including those named in `Connection`. `te: trailers` stays: gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| n != header::TE)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+    ] {
+        headers.remove(name);
+    }
+    let te_is_trailers = headers
+        .get(header::TE)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_is_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_too() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-kept"]);
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("te"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        let peer: SocketAddr = "10.0.0.9:1234".parse().unwrap();
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9");
+        append_forwarded_for(&mut h, "[::1]:9".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9, ::1");
+    }
+}

@@ -1,0 +1,278 @@
+//! Matches a request against a listener's route table.
+//!
+//! A table is compiled once per config version with its clusters and metric handles resolved, so
+//! matching a request only compares strings: first matching route wins, in file order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderMap, Method, Request};
+
+use crate::control::config::{HeaderValueMatch, PathMatch, RouteConfig, RouteMatch};
+use crate::proxy::balance::Weighted;
+use crate::proxy::connect::Cluster;
+use crate::telemetry::metrics::{Metrics, RouteMetrics};
+
+/// A listener's compiled routes.
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+/// One compiled route.
+pub struct Route {
+    /// Route name, as in the config.
+    pub name: Arc<str>,
+    matcher: RouteMatch,
+    /// Where matching requests go.
+    pub targets: Vec<Target>,
+    picker: Weighted,
+    /// Time allowed until response headers.
+    pub timeout: Option<Duration>,
+}
+
+/// One destination of a route with its metric handles.
+pub struct Target {
+    /// The cluster.
+    pub cluster: Arc<Cluster>,
+    /// Metrics for (listener, route, cluster).
+    pub metrics: RouteMetrics,
+}
+
+/// A route referred to a cluster that is not in the compiled set; validation prevents this.
+#[derive(Debug, thiserror::Error)]
+#[error("route `{route}` refers to unknown cluster `{cluster}`")]
+pub struct UnknownCluster {
+    route: String,
+    cluster: String,
+}
+
+impl UnknownCluster {
+    /// The error for `route` (or listener) naming `cluster`.
+    pub fn new(route: &str, cluster: &str) -> Self {
+        Self {
+            route: route.to_owned(),
+            cluster: cluster.to_owned(),
+        }
+    }
+}
+
+impl RouteTable {
+    /// Compiles `routes` of `listener` against the running `clusters`.
+    pub fn build(
+        listener: &str,
+        routes: &[RouteConfig],
+        clusters: &HashMap<String, Arc<Cluster>>,
+        metrics: &Metrics,
+    ) -> Result<Self, UnknownCluster> {
+        let routes = routes
+            .iter()
+            .map(|r| {
+                let targets = r
+                    .targets
+                    .iter()
+                    .map(|(name, _)| {
+                        let cluster = clusters
+                            .get(name)
+                            .cloned()
+                            .ok_or_else(|| UnknownCluster::new(&r.name, name))?;
+                        Ok(Target {
+                            metrics: metrics.route(listener, &r.name, name),
+                            cluster,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, UnknownCluster>>()?;
+                Ok(Route {
+                    name: r.name.as_str().into(),
+                    matcher: r.matcher.clone(),
+                    picker: Weighted::new(r.targets.iter().map(|(_, w)| *w)),
+                    targets,
+                    timeout: r.timeout,
+                })
+            })
+            .collect::<Result<Vec<_>, UnknownCluster>>()?;
+        Ok(Self { routes })
+    }
+
+    /// The first route matching `req`.
+    pub fn find<B>(&self, req: &Request<B>) -> Option<&Route> {
+        let host = request_host(req);
+        self.routes.iter().find(|r| {
+            matches(
+                &r.matcher,
+                req.method(),
+                req.uri().path(),
+                host,
+                req.headers(),
+            )
+        })
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether the table has no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+impl Route {
+    /// The target for the next request, following the weights.
+    pub fn pick(&self) -> Option<&Target> {
+        self.targets.get(self.picker.pick())
+    }
+}
+
+/// The request's host without port: from the URI (HTTP/2, absolute form) or the Host header.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    if let Some(h) = req.uri().host() {
+        return Some(h);
+    }
+    let value = req.headers().get(header::HOST)?.to_str().ok()?;
+    Some(strip_port(value))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |i| &host[..=i]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+fn matches(
+    m: &RouteMatch,
+    method: &Method,
+    path: &str,
+    host: Option<&str>,
+    headers: &HeaderMap,
+) -> bool {
+    let path_ok = match &m.path {
+        PathMatch::Any => true,
+        PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        PathMatch::Exact(e) => path == e,
+        PathMatch::Regex(r) => r.is_match(path),
+    };
+    if !path_ok {
+        return false;
+    }
+    if let Some(want) = &m.host {
+        let Some(host) = host else { return false };
+        let ok = match want.strip_prefix("*.") {
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+            None => host.eq_ignore_ascii_case(want),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if let Some(methods) = &m.methods {
+        if !methods.contains(method) {
+            return false;
+        }
+    }
+    m.headers.iter().all(|h| {
+        let value = headers.get(&h.name);
+        match &h.value {
+            HeaderValueMatch::Present(p) => value.is_some() == *p,
+            HeaderValueMatch::Exact(e) => value.is_some_and(|v| v.as_bytes() == e.as_bytes()),
+            HeaderValueMatch::Regex(r) => value
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| r.is_match(v)),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::config;
+
+    fn table(yaml_routes: &str) -> (RouteTable, Metrics) {
+        let text = format!(
+            "listeners:\n  - name: l\n    address: 127.0.0.1:0\n    routes:\n{yaml_routes}\nclusters:\n  - name: a\n    endpoints: [127.0.0.1:1]\n  - name: b\n    endpoints: [127.0.0.1:2]\n"
+        );
+        let loaded = config::parse("t.yaml", &text).unwrap();
+        let metrics = Metrics::new().unwrap();
+        let clusters = loaded
+            .config
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), Arc::new(Cluster::new(c.clone(), &metrics))))
+            .collect();
+        let config::ListenerKind::Http { routes } = &loaded.config.listeners[0].kind else {
+            panic!("http listener expected")
+        };
+        (
+            RouteTable::build("l", routes, &clusters, &metrics).unwrap(),
+            metrics,
+        )
+    }
+
+    fn route_of(t: &RouteTable, req: Request<()>) -> Option<String> {
+        t.find(&req).map(|r| r.name.to_string())
+    }
+
+    #[test]
+    fn first_match_wins_and_conditions_combine() {
+        let (t, _m) = table(
+            "      - name: api-get\n        match: { prefix: /api, methods: [GET], host: '*.example.com' }\n        cluster: a\n      - name: exact\n        match: { exact: /health }\n        cluster: b\n      - name: canary\n        match: { regex: '/v[0-9]+/.*', headers: [{name: x-canary, exact: '1'}] }\n        cluster: b\n",
+        );
+        let req = |m: &str, uri: &str, host: &str| {
+            Request::builder()
+                .method(m)
+                .uri(uri)
+                .header("host", host)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            route_of(&t, req("GET", "/api/x", "svc.Example.com:80")).as_deref(),
+            Some("api-get")
+        );
+        assert_eq!(route_of(&t, req("POST", "/api/x", "svc.example.com")), None);
+        assert_eq!(route_of(&t, req("GET", "/api/x", "example.com")), None);
+        assert_eq!(
+            route_of(&t, req("GET", "/health", "h")).as_deref(),
+            Some("exact")
+        );
+        assert_eq!(route_of(&t, req("GET", "/health/", "h")), None);
+        let mut canary = req("GET", "/v2/users", "h");
+        assert_eq!(route_of(&t, canary), None);
+        canary = Request::builder()
+            .uri("/v2/users")
+            .header("x-canary", "1")
+            .body(())
+            .unwrap();
+        assert_eq!(route_of(&t, canary).as_deref(), Some("canary"));
+    }
+
+    #[test]
+    fn h2_authority_is_the_host() {
+        let (t, _m) =
+            table("      - name: r\n        match: { host: api.local }\n        cluster: a\n");
+        let req = Request::builder()
+            .uri("http://api.local:8080/x")
+            .body(())
+            .unwrap();
+        assert_eq!(route_of(&t, req).as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn weighted_targets_split() {
+        let (t, _m) = table(
+            "      - name: split\n        weighted_clusters: [{cluster: a, weight: 3}, {cluster: b, weight: 1}]\n",
+        );
+        let route = t.find(&Request::new(())).unwrap();
+        let picks: Vec<&str> = (0..8)
+            .map(|_| route.pick().unwrap().cluster.name())
+            .collect();
+        assert_eq!(picks.iter().filter(|n| **n == "a").count(), 6);
+    }
+}

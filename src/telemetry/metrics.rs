@@ -1,0 +1,273 @@
+//! Prometheus metrics: one registry per process, handed down, never global.
+//!
+//! Label lookups happen when a config is compiled, not per request: routes, clusters and listeners
+//! keep the resolved counter and histogram handles they need (see [`RouteMetrics`]).
+
+use std::time::Duration;
+
+use http::StatusCode;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::error::ErrorKind;
+
+/// Request duration buckets in seconds, from 0.5 ms to 30 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Every metric family of the proxy, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    local_replies: IntCounterVec,
+    connect_errors: IntCounterVec,
+    open_connections: IntGaugeVec,
+    connections: IntCounterVec,
+    tcp_bytes: IntCounterVec,
+    reloads: IntCounterVec,
+    config_version: IntGauge,
+}
+
+/// Handles for one (listener, route, cluster) triple.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+}
+
+/// Handles for one listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    local_replies: [IntCounter; ErrorKind::ALL.len()],
+    /// Connections open right now.
+    pub open_connections: IntGauge,
+    /// Connections accepted.
+    pub connections: IntCounter,
+    /// TCP bytes from the client to the upstream.
+    pub bytes_upstream: IntCounter,
+    /// TCP bytes from the upstream to the client.
+    pub bytes_downstream: IntCounter,
+}
+
+/// Handles for one cluster.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// Failed connection attempts to the cluster's endpoints.
+    pub connect_errors: IntCounter,
+}
+
+impl Metrics {
+    /// Creates the registry and registers every family.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "outrigger_requests_total",
+                "HTTP requests proxied, by listener, route, cluster and status class.",
+            ),
+            &["listener", "route", "cluster", "class"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "outrigger_request_duration_seconds",
+                "Time from receiving a request to sending its response headers.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["listener", "route", "cluster"],
+        )?;
+        let local_replies = IntCounterVec::new(
+            Opts::new(
+                "outrigger_local_replies_total",
+                "Responses the proxy made itself, by listener and reason.",
+            ),
+            &["listener", "reason"],
+        )?;
+        let connect_errors = IntCounterVec::new(
+            Opts::new(
+                "outrigger_upstream_connect_errors_total",
+                "Failed connection attempts to upstream endpoints.",
+            ),
+            &["cluster"],
+        )?;
+        let open_connections = IntGaugeVec::new(
+            Opts::new(
+                "outrigger_open_connections",
+                "Downstream connections open now.",
+            ),
+            &["listener"],
+        )?;
+        let connections = IntCounterVec::new(
+            Opts::new(
+                "outrigger_connections_total",
+                "Downstream connections accepted.",
+            ),
+            &["listener"],
+        )?;
+        let tcp_bytes = IntCounterVec::new(
+            Opts::new(
+                "outrigger_tcp_bytes_total",
+                "Bytes spliced by TCP listeners, by direction.",
+            ),
+            &["listener", "direction"],
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "outrigger_config_reloads_total",
+                "Config reload attempts, by result.",
+            ),
+            &["result"],
+        )?;
+        let config_version = IntGauge::new(
+            "outrigger_config_version",
+            "Version number of the active config; grows by one per applied reload.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("outrigger_build_info", "Build information; always 1."),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(local_replies.clone()),
+            Box::new(connect_errors.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(connections.clone()),
+            Box::new(tcp_bytes.clone()),
+            Box::new(reloads.clone()),
+            Box::new(config_version.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(c)?;
+        }
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            local_replies,
+            connect_errors,
+            open_connections,
+            connections,
+            tcp_bytes,
+            reloads,
+            config_version,
+        })
+    }
+
+    /// Resolves the handles of one route target.
+    pub fn route(&self, listener: &str, route: &str, cluster: &str) -> RouteMetrics {
+        let class = |c: &str| {
+            self.requests
+                .with_label_values(&[listener, route, cluster, c])
+        };
+        RouteMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: self.duration.with_label_values(&[listener, route, cluster]),
+        }
+    }
+
+    /// Resolves the handles of one listener.
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            local_replies: ErrorKind::ALL.map(|k| {
+                self.local_replies
+                    .with_label_values(&[listener, k.reason()])
+            }),
+            open_connections: self.open_connections.with_label_values(&[listener]),
+            connections: self.connections.with_label_values(&[listener]),
+            bytes_upstream: self.tcp_bytes.with_label_values(&[listener, "upstream"]),
+            bytes_downstream: self.tcp_bytes.with_label_values(&[listener, "downstream"]),
+        }
+    }
+
+    /// Resolves the handles of one cluster.
+    pub fn cluster(&self, cluster: &str) -> ClusterMetrics {
+        ClusterMetrics {
+            connect_errors: self.connect_errors.with_label_values(&[cluster]),
+        }
+    }
+
+    /// Counts a reload attempt and, on success, publishes the new config version.
+    pub fn reload(&self, ok: bool, version: u64) {
+        self.reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
+        if ok {
+            self.config_version
+                .set(i64::try_from(version).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Publishes the version of the config loaded at start.
+    pub fn set_config_version(&self, version: u64) {
+        self.config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail on I/O; a failure would mean a malformed family, which
+        // we never register, so an empty scrape is an acceptable fallback.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl RouteMetrics {
+    /// Counts one response with `status`, `elapsed` after the request arrived.
+    pub fn observe(&self, status: StatusCode, elapsed: Duration) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+impl ListenerMetrics {
+    /// Counts a local reply of `kind`.
+    pub fn local_reply(&self, kind: ErrorKind) {
+        self.local_replies[kind.index()].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_handles_count_by_class() {
+        let m = Metrics::new().unwrap();
+        let r = m.route("in", "r", "c");
+        r.observe(StatusCode::OK, Duration::from_millis(3));
+        r.observe(StatusCode::BAD_GATEWAY, Duration::from_millis(3));
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(text.contains(
+            "outrigger_requests_total{class=\"2xx\",cluster=\"c\",listener=\"in\",route=\"r\"} 1"
+        ));
+        assert!(text.contains(
+            "outrigger_requests_total{class=\"5xx\",cluster=\"c\",listener=\"in\",route=\"r\"} 1"
+        ));
+        assert!(text.contains("outrigger_build_info{version=\""));
+    }
+}
