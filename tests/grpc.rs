@@ -1,0 +1,110 @@
+//! gRPC passes through intact: HTTP/2 to an HTTP/2 cluster, trailers kept, streams both ways.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Channel};
+use support::*;
+
+async fn proxy_for(origin: &Origin) -> Proxy {
+    Proxy::start(&format!(
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: grpc\n        match: {{ prefix: /test.Echo/ }}\n        cluster: grpc\nclusters:\n  - name: grpc\n    endpoints: [{}]\n    protocol: http2\n",
+        origin.addr
+    ))
+    .await
+}
+
+fn grpc_request(url: String, body: Body) -> Request<Body> {
+    Request::post(url)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap()
+}
+
+/// Reads the whole response: messages and trailers.
+async fn finish(body: hyper::body::Incoming) -> (Vec<String>, http::HeaderMap) {
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("gRPC trailers arrive");
+    (grpc_messages(&collected.to_bytes()), trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_call_keeps_message_and_trailers() {
+    let origin = Origin::start("grpc").await;
+    let proxy = proxy_for(&origin).await;
+    let req = grpc_request(
+        proxy.url("in", "/test.Echo/Unary"),
+        body(grpc_frame(b"hello")),
+    );
+    let resp = h2_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    let (msgs, trailers) = finish(resp.into_body()).await;
+    assert_eq!(msgs, ["echo:hello"]);
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_streaming_call_delivers_every_message() {
+    let origin = Origin::start("grpc").await;
+    let proxy = proxy_for(&origin).await;
+    let req = grpc_request(
+        proxy.url("in", "/test.Echo/ServerStream"),
+        body(grpc_frame(b"go")),
+    );
+    let resp = h2_client().request(req).await.unwrap();
+    let (msgs, trailers) = finish(resp.into_body()).await;
+    assert_eq!(msgs, ["msg-0", "msg-1", "msg-2"]);
+    assert_eq!(trailers["grpc-status"], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bidirectional_stream_interleaves() {
+    let origin = Origin::start("grpc").await;
+    let proxy = proxy_for(&origin).await;
+    let (mut tx, req_body) = Channel::<Bytes, hyper::Error>::new(1);
+    let req = grpc_request(proxy.url("in", "/test.Echo/Bidi"), req_body.boxed());
+    let client = h2_client();
+    let pending = tokio::spawn(async move { client.request(req).await });
+    tx.send_data(grpc_frame(b"m0")).await.unwrap();
+    let mut body = pending.await.unwrap().unwrap().into_body();
+    // Each echo comes back before the next message is sent: the stream is live both ways.
+    for i in 0..3 {
+        if i > 0 {
+            tx.send_data(grpc_frame(format!("m{i}").as_bytes()))
+                .await
+                .unwrap();
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("echo arrives while the request is still open")
+            .unwrap()
+            .unwrap();
+        let data = frame.into_data().unwrap();
+        assert_eq!(grpc_messages(&data), [format!("echo:m{i}")]);
+    }
+    drop(tx);
+    let (rest, trailers) = finish(body).await;
+    assert!(rest.is_empty());
+    assert_eq!(trailers["grpc-status"], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_error_status_in_trailers_only_response_passes() {
+    let origin = Origin::start("grpc").await;
+    let proxy = proxy_for(&origin).await;
+    let req = grpc_request(
+        proxy.url("in", "/test.Echo/Missing"),
+        body(grpc_frame(b"x")),
+    );
+    let resp = h2_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (msgs, trailers) = finish(resp.into_body()).await;
+    assert!(msgs.is_empty());
+    assert_eq!(trailers["grpc-status"], "12");
+}

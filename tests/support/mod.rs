@@ -1,0 +1,454 @@
+//! Test support: origins that misbehave on command, a TCP echo server, the proxy started in-process
+//! or as a real process, and small HTTP clients. Everything binds 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Channel, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use outrigger::app::App;
+use outrigger::control::config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// An HTTP/1.1 + HTTP/2 origin. Paths: `/status/N`, `/delay/MS`, `/headers`, `/echo` (streams the
+/// request body back), `/stream` (one chunk, then waits for `release`), `/grpc...` (see below);
+/// anything else answers `NAME METHOD PATH`. Every response carries `x-origin: NAME`.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub hits: Arc<AtomicUsize>,
+    pub release: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    pub async fn start(name: &str) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, name)
+    }
+
+    pub fn serve(listener: TcpListener, name: &str) -> Origin {
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(Notify::new());
+        let (n, h, r) = (name.to_owned(), hits.clone(), release.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (n, h, r) = (n.clone(), h.clone(), r.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let (n, h, r) = (n.clone(), h.clone(), r.clone());
+                        async move { Ok::<_, Infallible>(origin(&n, &h, r, req).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            name: name.to_owned(),
+            hits,
+            release,
+            task,
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn origin(
+    name: &str,
+    hits: &AtomicUsize,
+    release: Arc<Notify>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_owned();
+    let mut resp = if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(full(format!("{name} status {code}")));
+        *r.status_mut() =
+            StatusCode::from_bytes(code.as_bytes()).unwrap_or(StatusCode::BAD_REQUEST);
+        r
+    } else if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        Response::new(full(format!("{name} delayed {ms}")))
+    } else if path == "/headers" {
+        let mut text = String::new();
+        for (k, v) in req.headers() {
+            text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        Response::new(full(text))
+    } else if path == "/echo" {
+        Response::new(req.into_body().boxed())
+    } else if path == "/stream" {
+        let (mut tx, body) = Channel::<Bytes, hyper::Error>::new(1);
+        tokio::spawn(async move {
+            let _ = tx.send_data(Bytes::from_static(b"first;")).await;
+            release.notified().await;
+            let _ = tx.send_data(Bytes::from_static(b"second")).await;
+        });
+        Response::new(body.boxed())
+    } else if path.starts_with("/test.Echo/") {
+        grpc(&path, req).await
+    } else {
+        Response::new(full(format!("{name} {} {path}", req.method())))
+    };
+    resp.headers_mut()
+        .insert("x-origin", HeaderValue::from_str(name).unwrap());
+    resp
+}
+
+/// A gRPC message frame: compression flag, big-endian length, payload.
+pub fn grpc_frame(payload: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(5 + payload.len());
+    v.push(0);
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    Bytes::from(v)
+}
+
+/// Splits a buffer of gRPC frames into payloads.
+pub fn grpc_messages(mut buf: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while buf.len() >= 5 {
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        out.push(String::from_utf8_lossy(&buf[5..5 + len]).into_owned());
+        buf = &buf[5 + len..];
+    }
+    out
+}
+
+fn grpc_trailers(status: u32) -> HeaderMap {
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from(status));
+    t.insert("grpc-message", HeaderValue::from_static("done"));
+    t
+}
+
+/// `Unary` echoes the message; `ServerStream` answers three messages; `Bidi` echoes each message
+/// as it arrives. Status travels in trailers, as gRPC does.
+async fn grpc(path: &str, req: Request<Incoming>) -> Response<Body> {
+    let (mut tx, body) = Channel::<Bytes, hyper::Error>::new(4);
+    let path = path.to_owned();
+    tokio::spawn(async move {
+        let mut incoming = req.into_body();
+        match path.as_str() {
+            "/test.Echo/Unary" => {
+                let Ok(all) = incoming.collect().await else {
+                    return;
+                };
+                let msgs = grpc_messages(&all.to_bytes());
+                for m in msgs {
+                    let _ = tx
+                        .send_data(grpc_frame(format!("echo:{m}").as_bytes()))
+                        .await;
+                }
+            }
+            "/test.Echo/ServerStream" => {
+                let _ = incoming.collect().await;
+                for i in 0..3 {
+                    let _ = tx
+                        .send_data(grpc_frame(format!("msg-{i}").as_bytes()))
+                        .await;
+                }
+            }
+            "/test.Echo/Bidi" => {
+                while let Some(Ok(frame)) = incoming.frame().await {
+                    if let Ok(data) = frame.into_data() {
+                        for m in grpc_messages(&data) {
+                            let _ = tx
+                                .send_data(grpc_frame(format!("echo:{m}").as_bytes()))
+                                .await;
+                        }
+                    }
+                }
+            }
+            _ => {
+                let _ = tx.send_trailers(grpc_trailers(12)).await;
+                return;
+            }
+        }
+        let _ = tx.send_trailers(grpc_trailers(0)).await;
+    });
+    let mut r = Response::new(body.boxed());
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    r
+}
+
+/// A TCP server that echoes what it reads and, once the client has finished sending, writes
+/// `bye` and closes: it shows that half-close travels through the proxy.
+pub async fn tcp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Adds a loopback admin address on port 0 unless the YAML names one.
+pub fn with_test_admin(yaml: &str) -> String {
+    if yaml.contains("admin:") {
+        yaml.to_owned()
+    } else {
+        format!("admin:\n  address: 127.0.0.1:0\n{yaml}")
+    }
+}
+
+/// The proxy started in-process from a real config file in a temp directory.
+pub struct Proxy {
+    pub app: App,
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl Proxy {
+    pub async fn start(yaml: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outrigger.yaml");
+        std::fs::write(&path, with_test_admin(yaml)).unwrap();
+        let loaded =
+            config::load_file(&path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let app = App::start(loaded, Some(path.clone())).await.unwrap();
+        Proxy { app, dir, path }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.app
+            .listener_addr(listener)
+            .unwrap_or_else(|| panic!("no listener {listener}"))
+    }
+
+    pub fn url(&self, listener: &str, path: &str) -> String {
+        format!("http://{}{}", self.addr(listener), path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.app.admin_addr(), path)
+    }
+
+    /// Replaces the config the way editors do: write a temp file, rename it over the old one.
+    pub fn write_config(&self, yaml: &str) {
+        write_atomically(&self.path, &with_test_admin(yaml));
+    }
+}
+
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The `outrigger` binary running as a real process, logging JSON.
+pub struct Process {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub logs: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `outrigger run --config PATH` and waits until it reports its admin address.
+    pub fn start(config: &Path) -> Process {
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_outrigger")).args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ]))
+    }
+
+    pub fn start_with(cmd: &mut Command) -> Process {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let keep = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "outrigger started" {
+                        let _ = tx.send(v["admin"].as_str().unwrap_or_default().to_owned());
+                    }
+                }
+                keep.lock().unwrap().push(line);
+            }
+        });
+        let admin = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("outrigger did not start"));
+        Process {
+            child,
+            admin: admin.parse().unwrap(),
+            logs,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// The bound address of a listener, read from the admin `/config`.
+    pub async fn listener(&self, name: &str) -> Option<SocketAddr> {
+        let (_, _, body) = get(&h1_client(), &self.admin_url("/config")).await.ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["listeners"]
+            .as_array()?
+            .iter()
+            .find(|l| l["name"] == name)?["bound_address"]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Body>;
+
+pub fn h1_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn body(b: impl Into<Bytes>) -> Body {
+    full(b)
+}
+
+/// GETs `url`; returns status, headers and body text.
+pub async fn get(
+    client: &HttpClient,
+    url: &str,
+) -> Result<(StatusCode, HeaderMap, String), String> {
+    send(client, Request::get(url).body(empty()).unwrap()).await
+}
+
+pub async fn send(
+    client: &HttpClient,
+    req: Request<Body>,
+) -> Result<(StatusCode, HeaderMap, String), String> {
+    let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
+}
+
+/// Polls `check` every 10 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// The `x-outrigger-error` reason of a response, or "" if absent.
+pub fn reason(headers: &HeaderMap) -> &str {
+    headers
+        .get("x-outrigger-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
