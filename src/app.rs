@@ -110,7 +110,6 @@ pub struct Shared {
     pub active: ArcSwap<Active>,
     /// The error of the most recent reload, if it failed.
     pub last_error: ArcSwapOption<String>,
-    ready: AtomicBool,
     draining: AtomicBool,
     config_path: Option<PathBuf>,
     control: Mutex<Control>,
@@ -159,7 +158,6 @@ impl App {
             metrics,
             active: ArcSwap::from_pointee(active),
             last_error: ArcSwapOption::empty(),
-            ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             config_path,
             control: Mutex::new(control),
@@ -285,7 +283,8 @@ impl App {
         Ok(Some(version))
     }
 
-    /// Whether the proxy is ready for traffic: config loaded, listeners bound, not draining.
+    /// Whether the proxy is ready for traffic. An `App` exists only once its config is loaded and
+    /// its listeners are bound, so this is false only while draining.
     pub fn is_ready(&self) -> bool {
         self.shared.is_ready()
     }
@@ -312,12 +311,7 @@ impl App {
 impl Shared {
     /// See [`App::is_ready`].
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Whether shutdown has begun.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        !self.draining.load(Ordering::SeqCst)
     }
 }
 

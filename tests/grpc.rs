@@ -1,4 +1,5 @@
 //! gRPC passes through intact: HTTP/2 to an HTTP/2 cluster, trailers kept, streams both ways.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! End-to-end HTTP proxying over real sockets: HTTP/1.1 and HTTP/2 clients, curl, header
 //! handling, streaming, local replies.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod support;
 

@@ -1,4 +1,5 @@
 //! L4 listeners splice bytes both ways and keep half-close.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod support;
 

@@ -225,15 +225,18 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     let ip = peer.ip().to_string();
-    let value = match headers.get(X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut buf = BytesMut::with_capacity(prev.len() + 2 + ip.len());
-            buf.extend_from_slice(prev.as_bytes());
+    let mut previous = headers.get_all(X_FORWARDED_FOR).iter().peekable();
+    let value = if previous.peek().is_none() {
+        HeaderValue::from_str(&ip)
+    } else {
+        // Several header lines are one comma-separated list (RFC 9110 §5.3); keep them all.
+        let mut buf = BytesMut::with_capacity(64);
+        for v in previous {
+            buf.extend_from_slice(v.as_bytes());
             buf.extend_from_slice(b", ");
-            buf.extend_from_slice(ip.as_bytes());
-            HeaderValue::from_maybe_shared(buf.freeze())
         }
-        None => HeaderValue::from_str(&ip),
+        buf.extend_from_slice(ip.as_bytes());
+        HeaderValue::from_maybe_shared(buf.freeze())
     };
     if let Ok(v) = value {
         headers.insert(X_FORWARDED_FOR, v);
@@ -266,11 +269,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    let te_is_trailers = headers
-        .get(header::TE)
-        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_is_trailers {
-        headers.remove(header::TE);
+    if let Some(te) = headers.get(header::TE) {
+        let asks_trailers = te.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+        if asks_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
     }
 }
 
@@ -297,6 +305,9 @@ mod tests {
         h.insert("te", HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key("te"));
+        h.insert("te", HeaderValue::from_static("gzip, trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers");
     }
 
     #[test]
@@ -307,5 +318,8 @@ mod tests {
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9");
         append_forwarded_for(&mut h, "[::1]:9".parse().unwrap());
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9, ::1");
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9, ::1, 10.1.1.1, 10.0.0.9");
     }
 }

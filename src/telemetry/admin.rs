@@ -61,9 +61,8 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/" => html(index(shared)),
         "/live" => text(StatusCode::OK, "live\n"),
-        "/ready" if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/ready" if shared.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(shared.metrics.encode())));
             r.headers_mut().insert(
@@ -139,12 +138,10 @@ pub fn clusters_json(shared: &Shared) -> serde_json::Value {
 
 fn index(shared: &Shared) -> String {
     let active = shared.active.load();
-    let state = if shared.is_draining() {
-        "draining"
-    } else if shared.is_ready() {
+    let state = if shared.is_ready() {
         "ready"
     } else {
-        "not ready"
+        "draining"
     };
     let mut listeners = String::new();
     for l in &active.listeners {

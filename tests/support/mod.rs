@@ -1,6 +1,6 @@
 //! Test support: origins that misbehave on command, a TCP echo server, the proxy started in-process
 //! or as a real process, and small HTTP clients. Everything binds 127.0.0.1:0.
-#![allow(dead_code)]
+#![allow(dead_code)] // each test crate uses a different part
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};

@@ -4,7 +4,7 @@
 //! them in one `outrigger check`. A typed `Config` exists only if the list ends up empty, which is
 //! what keeps an invalid reload from ever reaching the live snapshot.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -544,14 +544,30 @@ impl Validator {
         let methods = m.methods.as_ref().map(|ms| {
             ms.iter()
                 .enumerate()
-                .filter_map(|(k, name)| match Method::from_bytes(name.as_bytes()) {
-                    Ok(method) => Some(method),
-                    Err(_) => {
-                        self.problem(
+                .filter_map(|(k, name)| {
+                    let upper = name.to_ascii_uppercase();
+                    let standard = [
+                        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                        "PATCH",
+                    ];
+                    if *name != upper && standard.contains(&upper.as_str()) {
+                        // Methods are case-sensitive: `get` would never match a real GET.
+                        self.problem_with_hint(
                             format!("{path}.methods[{k}]"),
-                            format!("invalid method `{name}`"),
+                            format!("method `{name}` never matches: methods are case-sensitive"),
+                            Some(format!("did you mean `{upper}`?")),
                         );
-                        None
+                        return None;
+                    }
+                    match Method::from_bytes(name.as_bytes()) {
+                        Ok(method) => Some(method),
+                        Err(_) => {
+                            self.problem(
+                                format!("{path}.methods[{k}]"),
+                                format!("invalid method `{name}`"),
+                            );
+                            None
+                        }
                     }
                 })
                 .collect()
@@ -609,15 +625,6 @@ impl Validator {
             value: value?,
         })
     }
-}
-
-/// Names of the clusters that `config` refers to, for looking them up after validation.
-pub fn cluster_index(config: &Config) -> HashMap<&str, &ClusterConfig> {
-    config
-        .clusters
-        .iter()
-        .map(|c| (c.name.as_str(), c))
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,105 @@
+//! `outrigger check`: located errors with hints and exit 1 on bad files; exit 0 on every shipped
+//! config and example.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::path::Path;
+use std::process::Command;
+
+fn check(path: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_outrigger"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn misspelled_field_is_reported_with_location_and_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "typo.yaml",
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: r\n        cluster: c\n        timout: 2s\nclusters:\n  - name: c\n    endpoints: [127.0.0.1:9]\n",
+    );
+    let (code, out) = check(&p);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out.trim(),
+        format!(
+            "{}:7:9: unknown field `timout` (hint: did you mean `timeout`?)",
+            p.display()
+        )
+    );
+}
+
+#[test]
+fn unknown_cluster_reference_is_reported_with_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "ref.yaml",
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: r\n        cluster: payments\n  - name: raw\n    address: 127.0.0.1:0\n    protocol: tcp\n    cluster: ledger\nclusters:\n  - name: payment\n    endpoints: [127.0.0.1:9]\n",
+    );
+    let (code, out) = check(&p);
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = out.lines().collect();
+    let file = p.display().to_string();
+    assert_eq!(
+        lines,
+        [
+            format!("{file}:6:9: unknown cluster `payments` (hint: did you mean `payment`?)"),
+            format!("{file}:10:5: unknown cluster `ledger`"),
+        ]
+    );
+}
+
+#[test]
+fn unreadable_file_fails_clearly() {
+    let (code, out) = check(Path::new("/nonexistent/outrigger.yaml"));
+    assert_eq!(code, 1);
+    assert!(
+        out.starts_with("/nonexistent/outrigger.yaml: cannot read config:"),
+        "{out}"
+    );
+}
+
+#[test]
+fn every_shipped_config_and_example_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for dir in ["config", "examples"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                let (code, out) = check(&path);
+                assert_eq!(code, 0, "{}: {out}", path.display());
+                assert!(out.starts_with("ok: "), "{out}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 3,
+        "expected the default config and examples, found {checked}"
+    );
+}
+
+#[test]
+fn default_config_summary() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (code, out) = check(&root.join("config/outrigger.yaml"));
+    assert_eq!(
+        (code, out.trim()),
+        (0, "ok: 2 listeners, 1 routes, 1 clusters")
+    );
+}
