@@ -253,12 +253,16 @@ impl App {
         force: bool,
     ) -> Result<Option<u64>, AppError> {
         let file = path.display().to_string();
-        let text = tokio::fs::read_to_string(path)
-            .await
-            .map_err(|source| AppError::Read {
-                path: file.clone(),
-                source,
-            })?;
+        let text = match tokio::fs::read_to_string(path).await {
+            Ok(text) => text,
+            // Editors that save by rename leave a moment with no file; a missing file is never a
+            // reason to change the running config, and the write that follows triggers a reload.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %file, "config file is missing; keeping the running config");
+                return Ok(None);
+            }
+            Err(source) => return Err(AppError::Read { path: file, source }),
+        };
         let loaded = config::parse(&file, &text);
         let hash = match &loaded {
             Ok(l) => l.hash.clone(),

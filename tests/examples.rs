@@ -11,7 +11,9 @@ use support::*;
 
 /// The example's text with every `address:` on port 0 and the named endpoints replaced.
 fn localize(example: &str, endpoints: &[(&str, SocketAddr)]) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(example);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(example);
     let mut text = std::fs::read_to_string(path).unwrap();
     for (name, addr) in endpoints {
         assert!(text.contains(name), "{example} names {name}");
@@ -33,7 +35,10 @@ async fn canary_sends_flagged_requests_to_v2_and_splits_the_rest() {
     let (v1, v2) = (Origin::start("v1").await, Origin::start("v2").await);
     let proxy = Proxy::start(&localize(
         "canary.yaml",
-        &[("reviews-v1.internal:8080", v1.addr), ("reviews-v2.internal:8080", v2.addr)],
+        &[
+            ("reviews-v1.internal:8080", v1.addr),
+            ("reviews-v2.internal:8080", v2.addr),
+        ],
     ))
     .await;
     let client = h1_client();
@@ -55,7 +60,10 @@ async fn canary_sends_flagged_requests_to_v2_and_splits_the_rest() {
         to_v2 += usize::from(headers["x-origin"] == "v2");
     }
     assert_eq!(to_v2, 10, "90/10 split");
-    let other_host = Request::get(&url).header("host", "ratings").body(empty()).unwrap();
+    let other_host = Request::get(&url)
+        .header("host", "ratings")
+        .body(empty())
+        .unwrap();
     let (status, headers, _) = send(&client, other_host).await.unwrap();
     assert_eq!((status.as_u16(), reason(&headers)), (404, "no_route"));
 }
@@ -63,7 +71,11 @@ async fn canary_sends_flagged_requests_to_v2_and_splits_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_example_passes_a_unary_call() {
     let payments = Origin::start("payments").await;
-    let proxy = Proxy::start(&localize("grpc.yaml", &[("payments.internal:50051", payments.addr)])).await;
+    let proxy = Proxy::start(&localize(
+        "grpc.yaml",
+        &[("payments.internal:50051", payments.addr)],
+    ))
+    .await;
     // The origin's gRPC handler serves /test.Echo/*; the example routes /payments.v1.* — so call
     // a payments method and expect the origin's "unknown method" status in trailers.
     let req = Request::post(proxy.url("inbound-grpc", "/payments.v1.Payments/Charge"))
@@ -86,7 +98,9 @@ async fn tcp_example_splices_bytes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (echo, _task) = tcp_echo().await;
     let proxy = Proxy::start(&localize("tcp.yaml", &[("db.internal:5432", echo)])).await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr("postgres")).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("postgres"))
+        .await
+        .unwrap();
     s.write_all(b"SELECT 1").await.unwrap();
     s.shutdown().await.unwrap();
     let mut out = Vec::new();

@@ -103,7 +103,11 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
                 local_reply(ErrorKind::NoRoute)
             }
         },
-        ListenerKind::Tcp(_) => local_reply(ErrorKind::NoRoute),
+        // The listener became a TCP listener by reload while this connection was open.
+        ListenerKind::Tcp(_) => {
+            state.metrics.local_reply(ErrorKind::NoRoute);
+            local_reply(ErrorKind::NoRoute)
+        }
     };
     if h1 && conn.drain.is_cancelled() {
         resp.headers_mut()
