@@ -1,5 +1,6 @@
 //! Each file in `examples/` runs as its comments describe, with its listeners moved to ephemeral
 //! ports and its endpoint names pointed at live test servers.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod support;
 
