@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::control::config::{self, reload, ConfigErrors, ListenerConfig, Loaded};
 use crate::proxy::connect::Cluster;
 use crate::proxy::listener::{self, ListenerKind, ListenerState, Running};
+use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::{RouteTable, UnknownCluster};
 use crate::telemetry::{admin, metrics::Metrics};
 
@@ -451,7 +452,17 @@ fn listener_state(
 ) -> Result<ListenerState, AppError> {
     let kind = match &l.kind {
         config::ListenerKind::Http { routes } => {
-            ListenerKind::Http(RouteTable::build(&l.name, routes, clusters, metrics)?)
+            let shed = l
+                .load_shed
+                .clone()
+                .map(|c| Arc::new(Limiter::new(c, Some(metrics.load_shed(&l.name)))));
+            ListenerKind::Http(RouteTable::build(
+                &l.name,
+                routes,
+                clusters,
+                shed.as_ref(),
+                metrics,
+            )?)
         }
         config::ListenerKind::Tcp { cluster } => ListenerKind::Tcp(
             clusters
@@ -465,5 +476,6 @@ fn listener_state(
         kind,
         metrics: metrics.listener(&l.name),
         access_log,
+        header_read_timeout: l.header_read_timeout,
     })
 }

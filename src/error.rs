@@ -23,15 +23,35 @@ pub enum ProxyError {
     /// No connection to any endpoint could be made; nothing was sent, so a retry is safe.
     #[error("connecting to the upstream failed: {0}")]
     UpstreamConnect(#[source] BoxError),
+    /// The HTTP/2 upstream refused the stream before processing it; a retry is safe.
+    #[error("the upstream refused the stream: {0}")]
+    RefusedStream(#[source] BoxError),
     /// The upstream closed or reset the exchange after the request was (perhaps partly) sent.
     #[error("the upstream reset the request: {0}")]
     UpstreamReset(#[source] BoxError),
-    /// The upstream did not answer in time.
+    /// The upstream did not answer in time (a per-try or the route timeout).
     #[error("the upstream did not answer in time")]
     Timeout,
-    /// The proxy refused the request to protect itself or the upstream.
+    /// The proxy refused the request to protect itself (load shedding).
     #[error("overloaded")]
     Overloaded,
+    /// The circuit breaker of the cluster (or of every endpoint) is open.
+    #[error("the circuit to the upstream is open")]
+    CircuitOpen,
+    /// The cluster's or route's concurrency cap and queue are full.
+    #[error("the bulkhead is full")]
+    BulkheadFull,
+    /// The route's rate limit refused the request.
+    #[error("rate limited; retry after {retry_after:?}")]
+    RateLimited {
+        /// When a request with the same key would be admitted.
+        retry_after: std::time::Duration,
+        /// The limit's burst size, for `ratelimit-limit`.
+        limit: u32,
+    },
+    /// Fault injection aborted the request with this status.
+    #[error("fault injected: {0}")]
+    Fault(StatusCode),
 }
 
 /// The classes of local reply; each has a status, a reason and a metric label.
@@ -41,22 +61,34 @@ pub enum ErrorKind {
     NoRoute,
     /// See [`ProxyError::UpstreamConnect`].
     UpstreamConnect,
-    /// See [`ProxyError::UpstreamReset`].
+    /// See [`ProxyError::UpstreamReset`] and [`ProxyError::RefusedStream`].
     UpstreamReset,
     /// See [`ProxyError::Timeout`].
     Timeout,
     /// See [`ProxyError::Overloaded`].
     Overloaded,
+    /// See [`ProxyError::CircuitOpen`].
+    CircuitOpen,
+    /// See [`ProxyError::BulkheadFull`].
+    BulkheadFull,
+    /// See [`ProxyError::RateLimited`].
+    RateLimited,
+    /// See [`ProxyError::Fault`].
+    FaultInjected,
 }
 
 impl ErrorKind {
     /// Every kind, in the order of their `index`.
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::NoRoute,
         ErrorKind::UpstreamConnect,
         ErrorKind::UpstreamReset,
         ErrorKind::Timeout,
         ErrorKind::Overloaded,
+        ErrorKind::CircuitOpen,
+        ErrorKind::BulkheadFull,
+        ErrorKind::RateLimited,
+        ErrorKind::FaultInjected,
     ];
 
     /// The reason string used in the response header, logs and metric labels.
@@ -67,16 +99,25 @@ impl ErrorKind {
             ErrorKind::UpstreamReset => "upstream_reset",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::BulkheadFull => "bulkhead_full",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::FaultInjected => "fault_injected",
         }
     }
 
-    /// The status code of the local reply.
+    /// The status code of the local reply (an injected fault may choose another).
     pub const fn status(self) -> StatusCode {
         match self {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
-            ErrorKind::UpstreamConnect | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::UpstreamConnect
+            | ErrorKind::Overloaded
+            | ErrorKind::CircuitOpen
+            | ErrorKind::BulkheadFull
+            | ErrorKind::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -92,22 +133,54 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => ErrorKind::NoRoute,
             ProxyError::UpstreamConnect(_) => ErrorKind::UpstreamConnect,
-            ProxyError::UpstreamReset(_) => ErrorKind::UpstreamReset,
+            ProxyError::UpstreamReset(_) | ProxyError::RefusedStream(_) => ErrorKind::UpstreamReset,
             ProxyError::Timeout => ErrorKind::Timeout,
             ProxyError::Overloaded => ErrorKind::Overloaded,
+            ProxyError::CircuitOpen => ErrorKind::CircuitOpen,
+            ProxyError::BulkheadFull => ErrorKind::BulkheadFull,
+            ProxyError::RateLimited { .. } => ErrorKind::RateLimited,
+            ProxyError::Fault(_) => ErrorKind::FaultInjected,
         }
     }
 
     /// Whether the request certainly never reached the upstream, so sending it again is safe.
     pub fn nothing_sent(&self) -> bool {
-        matches!(self, ProxyError::UpstreamConnect(_) | ProxyError::NoRoute)
+        matches!(
+            self,
+            ProxyError::UpstreamConnect(_)
+                | ProxyError::RefusedStream(_)
+                | ProxyError::NoRoute
+                | ProxyError::CircuitOpen
+                | ProxyError::BulkheadFull
+        )
     }
 
     /// The well-formed local reply for this error.
     pub fn into_response(self) -> Response<ProxyBody> {
-        local_reply(self.kind())
+        let mut resp = local_reply(self.kind());
+        match self {
+            ProxyError::Fault(status) => *resp.status_mut() = status,
+            ProxyError::RateLimited { retry_after, limit } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let h = resp.headers_mut();
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+                h.insert(RATELIMIT_LIMIT, HeaderValue::from(limit));
+                h.insert(RATELIMIT_REMAINING, HeaderValue::from(0u32));
+                h.insert(RATELIMIT_RESET, HeaderValue::from(secs));
+            }
+            _ => {}
+        }
+        resp
     }
 }
+
+/// `RateLimit-Limit` (IETF draft-ietf-httpapi-ratelimit-headers): the burst size of the limit.
+pub const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
+/// `RateLimit-Remaining`: requests that would be admitted right now.
+pub const RATELIMIT_REMAINING: http::HeaderName =
+    http::HeaderName::from_static("ratelimit-remaining");
+/// `RateLimit-Reset`: seconds until the limit is fully replenished.
+pub const RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
 
 /// Builds the response for `kind`: its status, the reason header, and the reason as a text body.
 pub fn local_reply(kind: ErrorKind) -> Response<ProxyBody> {
@@ -117,6 +190,10 @@ pub fn local_reply(kind: ErrorKind) -> Response<ProxyBody> {
         ErrorKind::UpstreamReset => b"upstream_reset\n",
         ErrorKind::Timeout => b"timeout\n",
         ErrorKind::Overloaded => b"overloaded\n",
+        ErrorKind::CircuitOpen => b"circuit_open\n",
+        ErrorKind::BulkheadFull => b"bulkhead_full\n",
+        ErrorKind::RateLimited => b"rate_limited\n",
+        ErrorKind::FaultInjected => b"fault_injected\n",
     });
     let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = kind.status();

@@ -174,7 +174,9 @@ async fn local_replies_are_well_formed_with_a_reason() {
         "{metrics}"
     );
     assert!(metrics.contains("outrigger_local_replies_total{listener=\"in\",reason=\"timeout\"} 1"));
-    assert!(metrics.contains("outrigger_upstream_connect_errors_total{cluster=\"dead\"} 1"));
+    // The default retry policy tries a refused connection three times before answering.
+    assert!(metrics.contains("outrigger_upstream_connect_errors_total{cluster=\"dead\"} 3"));
+    assert!(metrics.contains("outrigger_upstream_attempts_total{cluster=\"dead\"} 3"));
     assert!(metrics.contains("outrigger_requests_total{class=\"5xx\",cluster=\"dead\",listener=\"in\",route=\"to-dead\"} 1"));
 }
 

@@ -1,6 +1,9 @@
-//! The response body type of the proxy: the upstream's stream relayed as is, or a small local body.
+//! Body types of the proxy: requests that can be replayed for a retry, and responses relayed as a
+//! stream, partly held back (to read gRPC trailers), or made locally.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,6 +15,13 @@ use hyper::body::Incoming;
 pub enum ProxyBody {
     /// The upstream's body, never buffered.
     Upstream(Incoming),
+    /// Frames already read from the upstream (to look at its trailers), then the rest of it.
+    Held {
+        /// Frames read ahead, sent first.
+        frames: VecDeque<Frame<Bytes>>,
+        /// The remaining stream, if it had not ended.
+        rest: Option<Incoming>,
+    },
     /// A body the proxy made itself; `None` once sent.
     Full(Option<Bytes>),
 }
@@ -33,6 +43,13 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx),
+            ProxyBody::Held { frames, rest } => match frames.pop_front() {
+                Some(f) => Poll::Ready(Some(Ok(f))),
+                None => match rest {
+                    Some(inner) => Pin::new(inner).poll_frame(cx),
+                    None => Poll::Ready(None),
+                },
+            },
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
@@ -40,6 +57,9 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream(inner) => inner.is_end_stream(),
+            ProxyBody::Held { frames, rest } => {
+                frames.is_empty() && rest.as_ref().map_or(true, |r| r.is_end_stream())
+            }
             ProxyBody::Full(bytes) => bytes.is_none(),
         }
     }
@@ -47,8 +67,173 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream(inner) => inner.size_hint(),
+            ProxyBody::Held { frames, rest } => {
+                let held: u64 = frames
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                    .sum();
+                let mut hint = rest
+                    .as_ref()
+                    .map(|r| r.size_hint())
+                    .unwrap_or_else(|| SizeHint::with_exact(0));
+                hint.set_lower(hint.lower() + held);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + held);
+                }
+                hint
+            }
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Copies a frame; data is reference-counted, so this does not copy bytes.
+pub fn copy_frame(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    if let Some(d) = f.data_ref() {
+        return Some(Frame::data(d.clone()));
+    }
+    f.trailers_ref().map(|t| Frame::trailers(t.clone()))
+}
+
+/// A request body on its way upstream, which a retry can send again.
+///
+/// Requests without a body cost nothing. Other bodies stream to the upstream as they arrive while
+/// a copy is kept, up to a cap; a retry replays the copy and then goes on reading from the client.
+/// Past the cap the copy is dropped and the request can be retried only if the upstream never
+/// read any of it (a failed connection).
+#[derive(Debug)]
+pub enum ReqBody {
+    /// No body at all.
+    Empty,
+    /// A body shared between the tries of one request.
+    Replay(ReplayBody),
+}
+
+/// One try's view of a shared, recorded request body.
+#[derive(Debug)]
+pub struct ReplayBody {
+    shared: Arc<Mutex<Recording>>,
+    /// Index of the next recorded frame this try sends.
+    pos: usize,
+    hint: SizeHint,
+}
+
+#[derive(Debug)]
+struct Recording {
+    source: Incoming,
+    frames: Vec<Frame<Bytes>>,
+    recorded: u64,
+    cap: u64,
+    /// The copy outgrew the cap and was dropped.
+    overflow: bool,
+    /// Some of the body was handed to an upstream.
+    read: bool,
+    done: bool,
+}
+
+impl ReqBody {
+    /// Wraps a client's body, keeping up to `cap` bytes of it for retries.
+    pub fn new(body: Incoming, cap: u64) -> Self {
+        if body.is_end_stream() {
+            return ReqBody::Empty;
+        }
+        let hint = body.size_hint();
+        // A body known to be larger than the cap is never copied.
+        let overflow = hint.lower() > cap;
+        ReqBody::Replay(ReplayBody {
+            shared: Arc::new(Mutex::new(Recording {
+                source: body,
+                frames: Vec::new(),
+                recorded: 0,
+                cap,
+                overflow,
+                read: false,
+                done: false,
+            })),
+            pos: 0,
+            hint,
+        })
+    }
+
+    /// A body for another try, if the whole body can still be sent again.
+    pub fn try_clone(&self) -> Option<Self> {
+        match self {
+            ReqBody::Empty => Some(ReqBody::Empty),
+            ReqBody::Replay(r) => {
+                let rec = r.shared.lock().ok()?;
+                (!rec.overflow || !rec.read).then(|| {
+                    ReqBody::Replay(ReplayBody {
+                        shared: r.shared.clone(),
+                        pos: 0,
+                        hint: r.hint,
+                    })
+                })
+            }
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let ReqBody::Replay(r) = self.get_mut() else {
+            return Poll::Ready(None);
+        };
+        // A poisoned lock means another try panicked mid-frame; end this body rather than panic.
+        let Ok(mut rec) = r.shared.lock() else {
+            return Poll::Ready(None);
+        };
+        if let Some(f) = rec.frames.get(r.pos).and_then(copy_frame) {
+            r.pos += 1;
+            return Poll::Ready(Some(Ok(f)));
+        }
+        if rec.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut rec.source).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                rec.read = true;
+                if !rec.overflow {
+                    rec.recorded += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if rec.recorded > rec.cap {
+                        rec.overflow = true;
+                        rec.frames = Vec::new();
+                    } else if let Some(copy) = copy_frame(&frame) {
+                        rec.frames.push(copy);
+                        r.pos += 1;
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                rec.done = true;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Replay(r) => r
+                .shared
+                .lock()
+                .map(|rec| rec.done && r.pos >= rec.frames.len())
+                .unwrap_or(true),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Replay(r) => r.hint,
         }
     }
 }

@@ -10,8 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use http::header::{self, HeaderName};
-use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,11 +19,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::config::UpstreamProtocol;
-use crate::error::{local_reply, ErrorKind, ProxyError};
-use crate::proxy::body::ProxyBody;
-use crate::proxy::connect::Cluster;
+use tower::Service;
+
+use crate::error::{local_reply, ErrorKind};
+use crate::proxy::body::{ProxyBody, ReqBody};
 use crate::proxy::listener::{ListenerKind, ListenerState};
+use crate::proxy::resilience::{Call, CallCtx};
 use crate::proxy::router::Route;
 
 /// How long busy HTTP/1 connections get, once draining starts, to receive a response carrying
@@ -36,9 +36,13 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 pub type Server = auto::Builder<TokioExecutor>;
 
 /// Builds the HTTP/1.1 + HTTP/2 server used by HTTP listeners.
-pub fn server() -> Server {
+pub fn server(header_read_timeout: Duration) -> Server {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     builder
 }
@@ -130,7 +134,14 @@ async fn forward(
     let logged = state
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
-    let resp = match send(&target.cluster, route.timeout, peer, req).await {
+    let (mut head, body) = req.into_parts();
+    prepare(&mut head, peer);
+    let call = Call {
+        head,
+        body: ReqBody::new(body, route.max_retry_body),
+        ctx: CallCtx::new(peer),
+    };
+    let resp = match target.stack.clone().call(call).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(listener = %state.name, route = %route.name, cluster = %target.cluster.name(),
@@ -150,46 +161,9 @@ async fn forward(
     resp
 }
 
-async fn send(
-    cluster: &Cluster,
-    timeout: Option<Duration>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let endpoint = cluster
-        .pick()
-        .ok_or_else(|| ProxyError::UpstreamConnect("the cluster has no endpoints".into()))?;
-    let req = prepare(req, &endpoint.authority, cluster.config.protocol, peer)?;
-    let _in_flight = endpoint.start();
-    let pending = cluster.client.request(req);
-    let result = match timeout {
-        Some(t) => tokio::time::timeout(t, pending)
-            .await
-            .map_err(|_| ProxyError::Timeout)?,
-        None => pending.await,
-    };
-    match result {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
-        }
-        Err(e) if e.is_connect() => {
-            cluster.connect_failed(&endpoint);
-            Err(ProxyError::UpstreamConnect(Box::new(e)))
-        }
-        Err(e) => Err(ProxyError::UpstreamReset(Box::new(e))),
-    }
-}
-
-/// Rewrites a downstream request for the upstream: target URI, version, forwarding headers.
-fn prepare(
-    req: Request<Incoming>,
-    authority: &http::uri::Authority,
-    protocol: UpstreamProtocol,
-    peer: SocketAddr,
-) -> Result<Request<Incoming>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
+/// Rewrites a downstream request head for the upstream: hop-by-hop headers out, forwarding
+/// headers in. The endpoint's address and the version are set per try by the upstream layer.
+fn prepare(parts: &mut http::request::Parts, peer: SocketAddr) {
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST) {
         if let Some(a) = parts.uri.authority() {
@@ -204,22 +178,6 @@ fn prepare(
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(authority.clone());
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::UpstreamConnect(Box::new(e)))?;
-    parts.version = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::Http2 => Version::HTTP_2,
-    };
-    Ok(Request::from_parts(parts, body))
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

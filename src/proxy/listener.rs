@@ -33,6 +33,8 @@ pub struct ListenerState {
     pub metrics: ListenerMetrics,
     /// Whether requests and connections are logged.
     pub access_log: bool,
+    /// Time an HTTP/1 client gets to send a request's headers.
+    pub header_read_timeout: Duration,
 }
 
 /// The compiled behaviour of a listener.
@@ -86,7 +88,8 @@ async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let server = Arc::new(http::server());
+    let mut header_read_timeout = state.load().header_read_timeout;
+    let mut server = Arc::new(http::server(header_read_timeout));
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -102,6 +105,10 @@ async fn accept_loop(
             }
         };
         let current = state.load_full();
+        if current.header_read_timeout != header_read_timeout {
+            header_read_timeout = current.header_read_timeout;
+            server = Arc::new(http::server(header_read_timeout));
+        }
         current.metrics.connections.inc();
         let open = OpenConnection::new(&current.metrics.open_connections);
         match &current.kind {

@@ -6,5 +6,7 @@ pub mod body;
 pub mod connect;
 pub mod http;
 pub mod listener;
+pub mod resilience;
 pub mod router;
+pub mod stack;
 pub mod tcp;

@@ -12,6 +12,8 @@ use http::{header, HeaderMap, Method, Request};
 use crate::control::config::{HeaderValueMatch, PathMatch, RouteConfig, RouteMatch};
 use crate::proxy::balance::Weighted;
 use crate::proxy::connect::Cluster;
+use crate::proxy::resilience::load_shed::Limiter;
+use crate::proxy::stack::{self, RouteShared, RouteStack};
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 /// A listener's compiled routes.
@@ -27,8 +29,10 @@ pub struct Route {
     /// Where matching requests go.
     pub targets: Vec<Target>,
     picker: Weighted,
-    /// Time allowed until response headers.
+    /// Time allowed until response headers, retries included.
     pub timeout: Option<Duration>,
+    /// Largest request body kept for a retry.
+    pub max_retry_body: u64,
 }
 
 /// One destination of a route with its metric handles.
@@ -37,6 +41,8 @@ pub struct Target {
     pub cluster: Arc<Cluster>,
     /// Metrics for (listener, route, cluster).
     pub metrics: RouteMetrics,
+    /// The resilience stack in front of the cluster.
+    pub stack: RouteStack,
 }
 
 /// A route referred to a cluster that is not in the compiled set; validation prevents this.
@@ -63,11 +69,13 @@ impl RouteTable {
         listener: &str,
         routes: &[RouteConfig],
         clusters: &HashMap<String, Arc<Cluster>>,
+        shed: Option<&Arc<Limiter>>,
         metrics: &Metrics,
     ) -> Result<Self, UnknownCluster> {
         let routes = routes
             .iter()
             .map(|r| {
+                let shared = RouteShared::new(listener, r, metrics);
                 let targets = r
                     .targets
                     .iter()
@@ -78,6 +86,14 @@ impl RouteTable {
                             .ok_or_else(|| UnknownCluster::new(&r.name, name))?;
                         Ok(Target {
                             metrics: metrics.route(listener, &r.name, name),
+                            stack: stack::build(
+                                listener,
+                                r,
+                                &shared,
+                                &cluster,
+                                shed.cloned(),
+                                metrics,
+                            ),
                             cluster,
                         })
                     })
@@ -88,6 +104,7 @@ impl RouteTable {
                     picker: Weighted::new(r.targets.iter().map(|(_, w)| *w)),
                     targets,
                     timeout: r.timeout,
+                    max_retry_body: r.retry.max_body,
                 })
             })
             .collect::<Result<Vec<_>, UnknownCluster>>()?;
@@ -210,7 +227,7 @@ mod tests {
             panic!("http listener expected")
         };
         (
-            RouteTable::build("l", routes, &clusters, &metrics).unwrap(),
+            RouteTable::build("l", routes, &clusters, None, &metrics).unwrap(),
             metrics,
         )
     }

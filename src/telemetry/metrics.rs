@@ -12,6 +12,12 @@ use prometheus::{
 };
 
 use crate::error::ErrorKind;
+use crate::proxy::resilience::breaker::{BreakerMetrics, State};
+use crate::proxy::resilience::bulkhead::BulkheadMetrics;
+use crate::proxy::resilience::fault::FaultMetrics;
+use crate::proxy::resilience::load_shed::ShedMetrics;
+use crate::proxy::resilience::rate_limit::RateLimitMetrics;
+use crate::proxy::resilience::retry::{RetryMetrics, Skip};
 
 /// Request duration buckets in seconds, from 0.5 ms to 30 s.
 const DURATION_BUCKETS: &[f64] = &[
@@ -31,6 +37,20 @@ pub struct Metrics {
     tcp_bytes: IntCounterVec,
     reloads: IntCounterVec,
     config_version: IntGauge,
+    attempts: IntCounterVec,
+    retries: IntCounterVec,
+    hedges: IntCounterVec,
+    retries_skipped: IntCounterVec,
+    circuit_state: IntGaugeVec,
+    circuit_opened: IntCounterVec,
+    bulkhead_active: IntGaugeVec,
+    bulkhead_queued: IntGaugeVec,
+    rate_limited: IntCounterVec,
+    faults: IntCounterVec,
+    shed_limit: IntGaugeVec,
+    shed_in_flight: IntGaugeVec,
+    shed_queued: IntGaugeVec,
+    shed: IntCounterVec,
 }
 
 /// Handles for one (listener, route, cluster) triple.
@@ -59,6 +79,14 @@ pub struct ListenerMetrics {
 pub struct ClusterMetrics {
     /// Failed connection attempts to the cluster's endpoints.
     pub connect_errors: IntCounter,
+    /// Tries sent to the cluster (first tries, retries and hedges).
+    pub attempts: IntCounter,
+    /// The cluster breaker's state gauges and open counter.
+    pub breaker: BreakerMetrics,
+    /// The endpoint breakers' open counter.
+    pub endpoint_breaker: BreakerMetrics,
+    /// The cluster bulkhead's gauges.
+    pub bulkhead: BulkheadMetrics,
 }
 
 impl Metrics {
@@ -126,6 +154,82 @@ impl Metrics {
             "outrigger_config_version",
             "Version number of the active config; grows by one per applied reload.",
         )?;
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        let attempts = counter(
+            "outrigger_upstream_attempts_total",
+            "Tries sent to a cluster: first tries, retries and hedges.",
+            &["cluster"],
+        )?;
+        let retries = counter(
+            "outrigger_retries_total",
+            "Retries sent, by listener, route and cluster.",
+            &["listener", "route", "cluster"],
+        )?;
+        let hedges = counter(
+            "outrigger_hedges_total",
+            "Hedged tries sent, by listener, route and cluster.",
+            &["listener", "route", "cluster"],
+        )?;
+        let retries_skipped = counter(
+            "outrigger_retries_skipped_total",
+            "Retries wanted but not sent, by reason (budget, attempts, body, deadline, retry_after).",
+            &["listener", "route", "cluster", "reason"],
+        )?;
+        let circuit_state = gauge(
+            "outrigger_circuit_state",
+            "1 for the current state of a cluster's circuit breaker (closed, open, half_open).",
+            &["cluster", "state"],
+        )?;
+        let circuit_opened = counter(
+            "outrigger_circuit_opened_total",
+            "Times a circuit breaker opened, by cluster and scope (cluster or endpoint).",
+            &["cluster", "scope"],
+        )?;
+        let bulkhead_active = gauge(
+            "outrigger_bulkhead_active",
+            "Requests holding a bulkhead slot, by scope (cluster or route) and name.",
+            &["scope", "name"],
+        )?;
+        let bulkhead_queued = gauge(
+            "outrigger_bulkhead_queued",
+            "Requests waiting for a bulkhead slot, by scope and name.",
+            &["scope", "name"],
+        )?;
+        let rate_limited = counter(
+            "outrigger_rate_limited_total",
+            "Requests over a route's rate limit, by action (rejected or delayed).",
+            &["listener", "route", "action"],
+        )?;
+        let faults = counter(
+            "outrigger_faults_injected_total",
+            "Faults injected, by kind (delay or abort).",
+            &["listener", "route", "kind"],
+        )?;
+        let shed_limit = gauge(
+            "outrigger_load_shed_limit",
+            "The adaptive concurrency limit of a listener.",
+            &["listener"],
+        )?;
+        let shed_in_flight = gauge(
+            "outrigger_load_shed_in_flight",
+            "Requests admitted by a listener's limiter and not yet answered.",
+            &["listener"],
+        )?;
+        let shed_queued = gauge(
+            "outrigger_load_shed_queued",
+            "Requests waiting for admission by a listener's limiter.",
+            &["listener"],
+        )?;
+        let shed = counter(
+            "outrigger_load_shed_total",
+            "Requests shed by a listener's limiter.",
+            &["listener"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("outrigger_build_info", "Build information; always 1."),
             &["version"],
@@ -144,6 +248,20 @@ impl Metrics {
             Box::new(reloads.clone()),
             Box::new(config_version.clone()),
             Box::new(build_info),
+            Box::new(attempts.clone()),
+            Box::new(retries.clone()),
+            Box::new(hedges.clone()),
+            Box::new(retries_skipped.clone()),
+            Box::new(circuit_state.clone()),
+            Box::new(circuit_opened.clone()),
+            Box::new(bulkhead_active.clone()),
+            Box::new(bulkhead_queued.clone()),
+            Box::new(rate_limited.clone()),
+            Box::new(faults.clone()),
+            Box::new(shed_limit.clone()),
+            Box::new(shed_in_flight.clone()),
+            Box::new(shed_queued.clone()),
+            Box::new(shed.clone()),
         ] {
             registry.register(c)?;
         }
@@ -161,7 +279,72 @@ impl Metrics {
             tcp_bytes,
             reloads,
             config_version,
+            attempts,
+            retries,
+            hedges,
+            retries_skipped,
+            circuit_state,
+            circuit_opened,
+            bulkhead_active,
+            bulkhead_queued,
+            rate_limited,
+            faults,
+            shed_limit,
+            shed_in_flight,
+            shed_queued,
+            shed,
         })
+    }
+
+    /// Resolves the retry handles of one route target.
+    pub fn retry(&self, listener: &str, route: &str, cluster: &str) -> RetryMetrics {
+        let labels = [listener, route, cluster];
+        RetryMetrics {
+            retries: self.retries.with_label_values(&labels),
+            hedges: self.hedges.with_label_values(&labels),
+            skipped: Skip::ALL.map(|s| {
+                self.retries_skipped
+                    .with_label_values(&[listener, route, cluster, s.name()])
+            }),
+        }
+    }
+
+    /// Resolves the rate-limit counters of one route.
+    pub fn rate_limit(&self, listener: &str, route: &str) -> RateLimitMetrics {
+        RateLimitMetrics {
+            rejected: self
+                .rate_limited
+                .with_label_values(&[listener, route, "rejected"]),
+            delayed: self
+                .rate_limited
+                .with_label_values(&[listener, route, "delayed"]),
+        }
+    }
+
+    /// Resolves the fault counters of one route.
+    pub fn fault(&self, listener: &str, route: &str) -> FaultMetrics {
+        FaultMetrics {
+            delayed: self.faults.with_label_values(&[listener, route, "delay"]),
+            aborted: self.faults.with_label_values(&[listener, route, "abort"]),
+        }
+    }
+
+    /// Resolves the bulkhead gauges of `scope` (`cluster` or `route`) `name`.
+    pub fn bulkhead(&self, scope: &str, name: &str) -> BulkheadMetrics {
+        BulkheadMetrics {
+            active: self.bulkhead_active.with_label_values(&[scope, name]),
+            queued: self.bulkhead_queued.with_label_values(&[scope, name]),
+        }
+    }
+
+    /// Resolves the load-shedding handles of one listener.
+    pub fn load_shed(&self, listener: &str) -> ShedMetrics {
+        ShedMetrics {
+            limit: self.shed_limit.with_label_values(&[listener]),
+            in_flight: self.shed_in_flight.with_label_values(&[listener]),
+            queued: self.shed_queued.with_label_values(&[listener]),
+            shed: self.shed.with_label_values(&[listener]),
+        }
     }
 
     /// Resolves the handles of one route target.
@@ -200,6 +383,20 @@ impl Metrics {
     pub fn cluster(&self, cluster: &str) -> ClusterMetrics {
         ClusterMetrics {
             connect_errors: self.connect_errors.with_label_values(&[cluster]),
+            attempts: self.attempts.with_label_values(&[cluster]),
+            breaker: BreakerMetrics {
+                states: Some(
+                    State::ALL.map(|s| self.circuit_state.with_label_values(&[cluster, s.name()])),
+                ),
+                opened: self.circuit_opened.with_label_values(&[cluster, "cluster"]),
+            },
+            endpoint_breaker: BreakerMetrics {
+                states: None,
+                opened: self
+                    .circuit_opened
+                    .with_label_values(&[cluster, "endpoint"]),
+            },
+            bulkhead: self.bulkhead("cluster", cluster),
         }
     }
 

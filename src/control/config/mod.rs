@@ -7,6 +7,7 @@
 pub mod locate;
 pub mod model;
 pub mod reload;
+pub mod resilience;
 pub mod validate;
 
 use std::fmt;

@@ -6,6 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::resilience::{
+    RawBreaker, RawBudget, RawBulkhead, RawFault, RawHedge, RawLoadShed, RawRateLimit, RawRetry,
+};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +68,12 @@ pub struct RawListener {
     /// For `tcp` listeners: the cluster connections are spliced to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+    /// Time a client gets to send a request's headers (HTTP/1.1), e.g. `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout: Option<String>,
+    /// Adaptive concurrency limit for the listener's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_shed: Option<RawLoadShed>,
 }
 
 /// One HTTP route: a match and where matching requests go.
@@ -81,9 +91,24 @@ pub struct RawRoute {
     /// Or split them between clusters by weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weighted_clusters: Option<Vec<RawWeightedCluster>>,
-    /// Time allowed until the upstream's response headers arrive; `0s` disables.
+    /// Time allowed for the whole request, retries included, until response headers; `0s` disables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Retry policy; a default policy applies when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RawRetry>,
+    /// Hedged requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<RawHedge>,
+    /// Request rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RawRateLimit>,
+    /// A concurrency cap for this route alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulkhead: Option<RawBulkhead>,
+    /// Injected delays and errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<RawFault>,
 }
 
 /// Request conditions of a route; all given conditions must hold.
@@ -162,4 +187,13 @@ pub struct RawCluster {
     /// `http1` (default) or `http2`.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
+    /// Circuit breaker settings (on by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<RawBreaker>,
+    /// Concurrency cap and queue for the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulkhead: Option<RawBulkhead>,
+    /// How many retries the cluster may receive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RawBudget>,
 }

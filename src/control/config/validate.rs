@@ -16,6 +16,10 @@ use super::model::{
     ListenerProtocol, RawCluster, RawConfig, RawHeaderMatch, RawListener, RawMatch, RawRoute,
     UpstreamProtocol,
 };
+use super::resilience::{
+    BreakerConfig, BudgetConfig, BulkheadConfig, FaultConfig, LoadShedConfig, RateLimitConfig,
+    RetryConfig,
+};
 
 /// Admin address when the config names none.
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
@@ -23,6 +27,8 @@ pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream connect timeout when a cluster names none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time a client gets to send request headers when a listener names none.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time to response headers when a route names none.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -61,6 +67,10 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// What the listener does with a connection.
     pub kind: ListenerKind,
+    /// Time a client gets to send request headers.
+    pub header_read_timeout: Duration,
+    /// Adaptive concurrency limit, if on.
+    pub load_shed: Option<LoadShedConfig>,
 }
 
 /// What a listener does with its connections.
@@ -87,8 +97,16 @@ pub struct RouteConfig {
     pub matcher: RouteMatch,
     /// Target clusters with weights (one entry for a plain `cluster:`); weights sum to more than 0.
     pub targets: Vec<(String, u32)>,
-    /// Time to response headers; `None` when disabled.
+    /// Time for the whole request, retries included, to response headers; `None` when disabled.
     pub timeout: Option<Duration>,
+    /// Retry and hedging policy.
+    pub retry: RetryConfig,
+    /// Rate limit, if any.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Route-level bulkhead, if any.
+    pub bulkhead: Option<BulkheadConfig>,
+    /// Fault injection, if any.
+    pub fault: Option<FaultConfig>,
 }
 
 impl PartialEq for RouteConfig {
@@ -97,6 +115,10 @@ impl PartialEq for RouteConfig {
             && self.matcher == other.matcher
             && self.targets == other.targets
             && self.timeout == other.timeout
+            && self.retry == other.retry
+            && self.rate_limit == other.rate_limit
+            && self.bulkhead == other.bulkhead
+            && self.fault == other.fault
     }
 }
 
@@ -195,6 +217,12 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Protocol spoken upstream.
     pub protocol: UpstreamProtocol,
+    /// Retry budget shared by every route sending here.
+    pub budget: BudgetConfig,
+    /// Circuit breaker; `None` when turned off.
+    pub breaker: Option<BreakerConfig>,
+    /// Concurrency cap and queue.
+    pub bulkhead: BulkheadConfig,
 }
 
 /// Checks `raw` and builds a [`Config`], or returns every problem found.
@@ -251,11 +279,20 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             bound.push((addr, format!("listener `{}`", l.name)));
         }
         let kind = v.listener_kind(&path, l, &cluster_names, &mut route_names);
+        let header_read_timeout = v
+            .duration(
+                &format!("{path}.header_read_timeout"),
+                l.header_read_timeout.as_deref(),
+            )
+            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT);
+        let load_shed = l.load_shed.as_ref().and_then(|s| v.load_shed(&path, s));
         if let (Some(address), Some(kind)) = (address, kind) {
             listeners.push(ListenerConfig {
                 name: l.name.clone(),
                 address,
                 kind,
+                header_read_timeout,
+                load_shed,
             });
         }
     }
@@ -292,12 +329,12 @@ pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 }
 
 #[derive(Default)]
-struct Validator {
-    problems: Vec<Problem>,
+pub(super) struct Validator {
+    pub(super) problems: Vec<Problem>,
 }
 
 impl Validator {
-    fn problem(&mut self, path: String, message: String) {
+    pub(super) fn problem(&mut self, path: String, message: String) {
         self.problems.push(Problem {
             path,
             message,
@@ -305,7 +342,12 @@ impl Validator {
         });
     }
 
-    fn problem_with_hint(&mut self, path: String, message: String, hint: Option<String>) {
+    pub(super) fn problem_with_hint(
+        &mut self,
+        path: String,
+        message: String,
+        hint: Option<String>,
+    ) {
         self.problems.push(Problem {
             path,
             message,
@@ -327,7 +369,7 @@ impl Validator {
         }
     }
 
-    fn duration(&mut self, path: &str, text: Option<&str>) -> Option<Duration> {
+    pub(super) fn duration(&mut self, path: &str, text: Option<&str>) -> Option<Duration> {
         let text = text?;
         match humantime::parse_duration(text) {
             Ok(d) => Some(d),
@@ -400,11 +442,17 @@ impl Validator {
                 "connect_timeout must be greater than 0".into(),
             );
         }
+        let budget = self.budget(path, c.retry_budget.as_ref());
+        let breaker = self.breaker(path, c.circuit_breaker.as_ref());
+        let bulkhead = self.bulkhead(path, &c.bulkhead.clone().unwrap_or_default());
         (self.problems.len() == before).then(|| ClusterConfig {
             name: c.name.clone(),
             endpoints,
             connect_timeout,
             protocol: c.protocol,
+            budget,
+            breaker,
+            bulkhead,
         })
     }
 
@@ -508,11 +556,34 @@ impl Validator {
             Some(d) => Some(d),
             None => Some(DEFAULT_ROUTE_TIMEOUT),
         };
+        let retry = self.retry(path, r.retry.as_ref(), r.hedge.as_ref());
+        if let (Some(per_try), Some(total)) = (retry.per_try_timeout, timeout) {
+            if per_try > total {
+                self.problem_with_hint(
+                    format!("{path}.retry.per_try_timeout"),
+                    format!(
+                        "per_try_timeout ({}) is longer than the route timeout ({})",
+                        humantime::format_duration(per_try),
+                        humantime::format_duration(total)
+                    ),
+                    Some(
+                        "the route timeout covers all tries; raise `timeout` or lower this".into(),
+                    ),
+                );
+            }
+        }
+        let rate_limit = r.rate_limit.as_ref().and_then(|l| self.rate_limit(path, l));
+        let bulkhead = r.bulkhead.as_ref().map(|b| self.bulkhead(path, b));
+        let fault = r.fault.as_ref().map(|f| self.fault(path, f));
         (self.problems.len() == before).then(|| RouteConfig {
             name: r.name.clone(),
             matcher: matcher.unwrap_or_default(),
             targets,
             timeout,
+            retry,
+            rate_limit,
+            bulkhead,
+            fault,
         })
     }
 

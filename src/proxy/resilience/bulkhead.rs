@@ -1,0 +1,218 @@
+//! Bulkheads: a cap on the requests in flight to a cluster (or through a route), with a bounded
+//! queue and a queue timeout, so that one slow dependency cannot take the capacity that others
+//! need. Each cluster also has its own connection pool (see [`crate::proxy::connect`]).
+//!
+//! A request that finds the cap reached waits in the queue; if the queue is full, or the wait
+//! exceeds `queue_timeout`, it is refused with 503 `bulkhead_full`. The slot is held until the
+//! response headers arrive.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::sync::Semaphore;
+use tower::{Layer, Service};
+
+use crate::control::config::resilience::BulkheadConfig;
+use crate::error::ProxyError;
+use crate::proxy::resilience::{Call, Response, ResponseFuture};
+
+/// Gauges of one bulkhead.
+#[derive(Clone)]
+pub struct BulkheadMetrics {
+    /// Requests holding a slot.
+    pub active: IntGauge,
+    /// Requests waiting for one.
+    pub queued: IntGauge,
+}
+
+/// The shared state of one bulkhead.
+pub struct Bulkhead {
+    slots: Arc<Semaphore>,
+    pending: AtomicU32,
+    max_pending: u32,
+    queue_timeout: Duration,
+    metrics: Option<BulkheadMetrics>,
+}
+
+impl Bulkhead {
+    /// A bulkhead with `cfg`'s limits.
+    pub fn new(cfg: &BulkheadConfig, metrics: Option<BulkheadMetrics>) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(cfg.max_concurrent as usize)),
+            pending: AtomicU32::new(0),
+            max_pending: cfg.max_pending,
+            queue_timeout: cfg.queue_timeout,
+            metrics,
+        }
+    }
+
+    /// Waits for a slot, within the queue's bounds.
+    pub async fn acquire(&self) -> Result<Slot<'_>, ProxyError> {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let queued = self
+                    .pending
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.max_pending).then_some(n + 1)
+                    });
+                if queued.is_err() || self.queue_timeout.is_zero() {
+                    if queued.is_ok() {
+                        self.pending.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    return Err(ProxyError::BulkheadFull);
+                }
+                let _left = Dequeue(self);
+                if let Some(m) = &self.metrics {
+                    m.queued.inc();
+                }
+                tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .ok_or(ProxyError::BulkheadFull)?
+            }
+        };
+        if let Some(m) = &self.metrics {
+            m.active.inc();
+        }
+        Ok(Slot {
+            _permit: permit,
+            bulkhead: self,
+        })
+    }
+}
+
+struct Dequeue<'a>(&'a Bulkhead);
+
+impl Drop for Dequeue<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+        if let Some(m) = &self.0.metrics {
+            m.queued.dec();
+        }
+    }
+}
+
+/// A held slot; dropping it frees the slot.
+pub struct Slot<'a> {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    bulkhead: &'a Bulkhead,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = &self.bulkhead.metrics {
+            m.active.dec();
+        }
+    }
+}
+
+/// Puts a bulkhead in front of the inner service.
+#[derive(Clone)]
+pub struct BulkheadLayer {
+    bulkhead: Option<Arc<Bulkhead>>,
+}
+
+impl BulkheadLayer {
+    /// A layer over `bulkhead` (`None`: no cap).
+    pub fn new(bulkhead: Option<Arc<Bulkhead>>) -> Self {
+        Self { bulkhead }
+    }
+}
+
+impl<S> Layer<S> for BulkheadLayer {
+    type Service = BulkheadService<S>;
+    fn layer(&self, inner: S) -> BulkheadService<S> {
+        BulkheadService {
+            inner,
+            bulkhead: self.bulkhead.clone(),
+        }
+    }
+}
+
+/// See [`BulkheadLayer`].
+#[derive(Clone)]
+pub struct BulkheadService<S> {
+    inner: S,
+    bulkhead: Option<Arc<Bulkhead>>,
+}
+
+impl<S> Service<Call> for BulkheadService<S>
+where
+    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> ResponseFuture {
+        let Some(bulkhead) = self.bulkhead.clone() else {
+            return self.inner.call(call);
+        };
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let _slot = bulkhead.acquire().await?;
+            inner.call(call).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_then_refuse() {
+        let b = Bulkhead::new(
+            &BulkheadConfig {
+                max_concurrent: 1,
+                max_pending: 1,
+                queue_timeout: Duration::from_millis(100),
+            },
+            None,
+        );
+        let held = b.acquire().await.unwrap();
+        // One may queue; a second is refused at once.
+        let (waiter, refused) = tokio::join!(b.acquire(), async {
+            tokio::task::yield_now().await;
+            b.acquire().await.err()
+        });
+        assert!(matches!(refused, Some(ProxyError::BulkheadFull)));
+        assert!(
+            matches!(waiter, Err(ProxyError::BulkheadFull)),
+            "queue timeout while held"
+        );
+        drop(held);
+        let got = b.acquire().await;
+        assert!(got.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_request_gets_the_freed_slot() {
+        let b = Arc::new(Bulkhead::new(
+            &BulkheadConfig {
+                max_concurrent: 1,
+                max_pending: 4,
+                queue_timeout: Duration::from_secs(1),
+            },
+            None,
+        ));
+        let held = b.acquire().await.unwrap();
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.acquire().await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(held);
+        assert!(waiter.await.unwrap());
+    }
+}

@@ -1,0 +1,199 @@
+//! The one place that decides what an upstream answer means: success or failure (for circuit
+//! breakers, outlier detection and metrics) and whether a try is worth repeating (for retries and
+//! hedges).
+//!
+//! Failures are connect errors, resets, timeouts, 5xx answers and the gRPC codes that signal a
+//! sick server (`unknown`, `deadline-exceeded`, `internal`, `unavailable`, `data-loss`). The
+//! proxy's own refusals (open circuit, full bulkhead, rate limit, shedding) say nothing about the
+//! upstream's health and are ignored.
+
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::control::config::resilience::RetryOn;
+use crate::error::ProxyError;
+use crate::proxy::resilience::Response;
+
+/// What one try tells about the upstream's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered well.
+    Success,
+    /// The upstream failed.
+    Failure,
+    /// Nothing was learnt (the proxy itself refused, or the try was cancelled).
+    Ignore,
+}
+
+/// gRPC codes that count as failures of the server.
+const GRPC_FAILURES: u32 = 1 << 2 | 1 << 4 | 1 << 13 | 1 << 14 | 1 << 15;
+
+/// A gRPC status read from trailers by the upstream layer, kept on the response.
+#[derive(Debug, Clone, Copy)]
+pub struct TrailerStatus(pub u32);
+
+/// Why a try is repeated; the label of the retry metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// No connection could be made.
+    ConnectFailure,
+    /// The HTTP/2 stream was refused.
+    RefusedStream,
+    /// The exchange was reset.
+    Reset,
+    /// The per-try timeout fired.
+    Timeout,
+    /// A retryable status code.
+    Status,
+    /// A retryable gRPC code.
+    Grpc,
+}
+
+/// The health signal of a try's result.
+pub fn outcome(result: &Result<Response, ProxyError>) -> Outcome {
+    match result {
+        Ok(resp) => {
+            if resp.status().is_server_error() {
+                return Outcome::Failure;
+            }
+            match grpc_code(resp) {
+                Some(c) if c < 32 && GRPC_FAILURES & (1 << c) != 0 => Outcome::Failure,
+                _ => Outcome::Success,
+            }
+        }
+        Err(
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::RefusedStream(_)
+            | ProxyError::UpstreamReset(_)
+            | ProxyError::Timeout,
+        ) => Outcome::Failure,
+        Err(_) => Outcome::Ignore,
+    }
+}
+
+/// Whether `method` may be sent twice without changing the outcome (RFC 9110 §9.2.2).
+pub fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Why `result` should be tried again under `on`, if it should. `resendable` says whether a
+/// request that reached the upstream may be sent again (idempotent or allowed by config); a
+/// request that never left is always safe.
+pub fn retry_reason(
+    on: &RetryOn,
+    result: &Result<Response, ProxyError>,
+    resendable: bool,
+) -> Option<RetryReason> {
+    match result {
+        Err(ProxyError::UpstreamConnect(_)) => {
+            on.connect_failure.then_some(RetryReason::ConnectFailure)
+        }
+        Err(ProxyError::RefusedStream(_)) => {
+            on.refused_stream.then_some(RetryReason::RefusedStream)
+        }
+        Err(ProxyError::UpstreamReset(_)) => (on.reset && resendable).then_some(RetryReason::Reset),
+        Err(ProxyError::Timeout) => (on.timeout && resendable).then_some(RetryReason::Timeout),
+        Err(_) => None,
+        Ok(resp) if resendable => {
+            let s = resp.status();
+            let by_status = (on.status_5xx && s.is_server_error())
+                || (on.gateway_error
+                    && matches!(
+                        s,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    ))
+                || (on.too_many_requests && s == StatusCode::TOO_MANY_REQUESTS)
+                || on.statuses.contains(&s.as_u16());
+            if by_status {
+                return Some(RetryReason::Status);
+            }
+            match grpc_code(resp) {
+                Some(c) if c < 32 && on.grpc_codes & (1 << c) != 0 => Some(RetryReason::Grpc),
+                _ => None,
+            }
+        }
+        Ok(_) => None,
+    }
+}
+
+/// The gRPC status of a response, from its headers (trailers-only answers) or from trailers the
+/// upstream layer read ahead.
+pub fn grpc_code(resp: &Response) -> Option<u32> {
+    header_grpc_code(resp.headers())
+        .or_else(|| resp.extensions().get::<TrailerStatus>().map(|t| t.0))
+}
+
+/// The `grpc-status` in a header map.
+pub fn header_grpc_code(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether a message is gRPC, by its content type.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::config::resilience::RetryConfig;
+    use crate::proxy::body::ProxyBody;
+
+    fn resp(status: u16, grpc: Option<&str>) -> Result<Response, ProxyError> {
+        let mut r = http::Response::new(ProxyBody::Full(None));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        if let Some(g) = grpc {
+            r.headers_mut().insert("grpc-status", g.parse().unwrap());
+        }
+        Ok(r)
+    }
+
+    #[test]
+    fn default_policy_retries_gateway_errors_of_idempotent_requests_only() {
+        let on = RetryConfig::default().on;
+        assert_eq!(
+            retry_reason(&on, &resp(503, None), true),
+            Some(RetryReason::Status)
+        );
+        assert_eq!(retry_reason(&on, &resp(503, None), false), None);
+        assert_eq!(retry_reason(&on, &resp(500, None), true), None);
+        assert_eq!(retry_reason(&on, &resp(200, None), true), None);
+        let refused: Result<Response, ProxyError> = Err(ProxyError::UpstreamConnect("x".into()));
+        assert_eq!(
+            retry_reason(&on, &refused, false),
+            Some(RetryReason::ConnectFailure)
+        );
+        let reset: Result<Response, ProxyError> = Err(ProxyError::UpstreamReset("x".into()));
+        assert_eq!(retry_reason(&on, &reset, false), None);
+        assert_eq!(retry_reason(&on, &reset, true), Some(RetryReason::Reset));
+    }
+
+    #[test]
+    fn grpc_codes_come_from_headers_or_read_trailers() {
+        let on = RetryOn {
+            grpc_codes: 1 << 14,
+            ..RetryOn::default()
+        };
+        assert_eq!(
+            retry_reason(&on, &resp(200, Some("14")), true),
+            Some(RetryReason::Grpc)
+        );
+        assert_eq!(retry_reason(&on, &resp(200, Some("5")), true), None);
+        let mut r = resp(200, None).unwrap();
+        r.extensions_mut().insert(TrailerStatus(14));
+        assert_eq!(retry_reason(&on, &Ok(r), true), Some(RetryReason::Grpc));
+        assert_eq!(outcome(&resp(200, Some("14"))), Outcome::Failure);
+        assert_eq!(outcome(&resp(200, Some("5"))), Outcome::Success);
+        assert_eq!(outcome(&resp(503, None)), Outcome::Failure);
+        assert_eq!(outcome(&Err(ProxyError::CircuitOpen)), Outcome::Ignore);
+    }
+}

@@ -1,0 +1,87 @@
+//! The resilience layers, one mechanism per module, each a tower [`Layer`](tower::Layer).
+//!
+//! Every layer is a `Service<Call>` answering `Result<Response, ProxyError>`: a refusal is a
+//! [`ProxyError`] that [`crate::error`] turns into the one well-formed local reply. Layers are
+//! always ready; waiting (a bulkhead queue, a throttle delay) happens inside the call so that the
+//! route's deadline covers it. [`crate::proxy::stack`] decides their order; [`classify`] decides,
+//! once for all of them, what counts as success, failure and retryable.
+
+pub mod breaker;
+pub mod bulkhead;
+pub mod classify;
+pub mod fault;
+pub mod latency;
+pub mod load_shed;
+pub mod rate_limit;
+pub mod retry;
+pub mod timeout;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+use crate::proxy::body::{ProxyBody, ReqBody};
+
+/// What every layer answers.
+pub type Response = http::Response<ProxyBody>;
+/// The future every layer returns.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response, ProxyError>> + Send>>;
+
+/// One request on its way through the stack: the head as it will be sent (minus the endpoint's
+/// address), a body that retries can replay, and what the layers tell each other.
+#[derive(Debug)]
+pub struct Call {
+    /// Method, path, headers (hop-by-hop removed, forwarding headers added).
+    pub head: http::request::Parts,
+    /// The request body.
+    pub body: ReqBody,
+    /// Per-request facts shared between layers.
+    pub ctx: CallCtx,
+}
+
+/// Per-request facts the layers pass down.
+#[derive(Debug, Clone, Copy)]
+pub struct CallCtx {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// When the caller gives up: the route timeout or a smaller deadline the caller sent.
+    pub deadline: Option<Instant>,
+    /// Endpoint offset of this request; try `n` goes to `base + n - 1`, so tries land on
+    /// different endpoints when there are several.
+    pub base: usize,
+    /// 1 for the first try.
+    pub attempt: u32,
+    /// gRPC codes (a bit set) whose presence in trailers makes the try retryable; when set, the
+    /// upstream layer reads a gRPC response up to `hold_limit` bytes to see its trailers.
+    pub grpc_retry_codes: u32,
+    /// How much of a response may be held back to read its trailers.
+    pub hold_limit: u64,
+}
+
+impl CallCtx {
+    /// The context of a fresh request from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        Self {
+            peer,
+            deadline: None,
+            base: 0,
+            attempt: 1,
+            grpc_retry_codes: 0,
+            hold_limit: 0,
+        }
+    }
+}
+
+impl Call {
+    /// A copy for another try, if its body can be sent again.
+    pub fn try_clone(&self) -> Option<Call> {
+        Some(Call {
+            head: self.head.clone(),
+            body: self.body.try_clone()?,
+            ctx: self.ctx,
+        })
+    }
+}

@@ -1,0 +1,331 @@
+//! Retries and hedging under a budget.
+//!
+//! A failed try is repeated when [`classify::retry_reason`] says so: by default connect failures
+//! and refused streams for any method (nothing was sent), resets and 502/503/504 for idempotent
+//! methods. Each retry waits a fully jittered exponential backoff (or the upstream's
+//! `Retry-After`, up to a cap), goes to a different endpoint when there is one, must fit before
+//! the request's deadline, and takes a token from the cluster's [`budget::RetryBudget`].
+//! A request body is replayable up to `max_body` bytes (see [`ReqBody`](crate::proxy::body::ReqBody)).
+//!
+//! Hedging (opt-in, idempotent requests only) sends another try when the first has not answered
+//! after a fixed delay or a latency percentile of the cluster; the first good answer wins and the
+//! others are cancelled. Hedges take from the same budget.
+
+pub mod backoff;
+pub mod budget;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::StatusCode;
+use prometheus::IntCounter;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::control::config::resilience::{HedgeAfter, RetryConfig};
+use crate::error::ProxyError;
+use crate::proxy::resilience::classify::{self, RetryReason};
+use crate::proxy::resilience::latency::LatencyWindow;
+use crate::proxy::resilience::{Call, Response, ResponseFuture};
+use backoff::Backoff;
+use budget::RetryBudget;
+
+/// Why a retry that was wanted was not sent; the label of `outrigger_retries_skipped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The cluster's retry budget was spent.
+    Budget,
+    /// The request used all its attempts.
+    Attempts,
+    /// The body was too large to keep.
+    Body,
+    /// The wait would pass the request's deadline.
+    Deadline,
+    /// The upstream asked to wait longer than `retry_after_max`.
+    RetryAfter,
+}
+
+impl Skip {
+    /// Every reason, in metric-handle order.
+    pub const ALL: [Skip; 5] = [
+        Skip::Budget,
+        Skip::Attempts,
+        Skip::Body,
+        Skip::Deadline,
+        Skip::RetryAfter,
+    ];
+
+    /// The metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Skip::Budget => "budget",
+            Skip::Attempts => "attempts",
+            Skip::Body => "body",
+            Skip::Deadline => "deadline",
+            Skip::RetryAfter => "retry_after",
+        }
+    }
+}
+
+/// Metric handles of one route target.
+#[derive(Clone)]
+pub struct RetryMetrics {
+    /// Retries sent.
+    pub retries: IntCounter,
+    /// Hedges sent.
+    pub hedges: IntCounter,
+    /// Retries wanted but not sent, by [`Skip`].
+    pub skipped: [IntCounter; 5],
+}
+
+/// Everything a route target's retries need, built when the config is compiled.
+pub struct RetryPolicy {
+    cfg: RetryConfig,
+    backoff: Backoff,
+    budget: Arc<RetryBudget>,
+    latency: Arc<LatencyWindow>,
+    metrics: Option<RetryMetrics>,
+    next_base: AtomicUsize,
+}
+
+impl RetryPolicy {
+    /// The policy `cfg` drawing from the cluster's `budget` and `latency`.
+    pub fn new(
+        cfg: RetryConfig,
+        budget: Arc<RetryBudget>,
+        latency: Arc<LatencyWindow>,
+        metrics: Option<RetryMetrics>,
+    ) -> Self {
+        // Validation rejects max < base; clamping keeps this constructor total anyway.
+        let backoff = Backoff::clamped(cfg.backoff_base, cfg.backoff_max);
+        Self {
+            cfg,
+            backoff,
+            budget,
+            latency,
+            metrics,
+            next_base: AtomicUsize::new(fastrand::usize(..1024)),
+        }
+    }
+
+    fn skip(&self, why: Skip) {
+        if let Some(m) = &self.metrics {
+            m.skipped[why as usize].inc();
+        }
+    }
+
+    fn hedge_delay(&self) -> Option<Duration> {
+        let h = self.cfg.hedge.as_ref()?;
+        match h.after {
+            HedgeAfter::Delay(d) => Some(d),
+            HedgeAfter::Percentile(p) => self.latency.percentile(p),
+        }
+    }
+}
+
+/// Adds retries (and hedging) to the inner service.
+#[derive(Clone)]
+pub struct RetryLayer {
+    policy: Arc<RetryPolicy>,
+}
+
+impl RetryLayer {
+    /// A layer applying `policy`.
+    pub fn new(policy: Arc<RetryPolicy>) -> Self {
+        Self { policy }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// See [`RetryLayer`].
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    policy: Arc<RetryPolicy>,
+}
+
+impl<S> Service<Call> for Retry<S>
+where
+    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut call: Call) -> ResponseFuture {
+        let policy = self.policy.clone();
+        policy.budget.deposit();
+        call.ctx.base = policy.next_base.fetch_add(1, Ordering::Relaxed);
+        if policy.cfg.attempts <= 1 && policy.cfg.hedge.is_none() {
+            return self.inner.call(call);
+        }
+        let inner = self.inner.clone();
+        Box::pin(run(policy, inner, call))
+    }
+}
+
+async fn run<S>(
+    policy: Arc<RetryPolicy>,
+    mut inner: S,
+    mut call: Call,
+) -> Result<Response, ProxyError>
+where
+    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture> + Clone,
+{
+    let cfg = &policy.cfg;
+    let idempotent = classify::idempotent(&call.head.method);
+    let resendable = idempotent || cfg.non_idempotent;
+    let deadline = call.ctx.deadline;
+    let mut tries = 0u32;
+    loop {
+        let more = tries + 1 < cfg.attempts;
+        let spare = if more || cfg.hedge.is_some() {
+            call.try_clone()
+        } else {
+            None
+        };
+        call.ctx.attempt = tries + 1;
+        if more && spare.is_some() {
+            call.ctx.grpc_retry_codes = cfg.on.grpc_codes;
+            call.ctx.hold_limit = cfg.max_body;
+        }
+        let ((result, sent_tries), sent) = match (&cfg.hedge, spare) {
+            (Some(_), Some(spare)) if tries == 0 && idempotent => {
+                hedged(&policy, &mut inner, call, spare).await
+            }
+            (_, spare) => ((inner.call(call).await, 1), spare),
+        };
+        tries += sent_tries;
+        let Some(_reason): Option<RetryReason> =
+            classify::retry_reason(&cfg.on, &result, resendable)
+        else {
+            return result;
+        };
+        if tries >= cfg.attempts {
+            policy.skip(Skip::Attempts);
+            return result;
+        }
+        let Some(next) = sent else {
+            policy.skip(Skip::Body);
+            return result;
+        };
+        let wait = match retry_after(&result) {
+            Some(ra) if ra > cfg.retry_after_max => {
+                policy.skip(Skip::RetryAfter);
+                return result;
+            }
+            Some(ra) => ra,
+            None => policy.backoff.delay(tries, fastrand::f64()),
+        };
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            policy.skip(Skip::Deadline);
+            return result;
+        }
+        if !policy.budget.withdraw() {
+            policy.skip(Skip::Budget);
+            return result;
+        }
+        if let Some(m) = &policy.metrics {
+            m.retries.inc();
+        }
+        // Free the failed try's connection before waiting.
+        drop(result);
+        tokio::time::sleep(wait).await;
+        call = next;
+        call.ctx.attempt = tries + 1;
+    }
+}
+
+/// Sends `call`, and hedges while it is outstanding. Returns the chosen result with the number of
+/// tries sent, and a spare copy for a later retry if one can still be made.
+async fn hedged<S>(
+    policy: &RetryPolicy,
+    inner: &mut S,
+    call: Call,
+    spare: Call,
+) -> ((Result<Response, ProxyError>, u32), Option<Call>)
+where
+    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture> + Clone,
+{
+    let cfg = &policy.cfg;
+    let max_hedges = cfg.hedge.as_ref().map_or(0, |h| h.max);
+    let mut pending: FuturesUnordered<ResponseFuture> = FuturesUnordered::new();
+    pending.push(inner.call(call));
+    let mut sent = 1u32;
+    let mut spare = Some(spare);
+    let mut next_hedge = policy.hedge_delay().map(|d| Instant::now() + d);
+    let mut last = None;
+    loop {
+        let can_hedge = sent <= max_hedges && next_hedge.is_some() && spare.is_some();
+        let at = next_hedge.unwrap_or_else(Instant::now);
+        tokio::select! {
+            biased;
+            done = pending.next() => {
+                let Some(result) = done else {
+                    break;
+                };
+                let retryable = classify::retry_reason(&cfg.on, &result, true).is_some();
+                if !retryable || pending.is_empty() {
+                    let copy = spare.as_ref().and_then(Call::try_clone);
+                    return ((result, sent), copy);
+                }
+                last = Some(result);
+            }
+            () = tokio::time::sleep_until(at), if can_hedge => {
+                let Some(mut hedge) = spare.take() else { continue };
+                spare = hedge.try_clone();
+                if !policy.budget.withdraw() {
+                    policy.skip(Skip::Budget);
+                    next_hedge = None;
+                    spare = Some(hedge);
+                    continue;
+                }
+                if let Some(m) = &policy.metrics {
+                    m.hedges.inc();
+                }
+                sent += 1;
+                hedge.ctx.attempt = sent;
+                pending.push(inner.call(hedge));
+                next_hedge = policy.hedge_delay().map(|d| Instant::now() + d);
+            }
+        }
+    }
+    let result = last.unwrap_or(Err(ProxyError::Timeout));
+    ((result, sent), spare)
+}
+
+/// The wait an upstream asked for in `Retry-After` (delay-seconds form) on a 429 or 503.
+fn retry_after(result: &Result<Response, ProxyError>) -> Option<Duration> {
+    let resp = result.as_ref().ok()?;
+    if !matches!(
+        resp.status(),
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+    ) {
+        return None;
+    }
+    let v = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}

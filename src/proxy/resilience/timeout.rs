@@ -1,0 +1,227 @@
+//! Timeouts: the route timeout (the whole request, retries included) and the per-try timeout,
+//! both answered with 504 `timeout`, and deadline propagation.
+//!
+//! The route timeout becomes a deadline that every layer below sees. A caller may shorten it by
+//! sending `x-outrigger-deadline-ms` (set by an upstream Outrigger) or `grpc-timeout`; the upstream
+//! layer sends the time left onward in the same headers, so the next hop stops working when the
+//! caller has given up.
+
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::error::ProxyError;
+use crate::proxy::resilience::{Call, Response, ResponseFuture};
+
+/// The header carrying the time a caller still waits, in milliseconds.
+pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-outrigger-deadline-ms");
+/// gRPC's own deadline header.
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// Applies the route timeout and computes the request's deadline.
+#[derive(Debug, Clone)]
+pub struct RouteTimeoutLayer {
+    timeout: Option<Duration>,
+}
+
+impl RouteTimeoutLayer {
+    /// A route timeout of `timeout` (`None`: only a caller's deadline applies).
+    pub fn new(timeout: Option<Duration>) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> Layer<S> for RouteTimeoutLayer {
+    type Service = RouteTimeout<S>;
+    fn layer(&self, inner: S) -> RouteTimeout<S> {
+        RouteTimeout {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// See [`RouteTimeoutLayer`].
+#[derive(Debug, Clone)]
+pub struct RouteTimeout<S> {
+    inner: S,
+    timeout: Option<Duration>,
+}
+
+impl<S> Service<Call> for RouteTimeout<S>
+where
+    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>,
+{
+    type Response = Response;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut call: Call) -> ResponseFuture {
+        let now = Instant::now();
+        let ours = self.timeout.map(|t| now + t);
+        let theirs = caller_budget(&call.head.headers).map(|t| now + t);
+        let deadline = match (ours, theirs) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        call.ctx.deadline = deadline;
+        let fut = self.inner.call(call);
+        match deadline {
+            None => fut,
+            Some(at) => Box::pin(async move {
+                tokio::time::timeout_at(at, fut)
+                    .await
+                    .unwrap_or(Err(ProxyError::Timeout))
+            }),
+        }
+    }
+}
+
+/// Limits each try; never beyond the request's deadline.
+#[derive(Debug, Clone)]
+pub struct PerTryTimeoutLayer {
+    timeout: Option<Duration>,
+}
+
+impl PerTryTimeoutLayer {
+    /// A per-try timeout of `timeout` (`None`: off).
+    pub fn new(timeout: Option<Duration>) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> Layer<S> for PerTryTimeoutLayer {
+    type Service = PerTryTimeout<S>;
+    fn layer(&self, inner: S) -> PerTryTimeout<S> {
+        PerTryTimeout {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// See [`PerTryTimeoutLayer`].
+#[derive(Debug, Clone)]
+pub struct PerTryTimeout<S> {
+    inner: S,
+    timeout: Option<Duration>,
+}
+
+impl<S> Service<Call> for PerTryTimeout<S>
+where
+    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>,
+{
+    type Response = Response;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> ResponseFuture {
+        let Some(t) = self.timeout else {
+            return self.inner.call(call);
+        };
+        let mut at = Instant::now() + t;
+        if let Some(d) = call.ctx.deadline {
+            at = at.min(d);
+        }
+        let fut = self.inner.call(call);
+        Box::pin(async move {
+            tokio::time::timeout_at(at, fut)
+                .await
+                .unwrap_or(Err(ProxyError::Timeout))
+        })
+    }
+}
+
+/// The time the caller still waits, from `x-outrigger-deadline-ms` or `grpc-timeout`.
+pub fn caller_budget(headers: &HeaderMap) -> Option<Duration> {
+    let ours = headers
+        .get(DEADLINE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let grpc = headers
+        .get(GRPC_TIMEOUT)
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()));
+    match (ours, grpc) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (`H M S m u n`).
+pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Writes the time left before `deadline` into the outgoing headers.
+pub fn propagate(headers: &mut HeaderMap, deadline: Instant, grpc: bool) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    // Round up so that a short but live budget never reads as "already expired".
+    let ms = left.as_millis().max(1) as u64;
+    headers.insert(DEADLINE_HEADER, HeaderValue::from(ms));
+    if grpc {
+        if let Ok(v) = HeaderValue::from_str(&format!("{}m", ms.min(99_999_999))) {
+            headers.insert(GRPC_TIMEOUT, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(
+            parse_grpc_timeout(b"100m"),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"123456789m"), None);
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"10x"), None);
+    }
+
+    #[test]
+    fn smallest_caller_budget_wins() {
+        let mut h = HeaderMap::new();
+        h.insert(DEADLINE_HEADER, HeaderValue::from_static("300"));
+        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("200m"));
+        assert_eq!(caller_budget(&h), Some(Duration::from_millis(200)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn propagated_deadline_is_the_time_left() {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        tokio::time::advance(Duration::from_millis(120)).await;
+        let mut h = HeaderMap::new();
+        propagate(&mut h, deadline, true);
+        assert_eq!(h[DEADLINE_HEADER], "380");
+        assert_eq!(h[GRPC_TIMEOUT], "380m");
+    }
+}
