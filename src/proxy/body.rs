@@ -72,14 +72,15 @@ impl Body for ProxyBody {
                     .iter()
                     .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
                     .sum();
-                let mut hint = rest
+                let rest = rest
                     .as_ref()
-                    .map(|r| r.size_hint())
-                    .unwrap_or_else(|| SizeHint::with_exact(0));
-                hint.set_lower(hint.lower() + held);
-                if let Some(upper) = hint.upper() {
-                    hint.set_upper(upper + held);
+                    .map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());
+                // Upper first: a lower bound above the current upper one would panic.
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(held));
                 }
+                hint.set_lower(rest.lower().saturating_add(held));
                 hint
             }
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),

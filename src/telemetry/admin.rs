@@ -119,6 +119,8 @@ pub fn clusters_json(shared: &Shared) -> serde_json::Value {
                         "requests": e.requests.load(Ordering::Relaxed),
                         "in_flight": e.in_flight.load(Ordering::Relaxed),
                         "connect_failures": e.connect_failures.load(Ordering::Relaxed),
+                        "circuit": e.breaker.as_ref().map(|b| b.state().name()),
+                        "circuit_open_ms": e.breaker.as_ref().and_then(|b| b.open_for()).map(|d| d.as_millis() as u64),
                     })
                 })
                 .collect();
@@ -129,6 +131,12 @@ pub fn clusters_json(shared: &Shared) -> serde_json::Value {
                     crate::control::config::UpstreamProtocol::Http2 => "http2",
                 },
                 "connect_timeout_ms": c.config.connect_timeout.as_millis() as u64,
+                "circuit": c.breaker.as_ref().map(|b| b.state().name()),
+                "circuit_open_ms": c.breaker.as_ref().and_then(|b| b.open_for()).map(|d| d.as_millis() as u64),
+                "bulkhead": {
+                    "max_concurrent": c.config.bulkhead.max_concurrent,
+                    "max_pending": c.config.bulkhead.max_pending,
+                },
                 "endpoints": endpoints,
             })
         })

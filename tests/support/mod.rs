@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,41 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
+/// How an origin misbehaves, settable while it runs. Zero means "behave".
+#[derive(Default)]
+pub struct Control {
+    /// Answer every request with this status.
+    pub status: AtomicU16,
+    /// Answer this share (per mille) of requests with 503.
+    pub fail_permille: AtomicU32,
+    /// Wait this long before answering every request.
+    pub delay_ms: AtomicU64,
+    /// This share (per mille) of requests waits `slow_ms` instead.
+    pub slow_permille: AtomicU32,
+    pub slow_ms: AtomicU64,
+    /// Send `retry-after: N` with forced statuses.
+    pub retry_after: AtomicU64,
+    /// gRPC unary calls end with this status in trailers (after their message).
+    pub grpc_status: AtomicU32,
+    /// Serve at most this many requests at once; others wait their turn (0: unlimited).
+    pub capacity: std::sync::OnceLock<tokio::sync::Semaphore>,
+    /// Headers of the latest request.
+    pub last_headers: std::sync::Mutex<Option<HeaderMap>>,
+}
+
+impl Control {
+    pub fn set_status(&self, s: u16) {
+        self.status.store(s, Ordering::SeqCst);
+    }
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        let h = self.last_headers.lock().unwrap();
+        h.as_ref()?.get(name)?.to_str().ok().map(str::to_owned)
+    }
+}
+
 /// An HTTP/1.1 + HTTP/2 origin. Paths: `/status/N`, `/delay/MS`, `/headers`, `/echo` (streams the
 /// request body back), `/stream` (one chunk, then waits for `release`), `/grpc...` (see below);
 /// anything else answers `NAME METHOD PATH`. Every response carries `x-origin: NAME`.
@@ -39,6 +74,7 @@ pub struct Origin {
     pub name: String,
     pub hits: Arc<AtomicUsize>,
     pub release: Arc<Notify>,
+    pub control: Arc<Control>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -58,17 +94,23 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(Notify::new());
-        let (n, h, r) = (name.to_owned(), hits.clone(), release.clone());
+        let control = Arc::new(Control::default());
+        let (n, h, r, c) = (
+            name.to_owned(),
+            hits.clone(),
+            release.clone(),
+            control.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (n, h, r) = (n.clone(), h.clone(), r.clone());
+                let (n, h, r, c) = (n.clone(), h.clone(), r.clone(), c.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        let (n, h, r) = (n.clone(), h.clone(), r.clone());
-                        async move { Ok::<_, Infallible>(origin(&n, &h, r, req).await) }
+                        let (n, h, r, c) = (n.clone(), h.clone(), r.clone(), c.clone());
+                        async move { Ok::<_, Infallible>(misbehave(&n, &h, r, &c, req).await) }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -81,6 +123,7 @@ impl Origin {
             name: name.to_owned(),
             hits,
             release,
+            control,
             task,
         }
     }
@@ -90,10 +133,57 @@ impl Origin {
     }
 }
 
+async fn misbehave(
+    name: &str,
+    hits: &AtomicUsize,
+    release: Arc<Notify>,
+    c: &Control,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    *c.last_headers.lock().unwrap() = Some(req.headers().clone());
+    let _turn = match c.capacity.get() {
+        Some(s) => s.acquire().await.ok(),
+        None => None,
+    };
+    let slow = c.slow_permille.load(Ordering::SeqCst);
+    let delay = if slow > 0 && fastrand::u32(..1000) < slow {
+        c.slow_ms.load(Ordering::SeqCst)
+    } else {
+        c.delay_ms.load(Ordering::SeqCst)
+    };
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let forced = c.status.load(Ordering::SeqCst);
+    let fail = c.fail_permille.load(Ordering::SeqCst);
+    let status = if forced != 0 {
+        Some(forced)
+    } else if fail > 0 && fastrand::u32(..1000) < fail {
+        Some(503)
+    } else {
+        None
+    };
+    if let Some(code) = status {
+        hits.fetch_add(1, Ordering::SeqCst);
+        let mut r = Response::new(full(format!("{name} forced {code}")));
+        *r.status_mut() = StatusCode::from_u16(code).unwrap();
+        let ra = c.retry_after.load(Ordering::SeqCst);
+        if ra > 0 {
+            r.headers_mut().insert("retry-after", HeaderValue::from(ra));
+        }
+        r.headers_mut()
+            .insert("x-origin", HeaderValue::from_str(name).unwrap());
+        return r;
+    }
+    let grpc_status = c.grpc_status.load(Ordering::SeqCst);
+    origin(name, hits, release, grpc_status, req).await
+}
+
 async fn origin(
     name: &str,
     hits: &AtomicUsize,
     release: Arc<Notify>,
+    grpc_status: u32,
     req: Request<Incoming>,
 ) -> Response<Body> {
     hits.fetch_add(1, Ordering::SeqCst);
@@ -123,7 +213,7 @@ async fn origin(
         });
         Response::new(body.boxed())
     } else if path.starts_with("/test.Echo/") {
-        grpc(&path, req).await
+        grpc(&path, req, grpc_status).await
     } else {
         Response::new(full(format!("{name} {} {path}", req.method())))
     };
@@ -161,7 +251,7 @@ fn grpc_trailers(status: u32) -> HeaderMap {
 
 /// `Unary` echoes the message; `ServerStream` answers three messages; `Bidi` echoes each message
 /// as it arrives. Status travels in trailers, as gRPC does.
-async fn grpc(path: &str, req: Request<Incoming>) -> Response<Body> {
+async fn grpc(path: &str, req: Request<Incoming>, status: u32) -> Response<Body> {
     let (mut tx, body) = Channel::<Bytes, hyper::Error>::new(4);
     let path = path.to_owned();
     tokio::spawn(async move {
@@ -202,7 +292,7 @@ async fn grpc(path: &str, req: Request<Incoming>) -> Response<Body> {
                 return;
             }
         }
-        let _ = tx.send_trailers(grpc_trailers(0)).await;
+        let _ = tx.send_trailers(grpc_trailers(status)).await;
     });
     let mut r = Response::new(body.boxed());
     r.headers_mut()
@@ -427,6 +517,36 @@ pub async fn send(
         parts.headers,
         String::from_utf8_lossy(&bytes).into_owned(),
     ))
+}
+
+/// Latency percentile (0–100) of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A metric's value in a Prometheus text scrape (0 if absent).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Scrapes the proxy's metrics.
+pub async fn scrape(proxy: &Proxy) -> String {
+    get(&h1_client(), &proxy.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .2
 }
 
 /// Polls `check` every 10 ms until it holds or `within` passes.
