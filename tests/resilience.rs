@@ -620,3 +620,127 @@ clusters:
     assert!(p99_hedged < Duration::from_millis(200), "{p99_hedged:?}");
     assert!(p99_plain >= Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_shedding_answers_overloaded_and_serves_high_priority_first() {
+    let origin = Origin::start("o").await;
+    let _ = origin.control.capacity.set(tokio::sync::Semaphore::new(2));
+    origin.control.set_delay(50);
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    load_shed: {{ initial_limit: 2, min_limit: 2, max_limit: 2, queue_timeout: 300ms, max_queue: 4 }}
+    routes:
+      - name: all
+        cluster: o
+clusters:
+  - name: o
+    endpoints: [{}]
+",
+        origin.addr
+    ))
+    .await;
+    let client = h1_client();
+    let request = |priority: &'static str| {
+        let (client, url) = (client.clone(), proxy.url("in", "/"));
+        async move {
+            let req = Request::get(url)
+                .header("x-outrigger-priority", priority)
+                .body(empty())
+                .unwrap();
+            let (status, headers, _) = send(&client, req).await.unwrap();
+            (status, reason(&headers).to_owned())
+        }
+    };
+    let mut low = JoinSet::new();
+    for _ in 0..10 {
+        low.spawn(request("9"));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut high = JoinSet::new();
+    for _ in 0..3 {
+        high.spawn(request("0"));
+    }
+    let mut high_ok = 0;
+    while let Some(r) = high.join_next().await {
+        let (status, _) = r.unwrap();
+        high_ok += usize::from(status == StatusCode::OK);
+    }
+    let mut low_results = Vec::new();
+    while let Some(r) = low.join_next().await {
+        low_results.push(r.unwrap());
+    }
+    let shed = low_results
+        .iter()
+        .filter(|(s, r)| *s == StatusCode::SERVICE_UNAVAILABLE && r == "overloaded")
+        .count();
+    println!(
+        "shedding: high priority {high_ok}/3 ok; low priority {} ok, {shed} shed",
+        low_results.len() - shed
+    );
+    assert_eq!(
+        high_ok, 3,
+        "high priority goes first, evicting low-priority waiters"
+    );
+    assert!(shed >= 4, "{low_results:?}");
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        metric(&m, "outrigger_load_shed_total{listener=\"in\"}") as usize,
+        shed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_abort_and_delay_on_command() {
+    let origin = Origin::start("o").await;
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: abort
+        match: {{ prefix: /abort }}
+        cluster: o
+        fault: {{ abort: {{ percent: 100, status: 500 }} }}
+      - name: delay
+        cluster: o
+        fault: {{ delay: {{ percent: 100, duration: 120ms }} }}
+clusters:
+  - name: o
+    endpoints: [{}]
+",
+        origin.addr
+    ))
+    .await;
+    let client = h1_client();
+    let (status, headers, _) = get(&client, &proxy.url("in", "/abort")).await.unwrap();
+    assert_eq!(
+        (status, reason(&headers)),
+        (StatusCode::INTERNAL_SERVER_ERROR, "fault_injected")
+    );
+    assert_eq!(
+        origin.hits(),
+        0,
+        "an aborted request never reaches the upstream"
+    );
+    let start = Instant::now();
+    let (status, _, _) = get(&client, &proxy.url("in", "/slow")).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(start.elapsed() >= Duration::from_millis(120));
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            "outrigger_faults_injected_total{kind=\"abort\",listener=\"in\",route=\"abort\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "outrigger_faults_injected_total{kind=\"delay\",listener=\"in\",route=\"delay\"}"
+        ),
+        1.0
+    );
+}

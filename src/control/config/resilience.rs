@@ -186,6 +186,9 @@ pub struct RawLoadShed {
     /// Header carrying a request's priority (`0` highest .. `9` lowest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_header: Option<String>,
+    /// Latency inflation over the minimum RTT tolerated before the limit shrinks (gradient).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
 }
 
 /// The `fault:` block of a route.
@@ -484,6 +487,8 @@ pub struct LoadShedConfig {
     pub max_queue: u32,
     /// Priority header.
     pub priority_header: HeaderName,
+    /// Tolerated latency inflation (≥ 1).
+    pub tolerance: f64,
 }
 
 /// A route's fault injection.
@@ -840,7 +845,14 @@ impl Validator {
         }
         let queue_timeout = self
             .duration(&p("queue_timeout"), r.queue_timeout.as_deref())
-            .unwrap_or(Duration::from_millis(50));
+            .unwrap_or(Duration::from_millis(2));
+        let tolerance = r.tolerance.unwrap_or(1.2);
+        if !(1.0..=10.0).contains(&tolerance) {
+            self.problem(
+                p("tolerance"),
+                format!("tolerance `{tolerance}` is outside 1.0..=10.0"),
+            );
+        }
         let header = r
             .priority_header
             .as_deref()
@@ -865,6 +877,7 @@ impl Validator {
             max_queue,
             priority_header: priority_header
                 .unwrap_or_else(|| HeaderName::from_static("x-outrigger-priority")),
+            tolerance,
         })
     }
 

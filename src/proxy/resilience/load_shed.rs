@@ -1,11 +1,14 @@
 //! Load shedding on the inbound side: an adaptive concurrency limit plus queue-time shedding, so
 //! that under overload the service keeps its goodput and latency instead of collapsing.
 //!
-//! The limit follows the latency of the requests it admits. `gradient` (after Netflix
-//! concurrency-limits' Gradient2) compares a long-term average round-trip time with the recent
-//! one: while they agree the limit grows by about its square root; when recent latency rises the
-//! limit shrinks in proportion. `aimd` adds one per limit's worth of fast answers and cuts by 10%
-//! on a slow one. Requests over the limit wait in a queue ordered by priority (header, `0`
+//! The limit follows the latency of the requests it admits, against the minimum round-trip time
+//! seen over a recent window (the latency without queueing; as Envoy's adaptive concurrency and
+//! TCP Vegas use it — an average would drift up with the queue it should detect). `gradient`
+//! compares that minimum times `tolerance` (default 1.2) to the recent average: while latency
+//! stays within it the limit grows by about its square root; beyond it the limit shrinks in
+//! proportion. `aimd`
+//! adds one per limit's worth of fast answers and cuts by 10% when an answer takes more than twice
+//! the minimum. Requests over the limit wait in a queue ordered by priority (header, `0`
 //! highest, `9` lowest, `5` when absent) for at most `queue_timeout`; a full queue makes room by
 //! dropping its lowest-priority waiter. Shed requests get 503 `overloaded`.
 //!
@@ -57,10 +60,19 @@ pub struct Limiter {
 
 struct Estimate {
     limit: f64,
-    long_rtt: f64,
+    /// Minimum RTT of the previous window (or of this one, if lower).
+    min_rtt: f64,
+    /// Minimum RTT of the current window.
+    window_min: f64,
+    window_start: Instant,
+    /// Recent average RTT.
     short_rtt: f64,
     samples: u64,
 }
+
+/// How often the minimum RTT is measured afresh, so that a lasting change of the service's own
+/// latency is learnt.
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(5);
 
 impl Limiter {
     /// A limiter starting at `cfg.initial_limit`.
@@ -75,7 +87,9 @@ impl Limiter {
             queue: Mutex::new(std::array::from_fn(|_| VecDeque::new())),
             estimate: Mutex::new(Estimate {
                 limit: f64::from(cfg.initial_limit),
-                long_rtt: 0.0,
+                min_rtt: f64::MAX,
+                window_min: f64::MAX,
+                window_start: Instant::now(),
                 short_rtt: 0.0,
                 samples: 0,
             }),
@@ -199,31 +213,27 @@ impl Limiter {
         };
         e.samples += 1;
         if e.samples == 1 {
-            e.long_rtt = rtt;
             e.short_rtt = rtt;
         }
-        // Long-term average over ~600 samples, recent over ~10.
-        e.long_rtt += (rtt - e.long_rtt) * (2.0 / 601.0);
         e.short_rtt += (rtt - e.short_rtt) * (2.0 / 11.0);
-        if e.long_rtt / e.short_rtt > 2.0 {
-            // Latency fell a lot (the load went away): let the baseline follow quickly.
-            e.long_rtt *= 0.95;
+        e.window_min = e.window_min.min(rtt);
+        e.min_rtt = e.min_rtt.min(rtt);
+        if e.window_start.elapsed() >= MIN_RTT_WINDOW {
+            e.min_rtt = e.window_min;
+            e.window_min = f64::MAX;
+            e.window_start = Instant::now();
         }
         let limit = e.limit;
         let app_limited = f64::from(in_flight) < limit / 2.0;
         let next = match self.cfg.algorithm {
             ShedAlgorithm::Gradient => {
-                let gradient = (1.5 * e.long_rtt / e.short_rtt).clamp(0.5, 1.0);
-                let headroom = if app_limited && gradient >= 1.0 {
-                    0.0
-                } else {
-                    limit.sqrt()
-                };
+                let gradient = (self.cfg.tolerance * e.min_rtt / e.short_rtt).clamp(0.5, 1.0);
+                let headroom = if app_limited { 0.0 } else { limit.sqrt() };
                 let target = limit * gradient + headroom;
                 limit * 0.8 + target * 0.2
             }
             ShedAlgorithm::Aimd => {
-                if dropped || rtt > 2.0 * e.long_rtt {
+                if dropped || rtt > 2.0 * e.min_rtt {
                     limit * 0.9
                 } else if app_limited {
                     limit
@@ -347,6 +357,7 @@ mod tests {
             max_limit: 100,
             queue_timeout: Duration::from_millis(10),
             max_queue: 2,
+            tolerance: 1.2,
             priority_header: HeaderName::from_static("x-outrigger-priority"),
         }
     }
