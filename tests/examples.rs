@@ -108,3 +108,50 @@ async fn tcp_example_splices_bytes() {
     s.read_to_end(&mut out).await.unwrap();
     assert_eq!(out, b"SELECT 1bye");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resilient_example_hides_a_failing_replica_and_limits_search() {
+    let replicas = [
+        Origin::start("c1").await,
+        Origin::start("c2").await,
+        Origin::start("c3").await,
+    ];
+    replicas[1].control.set_status(503);
+    let search = Origin::start("search").await;
+    let proxy = Proxy::start(&localize(
+        "resilient.yaml",
+        &[
+            ("catalog-1.internal:8080", replicas[0].addr),
+            ("catalog-2.internal:8080", replicas[1].addr),
+            ("catalog-3.internal:8080", replicas[2].addr),
+            ("search.internal:8080", search.addr),
+        ],
+    ))
+    .await;
+    let client = h1_client();
+    for i in 0..60 {
+        let (status, _, _) = get(
+            &client,
+            &proxy.url("outbound", &format!("/catalog/items/{i}")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status.as_u16(), 200, "request {i}");
+    }
+    // Sixty at once against a burst of 20: most are refused whatever the machine's speed.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..60 {
+        let (client, url) = (client.clone(), proxy.url("outbound", "/search?q=boat"));
+        tasks.spawn(async move { get(&client, &url).await.unwrap() });
+    }
+    let mut limited = None;
+    while let Some(r) = tasks.join_next().await {
+        let (status, headers, _) = r.unwrap();
+        if status.as_u16() == 429 {
+            limited = Some(headers);
+        }
+    }
+    let headers = limited.expect("the burst of 20 runs out");
+    assert_eq!(reason(&headers), "rate_limited");
+    assert!(headers.contains_key("retry-after"));
+}

@@ -183,6 +183,22 @@ clusters:
         "retry storm: {attempts} attempts for {requests}"
     );
     assert!(open.len() as f64 > 0.5 * requests, "the breaker opened");
+    // Fail-fast latency on one keep-alive connection, and as the proxy itself measures it.
+    let sequential = closed_loop(&proxy.url("in", "/"), 1, 1000).await;
+    let fast = latencies(&sequential, |o| o.1 == "circuit_open");
+    let m = scrape(&proxy).await;
+    let series = "outrigger_request_duration_seconds_bucket{cluster=\"app\",listener=\"in\",route=\"api\",le=";
+    let within_1ms = metric(&m, &format!("{series}\"0.001\"}}"));
+    let all = metric(&m, &format!("{series}\"+Inf\"}}"));
+    println!(
+        "fail fast: {} of 1000 sequential requests answered circuit_open, client-side p50 {:?} p99 {:?}; \
+         proxy-measured: {:.2}% of all answers within 1 ms",
+        fast.len(),
+        percentile(&fast, 50.0),
+        percentile(&fast, 99.0),
+        within_1ms / all * 100.0
+    );
+    assert!(fast.len() >= 900);
     assert!(results
         .iter()
         .all(|o| o.0 == StatusCode::SERVICE_UNAVAILABLE || o.0 == StatusCode::OK));
