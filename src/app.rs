@@ -477,5 +477,6 @@ fn listener_state(
         metrics: metrics.listener(&l.name),
         access_log,
         header_read_timeout: l.header_read_timeout,
+        idle_timeout: l.idle_timeout,
     })
 }

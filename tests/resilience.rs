@@ -760,3 +760,82 @@ clusters:
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_connections_and_slow_headers_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start("o").await;
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    idle_timeout: 300ms
+    header_read_timeout: 300ms
+    routes:
+      - name: all
+        cluster: o
+        idle_timeout: 200ms
+clusters:
+  - name: o
+    endpoints: [{}]
+",
+        origin.addr
+    ))
+    .await;
+
+    // A response stream that stalls after its first chunk is aborted after the idle timeout.
+    let client = h1_client();
+    let resp = client
+        .request(
+            Request::get(proxy.url("in", "/stream"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut body = resp.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first;");
+    let next = http_body_util::BodyExt::frame(&mut body).await;
+    let stalled = start.elapsed();
+    assert!(
+        !matches!(next, Some(Ok(_))),
+        "the stalled stream ends in an error"
+    );
+    assert!(stalled >= Duration::from_millis(200), "{stalled:?}");
+
+    // A keep-alive connection with no request is closed after the listener's idle timeout.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("in"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let start = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+    let idle = start.elapsed();
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert!(idle >= Duration::from_millis(250), "{idle:?}");
+
+    // A client that never finishes its headers is cut off.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("in"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nhost: t\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let cut = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+    assert!(cut.is_ok(), "the slow client was cut off");
+    println!(
+        "idle: stalled stream cut after {stalled:?}, idle connection after {idle:?}, slow headers after {:?}",
+        start.elapsed()
+    );
+}

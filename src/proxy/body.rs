@@ -2,13 +2,19 @@
 //! stream, partly held back (to read gRPC trailers), or made locally.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::BoxError;
 
 /// A response body: streamed from the upstream frame by frame (trailers included), or local bytes.
 #[derive(Debug)]
@@ -24,24 +30,51 @@ pub enum ProxyBody {
     },
     /// A body the proxy made itself; `None` once sent.
     Full(Option<Bytes>),
+    /// A body that fails when no frame arrives within its idle timeout.
+    Watched(Box<Watched>),
 }
+
+/// An upstream body under a stream idle timeout.
+#[derive(Debug)]
+pub struct Watched {
+    inner: ProxyBody,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+/// The upstream sent nothing for longer than the stream idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream stream was idle for longer than {0:?}")]
+pub struct StreamIdle(pub Duration);
 
 impl ProxyBody {
     /// A body of fixed bytes.
     pub fn full(bytes: Bytes) -> Self {
         ProxyBody::Full(Some(bytes))
     }
+
+    /// Puts `self` under an idle timeout, unless it has already ended or there is none.
+    pub fn watch(self, idle: Option<Duration>) -> Self {
+        match idle {
+            Some(idle) if !self.is_end_stream() => ProxyBody::Watched(Box::new(Watched {
+                inner: self,
+                idle,
+                timer: Box::pin(tokio::time::sleep(idle)),
+            })),
+            _ => self,
+        }
+    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match self.get_mut() {
             ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx),
             ProxyBody::Held { frames, rest } => match frames.pop_front() {
                 Some(f) => Poll::Ready(Some(Ok(f))),
@@ -51,11 +84,26 @@ impl Body for ProxyBody {
                 },
             },
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-        }
+            ProxyBody::Watched(w) => {
+                return match Pin::new(&mut w.inner).poll_frame(cx) {
+                    Poll::Ready(frame) => {
+                        let idle = w.idle;
+                        w.timer.as_mut().reset(Instant::now() + idle);
+                        Poll::Ready(frame)
+                    }
+                    Poll::Pending => match w.timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(StreamIdle(w.idle))))),
+                        Poll::Pending => Poll::Pending,
+                    },
+                };
+            }
+        };
+        polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
+            ProxyBody::Watched(w) => w.inner.is_end_stream(),
             ProxyBody::Upstream(inner) => inner.is_end_stream(),
             ProxyBody::Held { frames, rest } => {
                 frames.is_empty() && rest.as_ref().map_or(true, |r| r.is_end_stream())
@@ -66,6 +114,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            ProxyBody::Watched(w) => w.inner.size_hint(),
             ProxyBody::Upstream(inner) => inner.size_hint(),
             ProxyBody::Held { frames, rest } => {
                 let held: u64 = frames

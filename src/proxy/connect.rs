@@ -257,7 +257,8 @@ impl Cluster {
                 {
                     resp = hold_for_trailers(resp, ctx.hold_limit).await?;
                 }
-                Ok(resp)
+                let (parts, body) = resp.into_parts();
+                Ok(Response::from_parts(parts, body.watch(ctx.idle_timeout)))
             }
             Err(e) if e.is_connect() => {
                 self.connect_failed(&endpoint);

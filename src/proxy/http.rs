@@ -4,6 +4,7 @@
 //! frames. Every failure becomes a local reply built by [`crate::error`], never a dropped connection.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,43 @@ struct Conn {
     state: Arc<ArcSwap<ListenerState>>,
     peer: SocketAddr,
     drain: CancellationToken,
+    /// Requests being handled now (until their response headers).
+    active: AtomicUsize,
+    /// When the connection last had a request, in milliseconds since `opened`.
+    last_request: AtomicU64,
+    opened: Instant,
+}
+
+impl Conn {
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_request.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the connection last had a request in progress, if it has none now.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_request.load(Ordering::Relaxed));
+        Some(self.opened.elapsed().saturating_sub(last))
+    }
+}
+
+/// Resolves once `conn` has been idle for `limit`; never if `limit` is `None`.
+async fn idle(conn: &Conn, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let mut wait = limit;
+    loop {
+        tokio::time::sleep(wait).await;
+        match conn.idle_for() {
+            Some(idle) if idle >= limit => return,
+            Some(idle) => wait = limit - idle,
+            None => wait = limit,
+        }
+    }
 }
 
 /// Serves one downstream connection until it closes, or until `drain` fires and it winds down.
@@ -63,19 +101,35 @@ pub async fn serve(
     server: Arc<Server>,
 ) {
     let _ = stream.set_nodelay(true);
+    let idle_timeout = state.load().idle_timeout;
     let conn = Arc::new(Conn {
         state,
         peer,
         drain: drain.clone(),
+        active: AtomicUsize::new(0),
+        last_request: AtomicU64::new(0),
+        opened: Instant::now(),
     });
+    let watched = conn.clone();
     let svc = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
+        async move {
+            conn.active.fetch_add(1, Ordering::AcqRel);
+            let resp = handle(&conn, req).await;
+            conn.touch();
+            conn.active.fetch_sub(1, Ordering::AcqRel);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let connection = server.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(connection);
     let result = tokio::select! {
         res = connection.as_mut() => res,
+        () = idle(&watched, idle_timeout) => {
+            // Graceful: an h1 response still streaming finishes; h2 gets GOAWAY.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
         () = drain.cancelled() => {
             tokio::select! {
                 res = connection.as_mut() => res,
@@ -136,10 +190,12 @@ async fn forward(
         .then(|| (req.method().clone(), req.uri().clone()));
     let (mut head, body) = req.into_parts();
     prepare(&mut head, peer);
+    let mut ctx = CallCtx::new(peer);
+    ctx.idle_timeout = route.idle_timeout;
     let call = Call {
         head,
         body: ReqBody::new(body, route.max_retry_body),
-        ctx: CallCtx::new(peer),
+        ctx,
     };
     let resp = match target.stack.clone().call(call).await {
         Ok(resp) => resp,

@@ -35,6 +35,8 @@ pub struct ListenerState {
     pub access_log: bool,
     /// Time an HTTP/1 client gets to send a request's headers.
     pub header_read_timeout: Duration,
+    /// Connections with no request for this long are closed gracefully.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The compiled behaviour of a listener.

@@ -33,6 +33,8 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// Largest request body kept for a retry.
     pub max_retry_body: u64,
+    /// Longest silence of a response stream.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// One destination of a route with its metric handles.
@@ -105,6 +107,7 @@ impl RouteTable {
                     targets,
                     timeout: r.timeout,
                     max_retry_body: r.retry.max_body,
+                    idle_timeout: r.idle_timeout,
                 })
             })
             .collect::<Result<Vec<_>, UnknownCluster>>()?;

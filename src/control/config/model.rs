@@ -68,6 +68,9 @@ pub struct RawListener {
     /// For `tcp` listeners: the cluster connections are spliced to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+    /// Idle downstream connections are closed after this long; `0s` disables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
     /// Time a client gets to send a request's headers (HTTP/1.1), e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header_read_timeout: Option<String>,
@@ -94,6 +97,9 @@ pub struct RawRoute {
     /// Time allowed for the whole request, retries included, until response headers; `0s` disables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Longest silence of a response stream before it is aborted; `0s` disables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
     /// Retry policy; a default policy applies when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RawRetry>,

@@ -27,6 +27,10 @@ pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream connect timeout when a cluster names none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Stream idle timeout when a route names none.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Downstream connection idle timeout when a listener names none.
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Time a client gets to send request headers when a listener names none.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time to response headers when a route names none.
@@ -69,6 +73,8 @@ pub struct ListenerConfig {
     pub kind: ListenerKind,
     /// Time a client gets to send request headers.
     pub header_read_timeout: Duration,
+    /// Idle connections close after this long; `None` when disabled.
+    pub idle_timeout: Option<Duration>,
     /// Adaptive concurrency limit, if on.
     pub load_shed: Option<LoadShedConfig>,
 }
@@ -99,6 +105,8 @@ pub struct RouteConfig {
     pub targets: Vec<(String, u32)>,
     /// Time for the whole request, retries included, to response headers; `None` when disabled.
     pub timeout: Option<Duration>,
+    /// Longest silence of a response stream; `None` when disabled.
+    pub idle_timeout: Option<Duration>,
     /// Retry and hedging policy.
     pub retry: RetryConfig,
     /// Rate limit, if any.
@@ -115,6 +123,7 @@ impl PartialEq for RouteConfig {
             && self.matcher == other.matcher
             && self.targets == other.targets
             && self.timeout == other.timeout
+            && self.idle_timeout == other.idle_timeout
             && self.retry == other.retry
             && self.rate_limit == other.rate_limit
             && self.bulkhead == other.bulkhead
@@ -286,12 +295,18 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             )
             .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT);
         let load_shed = l.load_shed.as_ref().and_then(|s| v.load_shed(&path, s));
+        let idle_timeout = v.optional_timeout(
+            &format!("{path}.idle_timeout"),
+            l.idle_timeout.as_deref(),
+            DEFAULT_CONNECTION_IDLE_TIMEOUT,
+        );
         if let (Some(address), Some(kind)) = (address, kind) {
             listeners.push(ListenerConfig {
                 name: l.name.clone(),
                 address,
                 kind,
                 header_read_timeout,
+                idle_timeout,
                 load_shed,
             });
         }
@@ -381,6 +396,20 @@ impl Validator {
                 );
                 None
             }
+        }
+    }
+
+    /// A duration where `0s` means "off", with a default when absent.
+    fn optional_timeout(
+        &mut self,
+        path: &str,
+        text: Option<&str>,
+        default: Duration,
+    ) -> Option<Duration> {
+        match self.duration(path, text) {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => Some(default),
         }
     }
 
@@ -572,6 +601,11 @@ impl Validator {
                 );
             }
         }
+        let idle_timeout = self.optional_timeout(
+            &format!("{path}.idle_timeout"),
+            r.idle_timeout.as_deref(),
+            DEFAULT_STREAM_IDLE_TIMEOUT,
+        );
         let rate_limit = r.rate_limit.as_ref().and_then(|l| self.rate_limit(path, l));
         let bulkhead = r.bulkhead.as_ref().map(|b| self.bulkhead(path, b));
         let fault = r.fault.as_ref().map(|f| self.fault(path, f));
@@ -580,6 +614,7 @@ impl Validator {
             matcher: matcher.unwrap_or_default(),
             targets,
             timeout,
+            idle_timeout,
             retry,
             rate_limit,
             bulkhead,

@@ -59,6 +59,8 @@ pub struct CallCtx {
     pub grpc_retry_codes: u32,
     /// How much of a response may be held back to read its trailers.
     pub hold_limit: u64,
+    /// The route's stream idle timeout, applied to the response body.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl CallCtx {
@@ -71,6 +73,7 @@ impl CallCtx {
             attempt: 1,
             grpc_retry_codes: 0,
             hold_limit: 0,
+            idle_timeout: None,
         }
     }
 }
