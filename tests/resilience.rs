@@ -839,3 +839,52 @@ clusters:
         start.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeouts_open_the_slow_endpoints_breaker() {
+    let (fast, slow) = (Origin::start("fast").await, Origin::start("slow").await);
+    slow.control.set_delay(2000);
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: all
+        cluster: app
+        retry:
+          retry_on: [timeout, connect-failure]
+          per_try_timeout: 100ms
+          backoff_base: 1ms
+          backoff_max: 1ms
+clusters:
+  - name: app
+    endpoints: [{}, {}]
+",
+        fast.addr, slow.addr
+    ))
+    .await;
+    let results = closed_loop(&proxy.url("in", "/"), 2, 40).await;
+    assert_eq!(
+        ok_count(&results),
+        40,
+        "every request succeeds on the fast endpoint"
+    );
+    let clusters = get(&h1_client(), &proxy.admin_url("/clusters"))
+        .await
+        .unwrap()
+        .2;
+    let v: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let slow_ep = v["clusters"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == slow.addr.to_string())
+        .unwrap()
+        .clone();
+    assert_eq!(slow_ep["circuit"], "open", "{slow_ep}");
+    // Once open, requests stop paying the 100 ms per-try timeout.
+    let after = closed_loop(&proxy.url("in", "/"), 1, 20).await;
+    let p99 = percentile(&latencies(&after, |_| true), 99.0);
+    println!("slow endpoint: breaker open after timeouts; p99 afterwards {p99:?}");
+    assert!(p99 < Duration::from_millis(100), "{p99:?}");
+}

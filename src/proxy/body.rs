@@ -206,6 +206,18 @@ impl ReqBody {
         })
     }
 
+    /// Whether the whole body can still be sent again: it was kept, or none of it was read.
+    pub fn replayable(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Replay(r) => r
+                .shared
+                .lock()
+                .map(|rec| !rec.overflow || !rec.read)
+                .unwrap_or(false),
+        }
+    }
+
     /// A body for another try, if the whole body can still be sent again.
     pub fn try_clone(&self) -> Option<Self> {
         match self {

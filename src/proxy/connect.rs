@@ -245,27 +245,35 @@ impl Cluster {
         self.metrics.attempts.inc();
         let in_flight = endpoint.start();
         let started = Instant::now();
-        let result = match self.client.request(Request::from_parts(head, body)).await {
-            Ok(resp) => {
-                self.latency.record(started.elapsed());
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                let mut resp = Response::from_parts(parts, ProxyBody::Upstream(body));
-                if ctx.grpc_retry_codes != 0
-                    && classify::is_grpc(resp.headers())
-                    && classify::header_grpc_code(resp.headers()).is_none()
-                {
-                    resp = hold_for_trailers(resp, ctx.hold_limit).await?;
+        let pending = self.client.request(Request::from_parts(head, body));
+        let answer = match ctx.try_deadline {
+            Some(at) => tokio::time::timeout_at(at, pending).await,
+            None => Ok(pending.await),
+        };
+        let result = match answer {
+            Err(_) => Err(ProxyError::Timeout),
+            Ok(answer) => match answer {
+                Ok(resp) => {
+                    self.latency.record(started.elapsed());
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    let mut resp = Response::from_parts(parts, ProxyBody::Upstream(body));
+                    if ctx.grpc_retry_codes != 0
+                        && classify::is_grpc(resp.headers())
+                        && classify::header_grpc_code(resp.headers()).is_none()
+                    {
+                        resp = hold_for_trailers(resp, ctx.hold_limit).await?;
+                    }
+                    let (parts, body) = resp.into_parts();
+                    Ok(Response::from_parts(parts, body.watch(ctx.idle_timeout)))
                 }
-                let (parts, body) = resp.into_parts();
-                Ok(Response::from_parts(parts, body.watch(ctx.idle_timeout)))
-            }
-            Err(e) if e.is_connect() => {
-                self.connect_failed(&endpoint);
-                Err(ProxyError::UpstreamConnect(Box::new(e)))
-            }
-            Err(e) if refused_stream(&e) => Err(ProxyError::RefusedStream(Box::new(e))),
-            Err(e) => Err(ProxyError::UpstreamReset(Box::new(e))),
+                Err(e) if e.is_connect() => {
+                    self.connect_failed(&endpoint);
+                    Err(ProxyError::UpstreamConnect(Box::new(e)))
+                }
+                Err(e) if refused_stream(&e) => Err(ProxyError::RefusedStream(Box::new(e))),
+                Err(e) => Err(ProxyError::UpstreamReset(Box::new(e))),
+            },
         };
         drop(in_flight);
         if let Some(p) = permit {

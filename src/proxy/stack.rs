@@ -8,8 +8,9 @@
 //! 4. route bulkhead;
 //! 5. route timeout — sets the deadline that covers every try and every wait below;
 //! 6. retry and hedging — each try below is one attempt;
-//! 7. per-try timeout;
-//! 8. cluster circuit breaker — an open circuit fails fast, before queueing;
+//! 7. cluster circuit breaker — an open circuit fails fast, before queueing, and it sees the
+//!    per-try timeouts below as failures;
+//! 8. per-try timeout (the upstream layer enforces the same instant, for endpoint breakers);
 //! 9. cluster bulkhead;
 //! 10. the upstream: endpoint choice (skipping open endpoint breakers), deadline propagation,
 //!     the pooled client.
@@ -35,7 +36,7 @@ use crate::telemetry::metrics::Metrics;
 pub type RouteStack = Fault<
     RateLimit<
         LoadShed<
-            BulkheadService<RouteTimeout<Retry<PerTryTimeout<Breaker<BulkheadService<Upstream>>>>>>,
+            BulkheadService<RouteTimeout<Retry<Breaker<PerTryTimeout<BulkheadService<Upstream>>>>>>,
         >,
     >,
 >;
@@ -96,8 +97,8 @@ pub fn build(
         .layer(BulkheadLayer::new(shared.bulkhead.clone()))
         .layer(RouteTimeoutLayer::new(route.timeout))
         .layer(RetryLayer::new(policy))
-        .layer(PerTryTimeoutLayer::new(route.retry.per_try_timeout))
         .layer(BreakerLayer::new(cluster.breaker.clone()))
+        .layer(PerTryTimeoutLayer::new(route.retry.per_try_timeout))
         .layer(BulkheadLayer::new(Some(cluster.bulkhead.clone())))
         .service(Upstream::new(cluster.clone()))
 }

@@ -49,6 +49,8 @@ pub struct CallCtx {
     pub peer: SocketAddr,
     /// When the caller gives up: the route timeout or a smaller deadline the caller sent.
     pub deadline: Option<Instant>,
+    /// When this try gives up: the per-try timeout, never past `deadline`.
+    pub try_deadline: Option<Instant>,
     /// Endpoint offset of this request; try `n` goes to `base + n - 1`, so tries land on
     /// different endpoints when there are several.
     pub base: usize,
@@ -69,6 +71,7 @@ impl CallCtx {
         Self {
             peer,
             deadline: None,
+            try_deadline: None,
             base: 0,
             attempt: 1,
             grpc_retry_codes: 0,

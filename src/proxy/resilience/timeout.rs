@@ -126,20 +126,23 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, call: Call) -> ResponseFuture {
-        let Some(t) = self.timeout else {
-            return self.inner.call(call);
+    fn call(&mut self, mut call: Call) -> ResponseFuture {
+        let at = match (self.timeout.map(|t| Instant::now() + t), call.ctx.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        let mut at = Instant::now() + t;
-        if let Some(d) = call.ctx.deadline {
-            at = at.min(d);
-        }
+        call.ctx.try_deadline = at;
         let fut = self.inner.call(call);
-        Box::pin(async move {
-            tokio::time::timeout_at(at, fut)
-                .await
-                .unwrap_or(Err(ProxyError::Timeout))
-        })
+        match (self.timeout, at) {
+            (Some(_), Some(at)) => Box::pin(async move {
+                // The upstream layer enforces the same instant itself so that the endpoint's
+                // breaker sees the timeout; this covers waiting in the bulkhead's queue.
+                tokio::time::timeout_at(at, fut)
+                    .await
+                    .unwrap_or(Err(ProxyError::Timeout))
+            }),
+            _ => fut,
+        }
     }
 }
 

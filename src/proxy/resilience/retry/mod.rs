@@ -27,6 +27,7 @@ use tower::{Layer, Service};
 
 use crate::control::config::resilience::{HedgeAfter, RetryConfig};
 use crate::error::ProxyError;
+use crate::proxy::body::ReqBody;
 use crate::proxy::resilience::classify::{self, RetryReason};
 use crate::proxy::resilience::latency::LatencyWindow;
 use crate::proxy::resilience::{Call, Response, ResponseFuture};
@@ -209,7 +210,11 @@ where
             call.ctx.hold_limit = cfg.max_body;
         }
         let ((result, sent_tries), sent) = match (&cfg.hedge, spare) {
-            (Some(_), Some(spare)) if tries == 0 && idempotent => {
+            // Tries of a hedge run at once; only a request without a body can be sent twice
+            // concurrently.
+            (Some(_), Some(spare))
+                if tries == 0 && idempotent && matches!(call.body, ReqBody::Empty) =>
+            {
                 hedged(&policy, &mut inner, call, spare).await
             }
             (_, spare) => ((inner.call(call).await, 1), spare),
@@ -224,7 +229,9 @@ where
             policy.skip(Skip::Attempts);
             return result;
         }
-        let Some(next) = sent else {
+        // The copy was taken before the try; a body that outgrew the cap while it was being
+        // sent can no longer be replayed whole.
+        let Some(next) = sent.filter(|c| c.body.replayable()) else {
             policy.skip(Skip::Body);
             return result;
         };
