@@ -351,7 +351,14 @@ async fn compile_and_swap(
         .collect();
     let mut states = Vec::with_capacity(cfg.listeners.len());
     for l in &cfg.listeners {
-        states.push(listener_state(l, &clusters, metrics, cfg.access_log)?);
+        let previous = control.listeners.get(&l.name).map(|r| r.state.load_full());
+        states.push(listener_state(
+            l,
+            &clusters,
+            metrics,
+            cfg.access_log,
+            previous.as_deref(),
+        )?);
     }
 
     let mut sockets = Vec::with_capacity(cfg.listeners.len());
@@ -449,18 +456,30 @@ fn listener_state(
     clusters: &HashMap<String, Arc<Cluster>>,
     metrics: &Metrics,
     access_log: bool,
+    previous: Option<&ListenerState>,
 ) -> Result<ListenerState, AppError> {
+    // The limiter keeps what it learnt across a reload unless its settings changed.
+    let shed = l.load_shed.as_ref().map(|c| {
+        let kept = previous
+            .and_then(|p| p.shed.as_ref())
+            .filter(|(old, _)| old == c)
+            .map(|(_, limiter)| limiter.clone());
+        let limiter = kept
+            .unwrap_or_else(|| Arc::new(Limiter::new(c.clone(), Some(metrics.load_shed(&l.name)))));
+        (c.clone(), limiter)
+    });
     let kind = match &l.kind {
         config::ListenerKind::Http { routes } => {
-            let shed = l
-                .load_shed
-                .clone()
-                .map(|c| Arc::new(Limiter::new(c, Some(metrics.load_shed(&l.name)))));
+            let previous_routes = previous.and_then(|p| match &p.kind {
+                ListenerKind::Http(table) => Some(table),
+                ListenerKind::Tcp(_) => None,
+            });
             ListenerKind::Http(RouteTable::build(
                 &l.name,
                 routes,
                 clusters,
-                shed.as_ref(),
+                shed.as_ref().map(|(_, limiter)| limiter),
+                previous_routes,
                 metrics,
             )?)
         }
@@ -478,5 +497,6 @@ fn listener_state(
         access_log,
         header_read_timeout: l.header_read_timeout,
         idle_timeout: l.idle_timeout,
+        shed,
     })
 }

@@ -888,3 +888,50 @@ clusters:
     println!("slow endpoint: breaker open after timeouts; p99 afterwards {p99:?}");
     assert!(p99 < Duration::from_millis(100), "{p99:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_rate_limit_buckets_that_did_not_change() {
+    let origin = Origin::start("o").await;
+    let config = |timeout: &str| {
+        format!(
+            "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: limited
+        cluster: o
+        timeout: {timeout}
+        rate_limit: {{ requests_per_second: 0.1, burst: 3 }}
+clusters:
+  - name: o
+    endpoints: [{}]
+",
+            origin.addr
+        )
+    };
+    let proxy = Proxy::start(&config("5s")).await;
+    let client = h1_client();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            get(&client, &proxy.url("in", "/"))
+                .await
+                .unwrap()
+                .0
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    proxy.write_config(&config("6s"));
+    let reloaded = eventually(Duration::from_secs(5), || async {
+        metric(&scrape(&proxy).await, "outrigger_config_version") >= 2.0
+    })
+    .await;
+    assert!(reloaded);
+    let (status, _, _) = get(&client, &proxy.url("in", "/")).await.unwrap();
+    assert_eq!(
+        status.as_u16(),
+        429,
+        "the drained bucket survived a reload of the same limit"
+    );
+}

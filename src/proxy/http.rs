@@ -37,7 +37,7 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 pub type Server = auto::Builder<TokioExecutor>;
 
 /// Builds the HTTP/1.1 + HTTP/2 server used by HTTP listeners.
-pub fn server(header_read_timeout: Duration) -> Server {
+pub fn server(header_read_timeout: Option<Duration>) -> Server {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

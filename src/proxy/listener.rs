@@ -14,8 +14,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::control::config::resilience::LoadShedConfig;
 use crate::proxy::connect::Cluster;
 use crate::proxy::http;
+use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::RouteTable;
 use crate::proxy::tcp;
 use crate::telemetry::metrics::ListenerMetrics;
@@ -34,9 +36,11 @@ pub struct ListenerState {
     /// Whether requests and connections are logged.
     pub access_log: bool,
     /// Time an HTTP/1 client gets to send a request's headers.
-    pub header_read_timeout: Duration,
+    pub header_read_timeout: Option<Duration>,
     /// Connections with no request for this long are closed gracefully.
     pub idle_timeout: Option<Duration>,
+    /// The adaptive limiter and its config, kept across reloads while the config holds.
+    pub shed: Option<(LoadShedConfig, Arc<Limiter>)>,
 }
 
 /// The compiled behaviour of a listener.

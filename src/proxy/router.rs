@@ -35,6 +35,10 @@ pub struct Route {
     pub max_retry_body: u64,
     /// Longest silence of a response stream.
     pub idle_timeout: Option<Duration>,
+    /// Rate limiter, route bulkhead and faults, kept across reloads while their config holds.
+    shared: Arc<RouteShared>,
+    /// The config `shared` was built from.
+    shared_config: RouteConfig,
 }
 
 /// One destination of a route with its metric handles.
@@ -72,12 +76,23 @@ impl RouteTable {
         routes: &[RouteConfig],
         clusters: &HashMap<String, Arc<Cluster>>,
         shed: Option<&Arc<Limiter>>,
+        previous: Option<&RouteTable>,
         metrics: &Metrics,
     ) -> Result<Self, UnknownCluster> {
         let routes = routes
             .iter()
             .map(|r| {
-                let shared = RouteShared::new(listener, r, metrics);
+                // A reload keeps a route's limiter buckets and bulkhead when they did not change.
+                let kept = previous.and_then(|t| {
+                    t.routes
+                        .iter()
+                        .find(|p| {
+                            p.name.as_ref() == r.name && RouteShared::same(&p.shared_config, r)
+                        })
+                        .map(|p| p.shared.clone())
+                });
+                let shared =
+                    kept.unwrap_or_else(|| Arc::new(RouteShared::new(listener, r, metrics)));
                 let targets = r
                     .targets
                     .iter()
@@ -108,6 +123,8 @@ impl RouteTable {
                     timeout: r.timeout,
                     max_retry_body: r.retry.max_body,
                     idle_timeout: r.idle_timeout,
+                    shared,
+                    shared_config: r.clone(),
                 })
             })
             .collect::<Result<Vec<_>, UnknownCluster>>()?;
@@ -230,7 +247,7 @@ mod tests {
             panic!("http listener expected")
         };
         (
-            RouteTable::build("l", routes, &clusters, None, &metrics).unwrap(),
+            RouteTable::build("l", routes, &clusters, None, None, &metrics).unwrap(),
             metrics,
         )
     }

@@ -52,6 +52,11 @@ pub struct RouteShared {
 }
 
 impl RouteShared {
+    /// Whether two versions of a route would build the same route-level state.
+    pub fn same(a: &RouteConfig, b: &RouteConfig) -> bool {
+        a.rate_limit == b.rate_limit && a.bulkhead == b.bulkhead && a.fault == b.fault
+    }
+
     /// Builds the route-level state of `route` on `listener`.
     pub fn new(listener: &str, route: &RouteConfig, metrics: &Metrics) -> Self {
         Self {

@@ -320,6 +320,48 @@ mod tests {
     }
 
     #[test]
+    fn resilience_errors_are_located_with_hints() {
+        let text = "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: r
+        cluster: c
+        timeout: 1s
+        retry:
+          retry_on: [gateway-eror]
+          grpc_codes: [unavailabel]
+          per_try_timeout: 2s
+        rate_limit: { requests_per_second: 0 }
+  - name: raw
+    address: 127.0.0.1:0
+    protocol: tcp
+    cluster: c
+    load_shed: {}
+clusters:
+  - name: c
+    endpoints: [127.0.0.1:1]
+    circuit_breaker: { failure_rate: 150, window_calls: 10, window_duration: 10s }
+";
+        let errs = errors(text);
+        let expect = [
+            "t.yaml:21:24: failure_rate is a percentage, at most 100",
+            "t.yaml:21:43: give either `window_calls` or `window_duration`, not both",
+            "t.yaml:9:22: unknown retry condition `gateway-eror` (hint: did you mean `gateway-error`?)",
+            "t.yaml:10:24: `unavailabel` is not a retryable gRPC status (hint: did you mean `unavailable`?)",
+            "t.yaml:11:11: per_try_timeout (2s) is longer than the route timeout (1s)",
+            "t.yaml:12:23: requests_per_second must be greater than 0",
+            "t.yaml:17:5: `load_shed` applies to http listeners only",
+        ];
+        for e in expect {
+            assert!(
+                errs.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn syntax_errors_carry_position() {
         let errs = errors("listeners:\n  - name: [unclosed\n");
         assert_eq!(errs.len(), 1);

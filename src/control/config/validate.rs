@@ -71,8 +71,8 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// What the listener does with a connection.
     pub kind: ListenerKind,
-    /// Time a client gets to send request headers.
-    pub header_read_timeout: Duration,
+    /// Time a client gets to send request headers; `None` when disabled.
+    pub header_read_timeout: Option<Duration>,
     /// Idle connections close after this long; `None` when disabled.
     pub idle_timeout: Option<Duration>,
     /// Adaptive concurrency limit, if on.
@@ -288,12 +288,25 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             bound.push((addr, format!("listener `{}`", l.name)));
         }
         let kind = v.listener_kind(&path, l, &cluster_names, &mut route_names);
-        let header_read_timeout = v
-            .duration(
-                &format!("{path}.header_read_timeout"),
-                l.header_read_timeout.as_deref(),
-            )
-            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT);
+        let header_read_timeout = v.optional_timeout(
+            &format!("{path}.header_read_timeout"),
+            l.header_read_timeout.as_deref(),
+            DEFAULT_HEADER_READ_TIMEOUT,
+        );
+        if l.protocol == ListenerProtocol::Tcp {
+            for (field, set) in [
+                ("header_read_timeout", l.header_read_timeout.is_some()),
+                ("load_shed", l.load_shed.is_some()),
+            ] {
+                if set {
+                    v.problem_with_hint(
+                        format!("{path}.{field}"),
+                        format!("`{field}` applies to http listeners only"),
+                        Some("remove it, or make the listener `protocol: http`".into()),
+                    );
+                }
+            }
+        }
         let load_shed = l.load_shed.as_ref().and_then(|s| v.load_shed(&path, s));
         let idle_timeout = v.optional_timeout(
             &format!("{path}.idle_timeout"),

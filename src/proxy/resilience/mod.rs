@@ -2,9 +2,10 @@
 //!
 //! Every layer is a `Service<Call>` answering `Result<Response, ProxyError>`: a refusal is a
 //! [`ProxyError`] that [`crate::error`] turns into the one well-formed local reply. Layers are
-//! always ready; waiting (a bulkhead queue, a throttle delay) happens inside the call so that the
-//! route's deadline covers it. [`crate::proxy::stack`] decides their order; [`classify`] decides,
-//! once for all of them, what counts as success, failure and retryable.
+//! always ready: waiting (a bulkhead queue, a throttle delay, a backoff) happens inside the call,
+//! bounded by that layer's own limit and, below the route timeout, by the request's deadline.
+//! [`crate::proxy::stack`] decides their order; [`classify`] decides, once for all of them, what
+//! counts as success, failure and retryable.
 
 pub mod breaker;
 pub mod bulkhead;
