@@ -112,7 +112,9 @@ clusters:
     ))
     .await;
     let requests = (phase(1.0).as_secs_f64() * 3000.0) as usize;
+    let start = Instant::now();
     let results = closed_loop(&proxy.url("in", "/"), 16, requests).await;
+    let took = start.elapsed();
     let ok = ok_count(&results);
     let m = scrape(&proxy).await;
     let retries = metric(
@@ -122,7 +124,7 @@ clusters:
     let attempts = metric(&m, "outrigger_upstream_attempts_total{cluster=\"app\"}");
     let budget_skips = metric(
         &m,
-        "outrigger_retries_skipped_total{cluster=\"app\",listener=\"in\",route=\"api\",reason=\"budget\"}",
+        "outrigger_retries_skipped_total{cluster=\"app\",listener=\"in\",reason=\"budget\",route=\"api\"}",
     );
     let success = ok as f64 / requests as f64;
     println!(
@@ -133,9 +135,10 @@ clusters:
         bad.hits()
     );
     assert!(success >= 0.999, "success {success}");
-    // The budget: 20% of requests plus the 10/s floor's reserve of 100.
+    // The budget: 20% of requests plus the floor of 10/s over the run and a 10 s reserve.
+    let floor = 10.0 * (took.as_secs_f64() + 10.0);
     assert!(
-        retries <= 0.2 * requests as f64 + 100.0,
+        retries <= 0.2 * requests as f64 + floor,
         "retries {retries}"
     );
     assert_eq!(attempts, requests as f64 + retries);
@@ -933,5 +936,102 @@ clusters:
         status.as_u16(),
         429,
         "the drained bucket survived a reload of the same limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_up_to_its_cap() {
+    let origin = Origin::start("o").await;
+    origin.control.set_status(503);
+    origin.control.retry_after.store(1, Ordering::SeqCst);
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: patient
+        match: {{ prefix: /patient }}
+        cluster: o
+        retry: {{ attempts: 2, retry_after_max: 1s }}
+      - name: hasty
+        cluster: o
+        retry: {{ attempts: 2, retry_after_max: 500ms }}
+clusters:
+  - name: o
+    endpoints: [{}]
+    circuit_breaker: {{ enabled: false }}
+",
+        origin.addr
+    ))
+    .await;
+    let client = h1_client();
+    let start = Instant::now();
+    let (status, _, _) = get(&client, &proxy.url("in", "/patient")).await.unwrap();
+    let waited = start.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(origin.hits(), 2, "retried once, after the asked-for second");
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+
+    let (status, _, _) = get(&client, &proxy.url("in", "/hasty")).await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        origin.hits(),
+        3,
+        "a Retry-After beyond the cap is answered at once"
+    );
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        metric(&m, "outrigger_retries_skipped_total{cluster=\"o\",listener=\"in\",reason=\"retry_after\",route=\"hasty\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_alone_prevents_a_retry_storm() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    a.control.set_status(503);
+    b.control.set_status(503);
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: api
+        cluster: app
+clusters:
+  - name: app
+    endpoints: [{}, {}]
+    circuit_breaker: {{ enabled: false }}
+    retry_budget: {{ percent: 20, min_per_sec: 5, ttl: 2s }}
+",
+        a.addr, b.addr
+    ))
+    .await;
+    let length = phase(2.0);
+    let results = open_loop(proxy.url("in", "/"), 200, length).await;
+    let m = scrape(&proxy).await;
+    let requests = results.len() as f64;
+    let retries = metric(
+        &m,
+        "outrigger_retries_total{cluster=\"app\",listener=\"in\",route=\"api\"}",
+    );
+    let attempts = metric(&m, "outrigger_upstream_attempts_total{cluster=\"app\"}");
+    let skipped = metric(
+        &m,
+        "outrigger_retries_skipped_total{cluster=\"app\",listener=\"in\",reason=\"budget\",route=\"api\"}",
+    );
+    println!(
+        "budget, no breaker: {requests} requests, {retries} retries ({:.1}%), {attempts} attempts ({:.3}x), {skipped} retries refused by the budget",
+        retries / requests * 100.0,
+        attempts / requests
+    );
+    // 20% of requests plus the floor: 5/s over the phase, and a full reserve (5/s × 2 s ttl) at
+    // the start.
+    let floor = 5.0 * (length.as_secs_f64() + 2.0);
+    assert!(retries <= 0.2 * requests + floor, "{retries}");
+    assert!(attempts <= 1.25 * requests, "{attempts}");
+    assert!(
+        skipped > 0.0,
+        "without the budget every request would have retried twice"
     );
 }
