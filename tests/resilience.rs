@@ -1025,10 +1025,11 @@ clusters:
         retries / requests * 100.0,
         attempts / requests
     );
-    // 20% of requests plus the floor: 5/s over the phase, and a full reserve (5/s × 2 s ttl) at
-    // the start.
+    // 20% of requests plus the floor: 5/s over the phase and a full reserve (5/s × 2 s ttl) at
+    // the start. tower's TpsBudget expires in tenths of the ttl, which lets the floor run up to
+    // about twice that; the share itself is exact.
     let floor = 5.0 * (length.as_secs_f64() + 2.0);
-    assert!(retries <= 0.2 * requests + floor, "{retries}");
+    assert!(retries <= 0.2 * requests + 2.0 * floor, "{retries}");
     assert!(attempts <= 1.25 * requests, "{attempts}");
     assert!(
         skipped > 0.0,
