@@ -1,9 +1,275 @@
 //! Picks an endpoint among a cluster's endpoints.
 //!
-//! Round robin over a shared atomic cursor: no lock and no allocation per pick. Health-aware and
-//! latency-aware balancers replace this when discovery and health checking arrive.
+//! [`Picker`] holds what each algorithm precomputes when the endpoint set changes (a weighted
+//! round-robin schedule, cumulative weights, a hash ring, a Maglev table), so a pick takes no
+//! lock and allocates nothing. Every algorithm skips endpoints that are unavailable (failing their
+//! checks, ejected) or already tried by this request, and says so when none is left. [`RoundRobin`]
+//! and [`Weighted`] also serve TCP listeners and weighted route splits.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::control::config::upstream::Balancer;
+use crate::proxy::endpoint::Endpoint;
+
+/// Points per unit of weight on the hash ring (as ketama): enough for an even spread.
+const RING_POINTS_PER_WEIGHT: usize = 160;
+/// Maglev table size: a prime well above 100 × the endpoints of a typical cluster.
+const MAGLEV_SIZE: usize = 65_537;
+/// Largest weighted round-robin schedule precomputed; larger weight sums use blocks.
+const MAX_SCHEDULE: u64 = 16_384;
+
+/// A stable 64-bit hash (XXH3): the same key hashes alike in every sidecar and every version.
+pub fn hash(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// The precomputed state of a balancing algorithm over one endpoint set.
+#[derive(Debug)]
+pub enum Picker {
+    /// Smooth weighted round robin, as a schedule of indices.
+    RoundRobin {
+        /// Endpoint indices in visiting order.
+        schedule: Vec<u32>,
+        /// Shared cursor.
+        next: AtomicUsize,
+    },
+    /// Power of two choices on load per weight.
+    LeastRequest(Cumulative),
+    /// Power of two choices on peak-EWMA cost.
+    PeakEwma(Cumulative),
+    /// Weighted random.
+    Random(Cumulative),
+    /// A hash ring: sorted points with the endpoint each belongs to.
+    RingHash(Vec<(u64, u32)>),
+    /// A Maglev lookup table of endpoint indices.
+    Maglev(Vec<u32>),
+}
+
+/// Running sums of endpoint weights, for weighted random draws.
+#[derive(Debug)]
+pub struct Cumulative(Vec<u64>);
+
+impl Cumulative {
+    fn new(endpoints: &[Arc<Endpoint>]) -> Self {
+        let mut sum = 0;
+        Self(
+            endpoints
+                .iter()
+                .map(|e| {
+                    sum += u64::from(e.weight);
+                    sum
+                })
+                .collect(),
+        )
+    }
+
+    fn draw(&self, rng: &mut fastrand::Rng) -> usize {
+        let total = self.0.last().copied().unwrap_or(0);
+        if total == 0 {
+            return 0;
+        }
+        let n = rng.u64(..total);
+        self.0.partition_point(|&c| c <= n)
+    }
+}
+
+/// What a pick needs from the request.
+#[derive(Debug, Clone, Copy)]
+pub struct PickRequest {
+    /// The request's hash key, for consistent hashing.
+    pub key: Option<u64>,
+    /// Bit `i % 64` set: endpoint `i` was already tried by this request.
+    pub tried: u64,
+    /// A per-request random seed.
+    pub seed: u64,
+}
+
+impl Picker {
+    /// Precomputes `kind` over `endpoints`.
+    pub fn build(kind: Balancer, endpoints: &[Arc<Endpoint>]) -> Self {
+        match kind {
+            Balancer::RoundRobin => Picker::RoundRobin {
+                schedule: schedule(endpoints),
+                next: AtomicUsize::new(0),
+            },
+            Balancer::LeastRequest => Picker::LeastRequest(Cumulative::new(endpoints)),
+            Balancer::PeakEwma => Picker::PeakEwma(Cumulative::new(endpoints)),
+            Balancer::Random => Picker::Random(Cumulative::new(endpoints)),
+            Balancer::RingHash => Picker::RingHash(ring(endpoints)),
+            Balancer::Maglev => Picker::Maglev(maglev(endpoints, MAGLEV_SIZE)),
+        }
+    }
+
+    /// Picks an endpoint index for which `usable` holds and that this request has not tried,
+    /// falling back to a tried one; `None` if no endpoint is usable.
+    pub fn pick(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        req: PickRequest,
+        usable: impl Fn(&Endpoint) -> bool,
+    ) -> Option<usize> {
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let fresh = |i: usize| req.tried & (1u64 << (i % 64)) == 0;
+        let ok = |i: usize| usable(&endpoints[i]);
+        let first = match self {
+            Picker::RoundRobin { schedule, next } => {
+                let start = next.fetch_add(1, Ordering::Relaxed);
+                (0..schedule.len())
+                    .map(|k| schedule[(start + k) % schedule.len()] as usize)
+                    .find(|&i| ok(i) && fresh(i))
+            }
+            Picker::Random(c) => {
+                let mut rng = fastrand::Rng::with_seed(req.seed);
+                (0..8)
+                    .map(|_| c.draw(&mut rng))
+                    .find(|&i| ok(i) && fresh(i))
+            }
+            Picker::LeastRequest(c) | Picker::PeakEwma(c) => {
+                let mut rng = fastrand::Rng::with_seed(req.seed);
+                let mut candidates = (0..16)
+                    .map(|_| c.draw(&mut rng))
+                    .filter(|&i| ok(i) && fresh(i));
+                match (candidates.next(), candidates.find(|_| true)) {
+                    (Some(a), Some(b)) => Some(self.better(endpoints, a, b)),
+                    (one, _) => one,
+                }
+            }
+            Picker::RingHash(points) => {
+                let key = req.key.unwrap_or(req.seed);
+                let start = points.partition_point(|&(h, _)| h < key);
+                (0..points.len())
+                    .map(|k| points[(start + k) % points.len()].1 as usize)
+                    .find(|&i| ok(i) && fresh(i))
+            }
+            Picker::Maglev(table) => {
+                let key = req.key.unwrap_or(req.seed);
+                let first = table[(key % table.len() as u64) as usize] as usize;
+                if ok(first) && fresh(first) {
+                    Some(first)
+                } else {
+                    // Walk the table with a stride co-prime to its size: a stable, spread-out
+                    // sequence of fallbacks for this key.
+                    (1..table.len())
+                        .map(|k| table[((key as usize) + k * 7919) % table.len()] as usize)
+                        .find(|&i| ok(i) && fresh(i))
+                }
+            }
+        };
+        // Random draws can miss the few usable endpoints: scan from a random start, preferring
+        // one not tried yet.
+        let start = (req.seed % n as u64) as usize;
+        let scan = |want_fresh: bool| {
+            (0..n)
+                .map(|k| (start + k) % n)
+                .find(|&i| ok(i) && (!want_fresh || fresh(i)))
+        };
+        first
+            .or_else(|| scan(true))
+            .or_else(|| scan(false))
+            .filter(|&i| i < n)
+    }
+
+    fn better(&self, endpoints: &[Arc<Endpoint>], a: usize, b: usize) -> usize {
+        let cost = |i: usize| match self {
+            Picker::PeakEwma(_) => endpoints[i].cost(1_000_000.0),
+            _ => endpoints[i].load(),
+        };
+        if cost(b) < cost(a) {
+            b
+        } else {
+            a
+        }
+    }
+}
+
+/// A smooth weighted round-robin order (as nginx): weights 5,1,1 give a,a,b,a,c,a,a rather than
+/// five a's in a row.
+fn schedule(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
+    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight)).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let scale = total.div_ceil(MAX_SCHEDULE).max(1);
+    let weights: Vec<i64> = endpoints
+        .iter()
+        .map(|e| (u64::from(e.weight) / scale).max(1) as i64)
+        .collect();
+    let sum: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut out = Vec::with_capacity(sum as usize);
+    for _ in 0..sum {
+        for (c, w) in current.iter_mut().zip(&weights) {
+            *c += w;
+        }
+        let best = (0..current.len())
+            .max_by_key(|&i| (current[i], -(i as i64)))
+            .unwrap_or(0);
+        current[best] -= sum;
+        out.push(best as u32);
+    }
+    out
+}
+
+fn ring(endpoints: &[Arc<Endpoint>]) -> Vec<(u64, u32)> {
+    let mut points = Vec::new();
+    for (i, e) in endpoints.iter().enumerate() {
+        for k in 0..RING_POINTS_PER_WEIGHT * e.weight as usize {
+            points.push((hash(format!("{}#{k}", e.authority).as_bytes()), i as u32));
+        }
+    }
+    points.sort_unstable();
+    points
+}
+
+/// Builds a Maglev table (Eisenbud et al., NSDI 2016) with weights as in Envoy: each endpoint
+/// takes turns in proportion to its weight.
+fn maglev(endpoints: &[Arc<Endpoint>], size: usize) -> Vec<u32> {
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
+    let m = size as u64;
+    let perms: Vec<(u64, u64)> = endpoints
+        .iter()
+        .map(|e| {
+            let name = e.authority.as_str().as_bytes();
+            let offset = hash(name) % m;
+            let skip = xxhash_rust::xxh3::xxh3_64_with_seed(name, 0x5bd1_e995) % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let max_weight = endpoints.iter().map(|e| e.weight).max().unwrap_or(1) as f64;
+    let mut next = vec![0u64; endpoints.len()];
+    let mut credit = vec![0f64; endpoints.len()];
+    let mut table = vec![u32::MAX; size];
+    let mut filled = 0;
+    while filled < size {
+        for i in 0..endpoints.len() {
+            credit[i] += f64::from(endpoints[i].weight) / max_weight;
+            if credit[i] < 1.0 {
+                continue;
+            }
+            credit[i] -= 1.0;
+            let (offset, skip) = perms[i];
+            loop {
+                let c = ((offset + next[i] * skip) % m) as usize;
+                next[i] += 1;
+                if table[c] == u32::MAX {
+                    table[c] = i as u32;
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == size {
+                break;
+            }
+        }
+    }
+    table
+}
 
 /// Lock-free round-robin cursor.
 #[derive(Debug, Default)]
@@ -69,6 +335,101 @@ mod tests {
         let picks: Vec<i32> = (0..6).map(|_| *rr.pick(&items).unwrap()).collect();
         assert_eq!(picks, [1, 2, 3, 1, 2, 3]);
         assert!(rr.pick::<i32>(&[]).is_none());
+    }
+
+    fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
+        (0..n)
+            .map(|i| {
+                Arc::new(Endpoint::new(
+                    format!("10.0.0.{i}:80").parse().unwrap(),
+                    "static",
+                    1,
+                    None,
+                ))
+            })
+            .collect()
+    }
+
+    fn req(key: u64) -> PickRequest {
+        PickRequest {
+            key: Some(key),
+            tried: 0,
+            seed: key,
+        }
+    }
+
+    #[test]
+    fn consistent_hashing_moves_few_keys_when_an_endpoint_joins() {
+        for kind in [Balancer::RingHash, Balancer::Maglev] {
+            let ten = endpoints(10);
+            let mut eleven = ten.clone();
+            eleven.push(endpoints(11).pop().unwrap());
+            let (a, b) = (Picker::build(kind, &ten), Picker::build(kind, &eleven));
+            let keys = 20_000u64;
+            let mut moved = 0;
+            let mut counts = [0usize; 11];
+            for k in 0..keys {
+                let key = hash(format!("user-{k}").as_bytes());
+                let before = a.pick(&ten, req(key), |_| true).unwrap();
+                assert_eq!(before, a.pick(&ten, req(key), |_| true).unwrap(), "stable");
+                let after = b.pick(&eleven, req(key), |_| true).unwrap();
+                counts[after] += 1;
+                // An index below 10 is the same endpoint in both sets.
+                if after != before {
+                    moved += 1;
+                }
+            }
+            let share = moved as f64 / keys as f64;
+            assert!(share <= 0.15, "{kind:?} moved {share}");
+            assert!(
+                counts.iter().all(|&c| c > 1000 && c < 2700),
+                "{kind:?} spread {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn picks_skip_unusable_and_tried_endpoints() {
+        let eps = endpoints(3);
+        for kind in [
+            Balancer::RoundRobin,
+            Balancer::LeastRequest,
+            Balancer::PeakEwma,
+            Balancer::Random,
+            Balancer::RingHash,
+            Balancer::Maglev,
+        ] {
+            let p = Picker::build(kind, &eps);
+            for seed in 0..50 {
+                let r = PickRequest {
+                    key: Some(seed),
+                    tried: 0b001,
+                    seed,
+                };
+                let i = p
+                    .pick(&eps, r, |e| e.authority.as_str() != "10.0.0.1:80")
+                    .unwrap();
+                assert_eq!(i, 2, "{kind:?}");
+            }
+            assert!(p.pick(&eps, req(1), |_| false).is_none());
+        }
+    }
+
+    #[test]
+    fn smooth_round_robin_interleaves_by_weight() {
+        let eps: Vec<_> = [5, 1, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                Arc::new(Endpoint::new(
+                    format!("10.0.0.{i}:80").parse().unwrap(),
+                    "static",
+                    *w,
+                    None,
+                ))
+            })
+            .collect();
+        assert_eq!(schedule(&eps), [0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]

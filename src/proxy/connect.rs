@@ -6,7 +6,7 @@
 //! keeping its warm connections, its breaker state and its retry budget.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,12 +22,15 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::control::config::resilience::DEFAULT_ENDPOINT_CONSECUTIVE_FAILURES;
+use crate::control::config::upstream::{Discovery, HashOn};
 use crate::control::config::{ClusterConfig, UpstreamProtocol};
 use crate::error::ProxyError;
-use crate::proxy::balance::RoundRobin;
+use crate::proxy::balance::{self, PickRequest, Picker, RoundRobin};
 use crate::proxy::body::{ProxyBody, ReqBody};
+use crate::proxy::endpoint::{Endpoint, Health, Signal};
 use crate::proxy::http::strip_hop_by_hop;
 use crate::proxy::resilience::breaker::CircuitBreaker;
+use crate::proxy::resilience::breaker::Permit;
 use crate::proxy::resilience::bulkhead::Bulkhead;
 use crate::proxy::resilience::classify::{self, TrailerStatus};
 use crate::proxy::resilience::latency::LatencyWindow;
@@ -35,61 +38,21 @@ use crate::proxy::resilience::retry::budget::RetryBudget;
 use crate::proxy::resilience::{timeout, Call, Response, ResponseFuture};
 use crate::telemetry::metrics::{ClusterMetrics, Metrics};
 
-/// How long an idle pooled upstream connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// The pooled HTTP client used to reach a cluster.
 pub type UpstreamClient = Client<HttpConnector, ReqBody>;
 
-/// One upstream endpoint and its live counters.
-#[derive(Debug)]
-pub struct Endpoint {
-    /// `host:port` used to connect and as the request authority.
-    pub authority: Authority,
-    /// Where the endpoint came from (`static` for config-listed endpoints).
-    pub source: &'static str,
-    /// Requests sent to this endpoint.
-    pub requests: AtomicU64,
-    /// Requests on the way now.
-    pub in_flight: AtomicU64,
-    /// Connection attempts that failed.
-    pub connect_failures: AtomicU64,
-    /// The endpoint's own circuit breaker, if the cluster keeps them.
-    pub breaker: Option<Arc<CircuitBreaker>>,
-}
+/// How often, at most, a cluster recounts its available endpoints to decide on panic mode.
+const AVAILABILITY_REFRESH: Duration = Duration::from_millis(100);
 
-impl Endpoint {
-    fn new(
-        authority: Authority,
-        source: &'static str,
-        breaker: Option<Arc<CircuitBreaker>>,
-    ) -> Self {
-        Self {
-            authority,
-            source,
-            requests: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            connect_failures: AtomicU64::new(0),
-            breaker,
-        }
-    }
-
-    /// Marks a request as started; the guard marks it finished when dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-}
-
-/// Decrements an endpoint's in-flight count when dropped.
-#[derive(Debug)]
-pub struct InFlight(Arc<Endpoint>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
+/// A cluster's endpoints with the balancer's precomputed state; swapped whole on change.
+pub struct EndpointSet {
+    /// The endpoints.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    picker: Picker,
+    /// Whether too few endpoints are available, so health is ignored (panic mode).
+    panic: AtomicBool,
+    /// When `panic` was last computed, in milliseconds since the cluster started (0: never).
+    checked_at: AtomicU64,
 }
 
 /// The runtime side of a configured cluster.
@@ -99,8 +62,9 @@ pub struct Cluster {
     /// Pooled HTTP client (unused by TCP listeners).
     pub client: UpstreamClient,
     /// Current endpoints; discovery swaps in new sets without touching the pool.
-    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    set: ArcSwap<EndpointSet>,
     cursor: RoundRobin,
+    epoch: Instant,
     /// Resolved metric handles.
     pub metrics: ClusterMetrics,
     /// Retry budget shared by every route sending here.
@@ -113,42 +77,29 @@ pub struct Cluster {
     pub latency: Arc<LatencyWindow>,
 }
 
+/// Whether an endpoint's breaker (if any) would admit a call now.
+fn admits(e: &Endpoint) -> bool {
+    match &e.breaker {
+        Some(b) => b.would_admit(),
+        None => true,
+    }
+}
+
 impl Cluster {
-    /// Builds the cluster's endpoints and its client.
+    /// Builds the cluster's client and, for a static cluster, its endpoints.
     pub fn new(config: ClusterConfig, metrics: &Metrics) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
+        let pool = &config.upstream.pool;
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(pool.idle_timeout)
+            .pool_max_idle_per_host(pool.max_idle_per_endpoint)
             .http2_only(config.protocol == UpstreamProtocol::Http2)
             .build(connector);
         let m = metrics.cluster(&config.name);
-        let endpoint_breaker = |cfg: &ClusterConfig| {
-            let b = cfg.breaker.as_ref().filter(|b| b.per_endpoint)?;
-            let consecutive = match b.consecutive_failures {
-                0 => DEFAULT_ENDPOINT_CONSECUTIVE_FAILURES,
-                n => n,
-            };
-            Some(Arc::new(CircuitBreaker::new(
-                b.clone(),
-                consecutive,
-                Some(m.endpoint_breaker.clone()),
-            )))
-        };
-        let endpoints = config
-            .endpoints
-            .iter()
-            .map(|a| {
-                Arc::new(Endpoint::new(
-                    a.clone(),
-                    "static",
-                    endpoint_breaker(&config),
-                ))
-            })
-            .collect();
         let breaker = config.breaker.as_ref().map(|b| {
             Arc::new(CircuitBreaker::new(
                 b.clone(),
@@ -156,17 +107,31 @@ impl Cluster {
                 Some(m.breaker.clone()),
             ))
         });
-        Self {
+        let cluster = Self {
             budget: Arc::new(RetryBudget::new(&config.budget)),
             bulkhead: Arc::new(Bulkhead::new(&config.bulkhead, Some(m.bulkhead.clone()))),
             latency: Arc::new(LatencyWindow::new()),
             breaker,
             metrics: m,
+            set: ArcSwap::from_pointee(EndpointSet {
+                endpoints: Vec::new(),
+                picker: Picker::build(config.upstream.balancer, &[]),
+                panic: AtomicBool::new(false),
+                checked_at: AtomicU64::new(0),
+            }),
             config,
             client,
-            endpoints: ArcSwap::from_pointee(endpoints),
             cursor: RoundRobin::default(),
+            epoch: Instant::now(),
+        };
+        if let Discovery::Static(list) = &cluster.config.upstream.discovery {
+            let list: Vec<_> = list
+                .iter()
+                .map(|e| (e.authority.clone(), e.weight))
+                .collect();
+            cluster.set_endpoints(&list, "static");
         }
+        cluster
     }
 
     /// The cluster's name.
@@ -174,51 +139,236 @@ impl Cluster {
         &self.config.name
     }
 
-    /// The next endpoint for a TCP connection, or `None` if the cluster has none.
-    pub fn pick(&self) -> Option<Arc<Endpoint>> {
-        let endpoints = self.endpoints.load();
-        self.cursor.pick(&endpoints).cloned()
+    /// Replaces the endpoint set. Endpoints whose address and weight are unchanged keep their
+    /// state (latency, health, ejections, breaker); returns whether anything changed.
+    pub fn set_endpoints(&self, list: &[(Authority, u32)], source: &'static str) -> bool {
+        let old = self.set.load_full();
+        let same = old.endpoints.len() == list.len()
+            && old
+                .endpoints
+                .iter()
+                .zip(list)
+                .all(|(e, (a, w))| e.authority == *a && e.weight == *w);
+        if same {
+            return false;
+        }
+        let endpoints: Vec<Arc<Endpoint>> = list
+            .iter()
+            .map(|(a, w)| {
+                old.endpoints
+                    .iter()
+                    .find(|e| e.authority == *a && e.weight == *w)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Endpoint::new(
+                            a.clone(),
+                            source,
+                            *w,
+                            self.endpoint_breaker(),
+                        ))
+                    })
+            })
+            .collect();
+        let picker = Picker::build(self.config.upstream.balancer, &endpoints);
+        let set = Arc::new(EndpointSet {
+            endpoints,
+            picker,
+            panic: AtomicBool::new(false),
+            checked_at: AtomicU64::new(0),
+        });
+        self.set.store(set.clone());
+        self.refresh_availability(&set);
+        true
     }
 
-    /// The endpoint for try `attempt` of a request with offset `base`: the first from
-    /// `base + attempt - 1` on whose breaker admits it. Consecutive tries land on different
-    /// endpoints when there are several.
+    fn endpoint_breaker(&self) -> Option<Arc<CircuitBreaker>> {
+        let b = self.config.breaker.as_ref().filter(|b| b.per_endpoint)?;
+        let consecutive = match b.consecutive_failures {
+            0 => DEFAULT_ENDPOINT_CONSECUTIVE_FAILURES,
+            n => n,
+        };
+        Some(Arc::new(CircuitBreaker::new(
+            b.clone(),
+            consecutive,
+            Some(self.metrics.endpoint_breaker.clone()),
+        )))
+    }
+
+    /// A snapshot of the current endpoints.
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.set.load().endpoints.clone()
+    }
+
+    /// Whether the cluster is in panic mode (too few endpoints available).
+    pub fn panicking(&self) -> bool {
+        self.set.load().panic.load(Ordering::Relaxed)
+    }
+
+    /// Recounts the current endpoints' availability (after a health change, say).
+    pub fn recount(&self) -> bool {
+        self.refresh_availability(&self.set.load())
+    }
+
+    /// Recounts available endpoints: publishes the gauges and decides on panic mode.
+    fn refresh_availability(&self, set: &EndpointSet) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        set.checked_at.store(now.max(1), Ordering::Relaxed);
+        let (mut unhealthy, mut ejected) = (0i64, 0i64);
+        for e in &set.endpoints {
+            if e.health() == Health::Unhealthy {
+                unhealthy += 1;
+            } else if e.ejected_for().is_some() {
+                ejected += 1;
+            }
+        }
+        let total = set.endpoints.len() as i64;
+        let available = total - unhealthy - ejected;
+        let m = &self.metrics;
+        m.endpoints[0].set(available);
+        m.endpoints[1].set(unhealthy);
+        m.endpoints[2].set(ejected);
+        let panic = total > 0
+            && (available * 100) < i64::from(self.config.upstream.panic_threshold) * total;
+        if set.panic.swap(panic, Ordering::Relaxed) != panic {
+            if panic {
+                tracing::warn!(cluster = %self.name(), available, total,
+                    "panic mode: too few endpoints available, balancing over all of them");
+            } else {
+                tracing::info!(cluster = %self.name(), available, total, "panic mode over");
+            }
+        }
+        m.panic.set(i64::from(panic));
+        panic
+    }
+
+    /// The endpoint for a new TCP connection: the next available one in turn.
+    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        let set = self.set.load();
+        let n = set.endpoints.len();
+        let mut fallback = None;
+        for _ in 0..n {
+            let e = self.cursor.pick(&set.endpoints)?;
+            if e.available() {
+                return Some(e.clone());
+            }
+            fallback.get_or_insert_with(|| e.clone());
+        }
+        fallback
+    }
+
+    /// The hash key of a request for consistent-hash balancers.
+    fn hash_key(&self, head: &http::request::Parts, peer: std::net::SocketAddr) -> Option<u64> {
+        match self.config.upstream.hash_on.as_ref()? {
+            HashOn::Header(name) => head.headers.get(name).map(|v| balance::hash(v.as_bytes())),
+            HashOn::Cookie(name) => head
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| balance::hash(v.as_bytes())),
+            HashOn::SourceIp => Some(match peer.ip() {
+                std::net::IpAddr::V4(ip) => balance::hash(&ip.octets()),
+                std::net::IpAddr::V6(ip) => balance::hash(&ip.octets()),
+            }),
+            HashOn::Path => Some(balance::hash(head.uri.path().as_bytes())),
+        }
+    }
+
+    /// Picks the endpoint for a try: available (unless the cluster panics), admitted by its
+    /// breaker, and not yet tried by this request when another one is left.
     fn choose(
         &self,
-        base: usize,
-        attempt: u32,
-    ) -> Result<
-        (
-            Arc<Endpoint>,
-            Option<crate::proxy::resilience::breaker::Permit>,
-        ),
-        ProxyError,
-    > {
-        let endpoints = self.endpoints.load();
-        let n = endpoints.len();
-        if n == 0 {
+        req: PickRequest,
+    ) -> Result<(Arc<Endpoint>, usize, Option<Permit>), ProxyError> {
+        let set = self.set.load();
+        if set.endpoints.is_empty() {
             return Err(ProxyError::UpstreamConnect(
                 "the cluster has no endpoints".into(),
             ));
         }
-        let start = base.wrapping_add(attempt.saturating_sub(1) as usize);
-        for i in 0..n {
-            let ep = &endpoints[start.wrapping_add(i) % n];
-            match &ep.breaker {
-                None => return Ok((ep.clone(), None)),
-                Some(b) => {
-                    if let Some(permit) = b.try_acquire() {
-                        return Ok((ep.clone(), Some(permit)));
-                    }
-                }
-            }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let stale = now.saturating_sub(set.checked_at.load(Ordering::Relaxed))
+            >= AVAILABILITY_REFRESH.as_millis() as u64;
+        let panic = if stale {
+            self.refresh_availability(&set)
+        } else {
+            set.panic.load(Ordering::Relaxed)
+        };
+        let picked = if panic {
+            set.picker.pick(&set.endpoints, req, admits)
+        } else {
+            set.picker
+                .pick(&set.endpoints, req, |e| e.available() && admits(e))
+                .or_else(|| {
+                    // Nothing available although the last count said enough were: recount,
+                    // and balance over everything if that means panic.
+                    self.refresh_availability(&set)
+                        .then(|| set.picker.pick(&set.endpoints, req, admits))
+                        .flatten()
+                })
+        };
+        let Some(i) = picked else {
+            let any_admits = set.endpoints.iter().any(|e| admits(e));
+            return Err(if any_admits {
+                ProxyError::UpstreamConnect("no endpoint is available".into())
+            } else {
+                ProxyError::CircuitOpen
+            });
+        };
+        let ep = set.endpoints[i].clone();
+        let permit = match &ep.breaker {
+            None => None,
+            Some(b) => Some(b.try_acquire().ok_or(ProxyError::CircuitOpen)?),
+        };
+        Ok((ep, i, permit))
+    }
+
+    /// Counts a try's result for outlier detection, ejecting the endpoint if it crossed a
+    /// threshold and the cluster may lose it.
+    fn observe(&self, endpoint: &Endpoint, result: &Result<Response, ProxyError>) {
+        let Some(cfg) = &self.config.upstream.outlier else {
+            return;
+        };
+        if !endpoint.record(Signal::of(result), cfg) || endpoint.ejected_for().is_some() {
+            return;
         }
-        Err(ProxyError::CircuitOpen)
+        let set = self.set.load();
+        let total = set.endpoints.len() as u64;
+        let ejected = set
+            .endpoints
+            .iter()
+            .filter(|e| e.ejected_for().is_some())
+            .count() as u64;
+        // As Envoy: one endpoint may always be ejected; more only within the percentage.
+        if ejected > 0 && (ejected + 1) * 100 > u64::from(cfg.max_ejection_percent) * total {
+            return;
+        }
+        let period = endpoint.eject(cfg);
+        self.metrics.ejections.inc();
+        tracing::warn!(cluster = %self.name(), endpoint = %endpoint.authority, ejected_for = ?period,
+            "outlier ejected");
+        self.refresh_availability(&set);
     }
 
     /// Sends one try to one endpoint and classifies what comes back.
     async fn send(self: Arc<Self>, call: Call) -> Result<Response, ProxyError> {
-        let (endpoint, permit) = self.choose(call.ctx.base, call.ctx.attempt)?;
+        let req = PickRequest {
+            key: self.hash_key(&call.head, call.ctx.peer),
+            tried: call
+                .ctx
+                .tried
+                .as_ref()
+                .map_or(0, |t| t.load(Ordering::Relaxed)),
+            seed: (call.ctx.base as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ u64::from(call.ctx.attempt),
+        };
+        let (endpoint, index, permit) = self.choose(req)?;
+        if let Some(t) = &call.ctx.tried {
+            t.fetch_or(1 << (index % 64), Ordering::Relaxed);
+        }
         let Call {
             mut head,
             body,
@@ -255,6 +405,7 @@ impl Cluster {
             Ok(answer) => match answer {
                 Ok(resp) => {
                     self.latency.record(started.elapsed());
+                    endpoint.observe_latency(started.elapsed());
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     let mut resp = Response::from_parts(parts, ProxyBody::Upstream(body));
@@ -276,15 +427,11 @@ impl Cluster {
             },
         };
         drop(in_flight);
+        self.observe(&endpoint, &result);
         if let Some(p) = permit {
             p.record(classify::outcome(&result));
         }
         result
-    }
-
-    /// A snapshot of the current endpoints.
-    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
-        self.endpoints.load_full()
     }
 
     /// Counts a failed connection attempt to `endpoint`.

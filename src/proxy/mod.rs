@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod body;
 pub mod connect;
+pub mod endpoint;
 pub mod http;
 pub mod listener;
 pub mod resilience;

@@ -115,7 +115,12 @@ pub fn clusters_json(shared: &Shared) -> serde_json::Value {
                     json!({
                         "address": e.authority.as_str(),
                         "source": e.source,
-                        "health": "unchecked",
+                        "weight": e.weight,
+                        "health": e.health().name(),
+                        "ejected": e.ejected_for().is_some(),
+                        "ejected_ms": e.ejected_for().map(|d| d.as_millis() as u64),
+                        "ejections": e.ejections.load(Ordering::Relaxed),
+                        "latency_ewma_ms": e.latency().map(|d| d.as_secs_f64() * 1000.0),
                         "requests": e.requests.load(Ordering::Relaxed),
                         "in_flight": e.in_flight.load(Ordering::Relaxed),
                         "connect_failures": e.connect_failures.load(Ordering::Relaxed),
@@ -131,6 +136,12 @@ pub fn clusters_json(shared: &Shared) -> serde_json::Value {
                     crate::control::config::UpstreamProtocol::Http2 => "http2",
                 },
                 "connect_timeout_ms": c.config.connect_timeout.as_millis() as u64,
+                "discovery": match &c.config.upstream.discovery {
+                    crate::control::config::upstream::Discovery::Static(_) => "static",
+                    crate::control::config::upstream::Discovery::Dns(_) => "dns",
+                },
+                "load_balancer": format!("{:?}", c.config.upstream.balancer),
+                "panic": c.panicking(),
                 "circuit": c.breaker.as_ref().map(|b| b.state().name()),
                 "circuit_open_ms": c.breaker.as_ref().and_then(|b| b.open_for()).map(|d| d.as_millis() as u64),
                 "bulkhead": {

@@ -51,6 +51,11 @@ pub struct Metrics {
     shed_in_flight: IntGaugeVec,
     shed_queued: IntGaugeVec,
     shed: IntCounterVec,
+    endpoints: IntGaugeVec,
+    panic: IntGaugeVec,
+    ejections: IntCounterVec,
+    checks: IntCounterVec,
+    dns: IntCounterVec,
 }
 
 /// Handles for one (listener, route, cluster) triple.
@@ -87,6 +92,16 @@ pub struct ClusterMetrics {
     pub endpoint_breaker: BreakerMetrics,
     /// The cluster bulkhead's gauges.
     pub bulkhead: BulkheadMetrics,
+    /// Endpoints available, unhealthy and ejected.
+    pub endpoints: [IntGauge; 3],
+    /// 1 while the cluster is in panic mode.
+    pub panic: IntGauge,
+    /// Outlier ejections.
+    pub ejections: IntCounter,
+    /// Active health check results: passed, failed.
+    pub checks: [IntCounter; 2],
+    /// DNS lookups: ok, failed, empty.
+    pub dns: [IntCounter; 3],
 }
 
 impl Metrics {
@@ -230,6 +245,31 @@ impl Metrics {
             "Requests shed by a listener's limiter.",
             &["listener"],
         )?;
+        let endpoints = gauge(
+            "outrigger_endpoints",
+            "A cluster's endpoints by state (available, unhealthy, ejected).",
+            &["cluster", "state"],
+        )?;
+        let panic = gauge(
+            "outrigger_cluster_panic",
+            "1 while a cluster balances over every endpoint because too few are available.",
+            &["cluster"],
+        )?;
+        let ejections = counter(
+            "outrigger_outlier_ejections_total",
+            "Endpoints ejected by outlier detection.",
+            &["cluster"],
+        )?;
+        let checks = counter(
+            "outrigger_health_checks_total",
+            "Active health checks, by result (passed or failed).",
+            &["cluster", "result"],
+        )?;
+        let dns = counter(
+            "outrigger_dns_lookups_total",
+            "DNS lookups of a cluster, by result (ok, failed, empty); failed and empty keep the last endpoints.",
+            &["cluster", "result"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("outrigger_build_info", "Build information; always 1."),
             &["version"],
@@ -262,6 +302,11 @@ impl Metrics {
             Box::new(shed_in_flight.clone()),
             Box::new(shed_queued.clone()),
             Box::new(shed.clone()),
+            Box::new(endpoints.clone()),
+            Box::new(panic.clone()),
+            Box::new(ejections.clone()),
+            Box::new(checks.clone()),
+            Box::new(dns.clone()),
         ] {
             registry.register(c)?;
         }
@@ -293,6 +338,11 @@ impl Metrics {
             shed_in_flight,
             shed_queued,
             shed,
+            endpoints,
+            panic,
+            ejections,
+            checks,
+            dns,
         })
     }
 
@@ -397,6 +447,12 @@ impl Metrics {
                     .with_label_values(&[cluster, "endpoint"]),
             },
             bulkhead: self.bulkhead("cluster", cluster),
+            endpoints: ["available", "unhealthy", "ejected"]
+                .map(|s| self.endpoints.with_label_values(&[cluster, s])),
+            panic: self.panic.with_label_values(&[cluster]),
+            ejections: self.ejections.with_label_values(&[cluster]),
+            checks: ["passed", "failed"].map(|r| self.checks.with_label_values(&[cluster, r])),
+            dns: ["ok", "failed", "empty"].map(|r| self.dns.with_label_values(&[cluster, r])),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod locate;
 pub mod model;
 pub mod reload;
 pub mod resilience;
+pub mod upstream;
 pub mod validate;
 
 use std::fmt;

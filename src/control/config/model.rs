@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::resilience::{
     RawBreaker, RawBudget, RawBulkhead, RawFault, RawHedge, RawLoadShed, RawRateLimit, RawRetry,
 };
+use super::upstream::{RawDns, RawEndpoint, RawHealthCheck, RawOutlier, RawPool};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -185,8 +186,30 @@ pub enum UpstreamProtocol {
 pub struct RawCluster {
     /// Unique name, used by routes and in metrics.
     pub name: String,
-    /// Static endpoints as `host:port`.
-    pub endpoints: Vec<String>,
+    /// Static endpoints: `host:port` or `{address, weight}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<RawEndpoint>,
+    /// Or endpoints resolved through DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<RawDns>,
+    /// `peak_ewma` (default), `round_robin`, `least_request`, `random`, `ring_hash`, `maglev`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<String>,
+    /// What `ring_hash` and `maglev` hash: `header:NAME`, `cookie:NAME`, `source_ip` or `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<String>,
+    /// Active health checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
+    /// Passive ejection of failing endpoints (on by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<RawOutlier>,
+    /// Below this percentage of available endpoints, balance over all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold: Option<u32>,
+    /// Connection pool settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<RawPool>,
     /// Time allowed to establish a TCP connection to an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,

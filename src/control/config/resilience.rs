@@ -408,7 +408,7 @@ impl Default for BreakerConfig {
             open_duration: Duration::from_secs(5),
             max_open_duration: Duration::from_secs(60),
             half_open_probes: 3,
-            per_endpoint: true,
+            per_endpoint: false,
         }
     }
 }

@@ -8,7 +8,6 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::uri::Authority;
 use http::{HeaderName, Method};
 use regex::Regex;
 
@@ -20,6 +19,7 @@ use super::resilience::{
     BreakerConfig, BudgetConfig, BulkheadConfig, FaultConfig, LoadShedConfig, RateLimitConfig,
     RetryConfig,
 };
+use super::upstream::UpstreamConfig;
 
 /// Admin address when the config names none.
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
@@ -220,8 +220,8 @@ impl PartialEq for HeaderValueMatch {
 pub struct ClusterConfig {
     /// Unique name.
     pub name: String,
-    /// Static endpoints.
-    pub endpoints: Vec<Authority>,
+    /// Where endpoints come from, how they are picked and watched.
+    pub upstream: UpstreamConfig,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Protocol spoken upstream.
@@ -453,25 +453,17 @@ impl Validator {
         if c.name.is_empty() {
             self.problem(format!("{path}.name"), "cluster name is empty".into());
         }
-        if c.endpoints.is_empty() {
-            self.problem(
-                format!("{path}.endpoints"),
-                format!("cluster `{}` has no endpoints", c.name),
-            );
-        }
-        let mut endpoints = Vec::with_capacity(c.endpoints.len());
-        for (j, e) in c.endpoints.iter().enumerate() {
-            match e.parse::<Authority>() {
-                Ok(a) if a.port_u16().is_some_and(|p| p != 0) && !a.as_str().contains('@') => {
-                    endpoints.push(a)
-                }
-                _ => self.problem_with_hint(
-                    format!("{path}.endpoints[{j}]"),
-                    format!("invalid endpoint `{e}`"),
-                    Some("write `host:port`, e.g. `127.0.0.1:8080` or `app.internal:80`".into()),
-                ),
-            }
-        }
+        let upstream = self.upstream(
+            path,
+            &c.endpoints,
+            c.dns.as_ref(),
+            c.load_balancer.as_deref(),
+            c.hash_on.as_deref(),
+            c.health_check.as_ref(),
+            c.outlier_detection.as_ref(),
+            c.panic_threshold,
+            c.pool.as_ref(),
+        );
         let connect_timeout = self
             .duration(
                 &format!("{path}.connect_timeout"),
@@ -489,7 +481,7 @@ impl Validator {
         let bulkhead = self.bulkhead(path, &c.bulkhead.clone().unwrap_or_default());
         (self.problems.len() == before).then(|| ClusterConfig {
             name: c.name.clone(),
-            endpoints,
+            upstream,
             connect_timeout,
             protocol: c.protocol,
             budget,

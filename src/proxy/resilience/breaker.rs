@@ -166,6 +166,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether `try_acquire` would admit a call now (without taking a probe slot).
+    pub fn would_admit(&self) -> bool {
+        match self.state() {
+            State::Closed => true,
+            State::Open => self.now() >= self.open_until.load(Ordering::Acquire),
+            State::HalfOpen => self.probes_left.load(Ordering::Acquire) > 0,
+        }
+    }
+
     fn take_probe(&self) -> bool {
         self.probes_left
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))

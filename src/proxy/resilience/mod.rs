@@ -44,7 +44,7 @@ pub struct Call {
 }
 
 /// Per-request facts the layers pass down.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CallCtx {
     /// The client's address.
     pub peer: SocketAddr,
@@ -57,6 +57,9 @@ pub struct CallCtx {
     pub base: usize,
     /// 1 for the first try.
     pub attempt: u32,
+    /// Endpoints this request has tried (bit `i % 64` for endpoint index `i`), shared by its
+    /// tries; set by the retry layer when a request may be tried more than once.
+    pub tried: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// gRPC codes (a bit set) whose presence in trailers makes the try retryable; when set, the
     /// upstream layer reads a gRPC response up to `hold_limit` bytes to see its trailers.
     pub grpc_retry_codes: u32,
@@ -75,6 +78,7 @@ impl CallCtx {
             try_deadline: None,
             base: 0,
             attempt: 1,
+            tried: None,
             grpc_retry_codes: 0,
             hold_limit: 0,
             idle_timeout: None,
@@ -88,7 +92,7 @@ impl Call {
         Some(Call {
             head: self.head.clone(),
             body: self.body.try_clone()?,
-            ctx: self.ctx,
+            ctx: self.ctx.clone(),
         })
     }
 }

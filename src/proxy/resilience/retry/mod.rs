@@ -179,6 +179,8 @@ where
         if policy.cfg.attempts <= 1 && policy.cfg.hedge.is_none() {
             return self.inner.call(call);
         }
+        // Tries share what they tried, so that each goes to an endpoint not tried yet.
+        call.ctx.tried = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
         let inner = self.inner.clone();
         Box::pin(run(policy, inner, call))
     }

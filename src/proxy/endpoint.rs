@@ -1,0 +1,326 @@
+//! Upstream endpoints and what the proxy knows about each: load, latency, health and ejection.
+//!
+//! An endpoint's object lives as long as discovery keeps returning its address, so its counters,
+//! latency estimate, health and ejection history survive endpoint-set changes and config reloads
+//! that leave the cluster unchanged. Everything here is updated with atomics on the request path.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use tokio::time::Instant;
+
+use crate::control::config::upstream::OutlierConfig;
+use crate::error::ProxyError;
+use crate::proxy::resilience::breaker::CircuitBreaker;
+use crate::proxy::resilience::Response;
+
+/// How quickly the latency estimate forgets a peak.
+const EWMA_DECAY: Duration = Duration::from_secs(2);
+
+/// Active health of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// No active check configured, or none has finished yet.
+    Unchecked = 0,
+    /// Passing its checks.
+    Healthy = 1,
+    /// Failing its checks; out of the balancer (unless the cluster panics).
+    Unhealthy = 2,
+}
+
+impl Health {
+    /// The name shown on `/clusters`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Unchecked => "unchecked",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// One upstream endpoint and its live state.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// `host:port` used to connect and as the request authority.
+    pub authority: Authority,
+    /// Where the endpoint came from: `static` or `dns`.
+    pub source: &'static str,
+    /// Relative weight.
+    pub weight: u32,
+    /// Requests sent to this endpoint.
+    pub requests: AtomicU64,
+    /// Requests on the way now.
+    pub in_flight: AtomicU64,
+    /// Connection attempts that failed.
+    pub connect_failures: AtomicU64,
+    /// The endpoint's own circuit breaker, if the cluster keeps them.
+    pub breaker: Option<Arc<CircuitBreaker>>,
+    epoch: Instant,
+    /// Peak-EWMA latency in nanoseconds (f64 bits); 0 until the first sample.
+    ewma: AtomicU64,
+    /// When `ewma` was last updated, nanoseconds since `epoch`.
+    ewma_at: AtomicU64,
+    health: AtomicU8,
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+    consecutive_connect: AtomicU32,
+    /// Nanoseconds since `epoch` until which the endpoint is ejected.
+    ejected_until: AtomicU64,
+    /// Times the endpoint was ejected.
+    pub ejections: AtomicU32,
+}
+
+/// What a try's result says about the endpoint, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// A good answer.
+    Success,
+    /// A 5xx that is not a gateway error.
+    ServerError,
+    /// 502, 503, 504, a reset or a timeout.
+    GatewayError,
+    /// No connection could be made.
+    ConnectFailure,
+    /// Nothing to learn.
+    None,
+}
+
+impl Signal {
+    /// Reads the signal of a try's result.
+    pub fn of(result: &Result<Response, ProxyError>) -> Self {
+        match result {
+            Ok(r) => match r.status().as_u16() {
+                502..=504 => Signal::GatewayError,
+                500..=599 => Signal::ServerError,
+                _ => Signal::Success,
+            },
+            Err(ProxyError::UpstreamConnect(_)) => Signal::ConnectFailure,
+            Err(
+                ProxyError::UpstreamReset(_) | ProxyError::RefusedStream(_) | ProxyError::Timeout,
+            ) => Signal::GatewayError,
+            Err(_) => Signal::None,
+        }
+    }
+}
+
+impl Endpoint {
+    /// A fresh endpoint.
+    pub fn new(
+        authority: Authority,
+        source: &'static str,
+        weight: u32,
+        breaker: Option<Arc<CircuitBreaker>>,
+    ) -> Self {
+        Self {
+            authority,
+            source,
+            weight: weight.max(1),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            breaker,
+            epoch: Instant::now(),
+            ewma: AtomicU64::new(0),
+            ewma_at: AtomicU64::new(0),
+            health: AtomicU8::new(Health::Unchecked as u8),
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_gateway: AtomicU32::new(0),
+            consecutive_connect: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Marks a request as started; the guard marks it finished when dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Feeds one latency sample (time to response headers) to the peak-EWMA estimate: a sample
+    /// above the estimate replaces it at once; lower ones pull it down as time passes.
+    pub fn observe_latency(&self, rtt: Duration) {
+        let now = self.now();
+        let sample = rtt.as_nanos() as f64;
+        let prev = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        let next = if prev == 0.0 || sample > prev {
+            sample
+        } else {
+            let elapsed = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
+            let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+            prev * w + sample * (1.0 - w)
+        };
+        // Racing updates may lose a sample; the estimate stays a fair one.
+        self.ewma.store(next.to_bits(), Ordering::Relaxed);
+        self.ewma_at.store(now, Ordering::Relaxed);
+    }
+
+    /// The latency estimate, if there has been a sample.
+    pub fn latency(&self) -> Option<Duration> {
+        let v = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        (v > 0.0).then(|| Duration::from_nanos(v as u64))
+    }
+
+    /// The peak-EWMA balancer's cost: latency × (in-flight + 1) ÷ weight. An endpoint never
+    /// measured costs as if it were as fast as `unmeasured` so that it gets a first try.
+    pub fn cost(&self, unmeasured: f64) -> f64 {
+        let ewma = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        let rtt = if ewma > 0.0 { ewma } else { unmeasured };
+        rtt * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0) / f64::from(self.weight)
+    }
+
+    /// The load balancer's view of the endpoint's load: in-flight per weight.
+    pub fn load(&self) -> f64 {
+        self.in_flight.load(Ordering::Relaxed) as f64 / f64::from(self.weight)
+    }
+
+    /// The active health.
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unchecked,
+        }
+    }
+
+    /// Sets the active health; returns the previous one.
+    pub fn set_health(&self, h: Health) -> Health {
+        match self.health.swap(h as u8, Ordering::AcqRel) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unchecked,
+        }
+    }
+
+    /// Time left in the current ejection.
+    pub fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        let now = self.now();
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Whether the balancer may pick the endpoint (breakers are asked separately).
+    pub fn available(&self) -> bool {
+        self.health() != Health::Unhealthy && self.ejected_for().is_none()
+    }
+
+    /// Counts a try's signal; returns true when the endpoint crossed an ejection threshold.
+    pub fn record(&self, signal: Signal, cfg: &OutlierConfig) -> bool {
+        let bump =
+            |c: &AtomicU32, limit: u32| limit > 0 && c.fetch_add(1, Ordering::AcqRel) + 1 >= limit;
+        match signal {
+            Signal::None => false,
+            Signal::Success => {
+                self.consecutive_5xx.store(0, Ordering::Relaxed);
+                self.consecutive_gateway.store(0, Ordering::Relaxed);
+                self.consecutive_connect.store(0, Ordering::Relaxed);
+                false
+            }
+            Signal::ServerError => {
+                self.consecutive_gateway.store(0, Ordering::Relaxed);
+                self.consecutive_connect.store(0, Ordering::Relaxed);
+                bump(&self.consecutive_5xx, cfg.consecutive_5xx)
+            }
+            Signal::GatewayError => {
+                self.consecutive_connect.store(0, Ordering::Relaxed);
+                let a = bump(&self.consecutive_5xx, cfg.consecutive_5xx);
+                bump(&self.consecutive_gateway, cfg.consecutive_gateway_errors) || a
+            }
+            Signal::ConnectFailure => {
+                let a = bump(&self.consecutive_5xx, cfg.consecutive_5xx);
+                let b = bump(&self.consecutive_gateway, cfg.consecutive_gateway_errors);
+                bump(&self.consecutive_connect, cfg.consecutive_connect_failures) || a || b
+            }
+        }
+    }
+
+    /// Ejects the endpoint for `base × ejections` (capped) and clears its failure counts.
+    pub fn eject(&self, cfg: &OutlierConfig) -> Duration {
+        let n = self.ejections.fetch_add(1, Ordering::AcqRel) + 1;
+        let period = cfg
+            .base_ejection_time
+            .saturating_mul(n)
+            .min(cfg.max_ejection_time);
+        self.ejected_until
+            .store(self.now() + period.as_nanos() as u64, Ordering::Relaxed);
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gateway.store(0, Ordering::Relaxed);
+        self.consecutive_connect.store(0, Ordering::Relaxed);
+        period
+    }
+}
+
+/// Decrements an endpoint's in-flight count when dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep() -> Endpoint {
+        Endpoint::new("127.0.0.1:1".parse().unwrap(), "static", 1, None)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_jumps_to_peaks_and_decays_slowly() {
+        let e = ep();
+        e.observe_latency(Duration::from_millis(10));
+        assert_eq!(e.latency(), Some(Duration::from_millis(10)));
+        e.observe_latency(Duration::from_millis(100));
+        assert_eq!(
+            e.latency(),
+            Some(Duration::from_millis(100)),
+            "peaks count at once"
+        );
+        tokio::time::advance(EWMA_DECAY).await;
+        e.observe_latency(Duration::from_millis(10));
+        let l = e.latency().unwrap();
+        // One decay period keeps e^-1 of the peak.
+        assert!(
+            l > Duration::from_millis(40) && l < Duration::from_millis(45),
+            "{l:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_trigger_ejection_that_grows() {
+        let e = ep();
+        let cfg = OutlierConfig {
+            consecutive_5xx: 3,
+            consecutive_gateway_errors: 0,
+            consecutive_connect_failures: 0,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(25),
+            max_ejection_percent: 100,
+        };
+        assert!(!e.record(Signal::ServerError, &cfg));
+        assert!(
+            !e.record(Signal::Success, &cfg),
+            "a success resets the count"
+        );
+        assert!(!e.record(Signal::ServerError, &cfg));
+        assert!(!e.record(Signal::GatewayError, &cfg));
+        assert!(e.record(Signal::ServerError, &cfg));
+        assert_eq!(e.eject(&cfg), Duration::from_secs(10));
+        assert!(!e.available());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(e.available());
+        assert_eq!(e.eject(&cfg), Duration::from_secs(20));
+        assert_eq!(e.eject(&cfg), Duration::from_secs(25), "capped");
+    }
+}
