@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::config::{self, reload, ConfigErrors, ListenerConfig, Loaded};
+use crate::control::{discovery, health};
 use crate::proxy::connect::Cluster;
 use crate::proxy::listener::{self, ListenerKind, ListenerState, Running};
 use crate::proxy::resilience::load_shed::Limiter;
@@ -344,7 +345,12 @@ async fn compile_and_swap(
         .map(|c| {
             let cluster = match control.clusters.get(&c.name) {
                 Some(old) if old.config == *c => old.clone(),
-                _ => Arc::new(Cluster::new(c.clone(), metrics)),
+                _ => {
+                    let cluster = Arc::new(Cluster::new(c.clone(), metrics));
+                    discovery::spawn(&cluster);
+                    health::spawn(&cluster);
+                    cluster
+                }
             };
             (c.name.clone(), cluster)
         })

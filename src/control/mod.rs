@@ -1,3 +1,6 @@
-//! The control side: configuration, its reloads, and (later) discovery and the Raft group.
+//! The control side: configuration and its reloads, discovery, health checking, and (later) the
+//! embedded Raft group.
 
 pub mod config;
+pub mod discovery;
+pub mod health;

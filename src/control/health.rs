@@ -1,0 +1,445 @@
+//! Active health checking: every endpoint of a cluster is probed on its own schedule (HTTP, TCP
+//! connect, or the gRPC health protocol), and its health decided by a failure detector.
+//!
+//! The `threshold` detector marks an endpoint unhealthy after `unhealthy_threshold` failed checks
+//! in a row and healthy after `healthy_threshold` passes. The `phi` detector (Hayashibara et al.,
+//! "The φ accrual failure detector", 2004; as Cassandra and Akka use it) treats passed checks as
+//! heartbeats and computes the suspicion φ = −log10(P(no heartbeat for this long)) from the
+//! distribution of past heartbeat intervals: it adapts to how regular an endpoint's answers are,
+//! trading detection time against false positives through one threshold.
+//!
+//! Checks run in tasks that hold only weak references, so they end with their cluster. An
+//! unhealthy endpoint leaves the balancer; when too many are unhealthy the cluster panics and
+//! balances over all of them (see [`crate::proxy::connect`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::control::config::upstream::{CheckKind, Detector, HealthCheckConfig};
+use crate::proxy::connect::Cluster;
+use crate::proxy::endpoint::{Endpoint, Health};
+
+/// How often the supervisor looks for endpoints added or removed by discovery.
+const RECONCILE: Duration = Duration::from_secs(1);
+/// Heartbeat intervals the phi detector remembers.
+const PHI_WINDOW: usize = 100;
+
+/// Starts checking `cluster`'s endpoints if its config asks for it.
+pub fn spawn(cluster: &Arc<Cluster>) {
+    let Some(cfg) = cluster.config.upstream.health_check.clone() else {
+        return;
+    };
+    tokio::spawn(supervise(Arc::downgrade(cluster), cfg));
+}
+
+async fn supervise(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
+    let checker = Arc::new(Checker::new(cfg));
+    let mut tasks: HashMap<String, JoinHandle<()>> = HashMap::new();
+    loop {
+        let Some(c) = cluster.upgrade() else { break };
+        let endpoints = c.endpoints();
+        drop(c);
+        tasks.retain(|addr, task| {
+            let keep = endpoints.iter().any(|e| e.authority.as_str() == addr);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for e in &endpoints {
+            tasks.entry(e.authority.to_string()).or_insert_with(|| {
+                tokio::spawn(watch(cluster.clone(), Arc::downgrade(e), checker.clone()))
+            });
+        }
+        tokio::time::sleep(RECONCILE).await;
+    }
+    for (_, t) in tasks {
+        t.abort();
+    }
+}
+
+/// What a cluster's checks share: settings and clients.
+struct Checker {
+    cfg: HealthCheckConfig,
+    http: Client<HttpConnector, Full<Bytes>>,
+    h2: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Checker {
+    fn new(cfg: HealthCheckConfig) -> Self {
+        let connector = || {
+            let mut c = HttpConnector::new();
+            c.set_connect_timeout(Some(cfg.timeout));
+            c.set_nodelay(true);
+            c
+        };
+        Self {
+            // Checks open a fresh connection each time: a check must see whether the endpoint
+            // still accepts connections, not reuse one that outlived it.
+            http: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(connector()),
+            h2: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .http2_only(true)
+                .build(connector()),
+            cfg,
+        }
+    }
+
+    /// One check of `endpoint`: true if it passed within the timeout.
+    async fn check(&self, endpoint: &Endpoint) -> bool {
+        let run = async {
+            match &self.cfg.kind {
+                CheckKind::Tcp => tokio::net::TcpStream::connect(endpoint.authority.as_str())
+                    .await
+                    .is_ok(),
+                CheckKind::Http {
+                    path,
+                    method,
+                    host,
+                    statuses,
+                } => {
+                    let mut req = Request::builder()
+                        .method(method.clone())
+                        .uri(format!("http://{}{}", endpoint.authority, path));
+                    if let Some(h) = host {
+                        req = req.header(http::header::HOST, h.as_str());
+                    }
+                    let Ok(req) = req.body(Full::new(Bytes::new())) else {
+                        return false;
+                    };
+                    match self.http.request(req).await {
+                        Ok(resp) => {
+                            let s = resp.status().as_u16();
+                            // Drain so the connection closes cleanly.
+                            let _ = resp.into_body().collect().await;
+                            statuses.iter().any(|(lo, hi)| (*lo..=*hi).contains(&s))
+                        }
+                        Err(_) => false,
+                    }
+                }
+                CheckKind::Grpc { service } => self.grpc(endpoint, service).await,
+            }
+        };
+        tokio::time::timeout(self.cfg.timeout, run)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// `grpc.health.v1.Health/Check`: passes when the answer is SERVING with status OK.
+    async fn grpc(&self, endpoint: &Endpoint, service: &str) -> bool {
+        // HealthCheckRequest { string service = 1; } in a gRPC frame.
+        let mut msg = Vec::with_capacity(service.len() + 2);
+        if !service.is_empty() {
+            msg.push(0x0a);
+            msg.push(service.len().min(127) as u8);
+            msg.extend_from_slice(&service.as_bytes()[..service.len().min(127)]);
+        }
+        let mut frame = Vec::with_capacity(msg.len() + 5);
+        frame.push(0);
+        frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&msg);
+        let req = Request::post(format!(
+            "http://{}/grpc.health.v1.Health/Check",
+            endpoint.authority
+        ))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(Full::new(Bytes::from(frame)));
+        let Ok(req) = req else { return false };
+        let Ok(resp) = self.h2.request(req).await else {
+            return false;
+        };
+        if resp.status() != StatusCode::OK {
+            return false;
+        }
+        let headers_status = resp.headers().get("grpc-status").cloned();
+        let Ok(body) = resp.into_body().collect().await else {
+            return false;
+        };
+        let status = body
+            .trailers()
+            .and_then(|t| t.get("grpc-status").cloned())
+            .or(headers_status);
+        if status.as_ref().map(|v| v.as_bytes()) != Some(b"0") {
+            return false;
+        }
+        // HealthCheckResponse { ServingStatus status = 1; } — SERVING is 1.
+        let mut bytes = body.to_bytes();
+        if bytes.len() < 5 {
+            return false;
+        }
+        bytes.advance(5);
+        serving(&bytes)
+    }
+}
+
+/// Whether a HealthCheckResponse message says SERVING.
+fn serving(mut msg: &[u8]) -> bool {
+    while msg.len() >= 2 {
+        let (key, value) = (msg[0], msg[1]);
+        if key == 0x08 {
+            return value == 1;
+        }
+        // Skip fields we do not know: only varints of one byte are expected here.
+        msg = &msg[2..];
+    }
+    false
+}
+
+/// Checks one endpoint until it leaves the cluster.
+async fn watch(cluster: Weak<Cluster>, endpoint: Weak<Endpoint>, checker: Arc<Checker>) {
+    let cfg = &checker.cfg;
+    let mut state = Detection::new(cfg.detector);
+    // Spread the first checks of a fleet over one jitter period.
+    tokio::time::sleep(jitter(cfg.jitter)).await;
+    loop {
+        let Some(ep) = endpoint.upgrade() else { return };
+        let passed = checker.check(&ep).await;
+        let before = ep.health();
+        let after = state.observe(passed, Instant::now(), before, cfg);
+        if let Some(c) = cluster.upgrade() {
+            c.metrics.checks[usize::from(!passed)].inc();
+            if after != before {
+                ep.set_health(after);
+                tracing::info!(cluster = %c.name(), endpoint = %ep.authority, health = after.name(), "health changed");
+                c.recount();
+            }
+        }
+        let base = if ep.health() == Health::Unhealthy {
+            cfg.unhealthy_interval
+        } else {
+            cfg.interval
+        };
+        drop(ep);
+        // The phi detector also wakes between checks, so suspicion that grows while a check
+        // hangs is noticed before the timeout.
+        let wake = Instant::now() + base + jitter(cfg.jitter);
+        while let Detector::Phi(_) = cfg.detector {
+            let step = (base / 4).max(Duration::from_millis(5));
+            let next = (Instant::now() + step).min(wake);
+            tokio::time::sleep_until(next).await;
+            if next >= wake {
+                break;
+            }
+            let (Some(ep), Some(c)) = (endpoint.upgrade(), cluster.upgrade()) else {
+                return;
+            };
+            if ep.health() != Health::Unhealthy && state.suspect(Instant::now()) {
+                ep.set_health(Health::Unhealthy);
+                tracing::info!(cluster = %c.name(), endpoint = %ep.authority, "health changed (phi)");
+                c.recount();
+            }
+        }
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    max.mul_f64(fastrand::f64())
+}
+
+/// The failure detector's memory for one endpoint.
+#[derive(Debug)]
+pub struct Detection {
+    detector: Detector,
+    passes: u32,
+    failures: u32,
+    phi: PhiAccrual,
+}
+
+impl Detection {
+    /// A detector with no history.
+    pub fn new(detector: Detector) -> Self {
+        Self {
+            detector,
+            passes: 0,
+            failures: 0,
+            phi: PhiAccrual::new(PHI_WINDOW),
+        }
+    }
+
+    /// Takes one check result at `now`; returns the health it implies.
+    pub fn observe(
+        &mut self,
+        passed: bool,
+        now: Instant,
+        current: Health,
+        cfg: &HealthCheckConfig,
+    ) -> Health {
+        if passed {
+            self.passes += 1;
+            self.failures = 0;
+            self.phi.heartbeat(now);
+            let healthy = current == Health::Unchecked || self.passes >= cfg.healthy_threshold;
+            if healthy {
+                return Health::Healthy;
+            }
+            return current;
+        }
+        self.failures += 1;
+        self.passes = 0;
+        let down = match self.detector {
+            Detector::Threshold => self.failures >= cfg.unhealthy_threshold,
+            Detector::Phi(t) => self.phi.phi(now) >= t,
+        };
+        if down {
+            Health::Unhealthy
+        } else {
+            current
+        }
+    }
+
+    /// Whether the phi detector suspects the endpoint at `now` (always false for thresholds).
+    pub fn suspect(&self, now: Instant) -> bool {
+        match self.detector {
+            Detector::Threshold => false,
+            Detector::Phi(t) => self.phi.phi(now) >= t,
+        }
+    }
+}
+
+/// The φ accrual failure detector over heartbeat arrival times.
+#[derive(Debug)]
+pub struct PhiAccrual {
+    intervals: VecDeque<f64>,
+    capacity: usize,
+    last: Option<Instant>,
+}
+
+impl PhiAccrual {
+    /// A detector remembering `capacity` intervals.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            intervals: VecDeque::with_capacity(capacity),
+            capacity,
+            last: None,
+        }
+    }
+
+    /// Records a heartbeat.
+    pub fn heartbeat(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            if self.intervals.len() == self.capacity {
+                self.intervals.pop_front();
+            }
+            self.intervals
+                .push_back(now.saturating_duration_since(last).as_secs_f64());
+        }
+        self.last = Some(now);
+    }
+
+    /// The suspicion level at `now`: 0 without history; about 1 means a 10% chance that a
+    /// heartbeat this late is normal, 2 a 1% chance, and so on.
+    pub fn phi(&self, now: Instant) -> f64 {
+        let Some(last) = self.last else { return 0.0 };
+        if self.intervals.is_empty() {
+            return 0.0;
+        }
+        let n = self.intervals.len() as f64;
+        let mean = self.intervals.iter().sum::<f64>() / n;
+        let var = self
+            .intervals
+            .iter()
+            .map(|x| (x - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        // A floor on the deviation (a tenth of the mean, as Akka's min-std-deviation) keeps a
+        // perfectly regular history from making any delay look infinitely suspicious.
+        let std = var.sqrt().max(mean / 10.0).max(1e-3);
+        let t = now.saturating_duration_since(last).as_secs_f64();
+        // Logistic approximation of the normal CDF's tail, as in Akka.
+        let y = (t - mean) / std;
+        let e = (-y * (1.5976 + 0.070566 * y * y)).exp();
+        let p_later = if t > mean {
+            e / (1.0 + e)
+        } else {
+            1.0 - 1.0 / (1.0 + e)
+        };
+        -(p_later.max(1e-300)).log10()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> HealthCheckConfig {
+        HealthCheckConfig {
+            kind: CheckKind::Tcp,
+            interval: Duration::from_secs(1),
+            unhealthy_interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            jitter: Duration::ZERO,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            detector: Detector::Threshold,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thresholds_need_consecutive_results() {
+        let c = cfg();
+        let mut d = Detection::new(Detector::Threshold);
+        let now = Instant::now();
+        let mut h = d.observe(true, now, Health::Unchecked, &c);
+        assert_eq!(
+            h,
+            Health::Healthy,
+            "the first pass is enough for an unchecked endpoint"
+        );
+        for (passed, expect) in [
+            (false, Health::Healthy),
+            (false, Health::Healthy),
+            (true, Health::Healthy),
+            (false, Health::Healthy),
+            (false, Health::Healthy),
+            (false, Health::Unhealthy),
+            (true, Health::Unhealthy),
+            (true, Health::Healthy),
+        ] {
+            h = d.observe(passed, now, h, &c);
+            assert_eq!(h, expect);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn phi_grows_with_silence_and_adapts_to_irregular_heartbeats() {
+        let mut regular = PhiAccrual::new(100);
+        let mut irregular = PhiAccrual::new(100);
+        let start = Instant::now();
+        let mut t = start;
+        for i in 0..50 {
+            regular.heartbeat(start + Duration::from_secs(i));
+            t += Duration::from_millis(if i % 2 == 0 { 500 } else { 1500 });
+            irregular.heartbeat(t);
+        }
+        let last_regular = start + Duration::from_secs(49);
+        assert!(regular.phi(last_regular + Duration::from_millis(900)) < 1.0);
+        assert!(regular.phi(last_regular + Duration::from_secs(3)) > 8.0);
+        // The same silence is less suspicious for an endpoint known to be irregular.
+        let gap = Duration::from_secs(2);
+        assert!(irregular.phi(t + gap) < regular.phi(last_regular + gap));
+    }
+
+    #[test]
+    fn serving_is_read_from_the_response_message() {
+        assert!(serving(&[0x08, 0x01]));
+        assert!(!serving(&[0x08, 0x02]));
+        assert!(!serving(&[]));
+    }
+}
