@@ -133,7 +133,11 @@ impl Picker {
                 let mut candidates = (0..16)
                     .map(|_| c.draw(&mut rng))
                     .filter(|&i| ok(i) && fresh(i));
-                match (candidates.next(), candidates.find(|_| true)) {
+                let first = candidates.next();
+                // The second choice must be another endpoint, or P2C degenerates into a random
+                // pick whenever both draws land on the same (perhaps slow) one.
+                let second = first.and_then(|a| candidates.find(|&b| b != a));
+                match (first, second) {
                     (Some(a), Some(b)) => Some(self.better(endpoints, a, b)),
                     (one, _) => one,
                 }
