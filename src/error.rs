@@ -52,6 +52,13 @@ pub enum ProxyError {
     /// Fault injection aborted the request with this status.
     #[error("fault injected: {0}")]
     Fault(StatusCode),
+    /// The deadline the caller sent (`x-outrigger-deadline-ms`, `grpc-timeout`) passed; says
+    /// nothing about the upstream's health.
+    #[error("the caller's deadline passed")]
+    DeadlineExceeded,
+    /// The client's request body failed while it was being sent upstream.
+    #[error("the client's request body failed: {0}")]
+    ClientAbort(#[source] BoxError),
 }
 
 /// The classes of local reply; each has a status, a reason and a metric label.
@@ -75,11 +82,15 @@ pub enum ErrorKind {
     RateLimited,
     /// See [`ProxyError::Fault`].
     FaultInjected,
+    /// See [`ProxyError::DeadlineExceeded`].
+    DeadlineExceeded,
+    /// See [`ProxyError::ClientAbort`].
+    ClientAbort,
 }
 
 impl ErrorKind {
     /// Every kind, in the order of their `index`.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::NoRoute,
         ErrorKind::UpstreamConnect,
         ErrorKind::UpstreamReset,
@@ -89,6 +100,8 @@ impl ErrorKind {
         ErrorKind::BulkheadFull,
         ErrorKind::RateLimited,
         ErrorKind::FaultInjected,
+        ErrorKind::DeadlineExceeded,
+        ErrorKind::ClientAbort,
     ];
 
     /// The reason string used in the response header, logs and metric labels.
@@ -103,6 +116,8 @@ impl ErrorKind {
             ErrorKind::BulkheadFull => "bulkhead_full",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::FaultInjected => "fault_injected",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::ClientAbort => "client_abort",
         }
     }
 
@@ -116,8 +131,9 @@ impl ErrorKind {
             | ErrorKind::BulkheadFull
             | ErrorKind::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
-            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Timeout | ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::ClientAbort => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -140,6 +156,8 @@ impl ProxyError {
             ProxyError::BulkheadFull => ErrorKind::BulkheadFull,
             ProxyError::RateLimited { .. } => ErrorKind::RateLimited,
             ProxyError::Fault(_) => ErrorKind::FaultInjected,
+            ProxyError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            ProxyError::ClientAbort(_) => ErrorKind::ClientAbort,
         }
     }
 
@@ -194,6 +212,8 @@ pub fn local_reply(kind: ErrorKind) -> Response<ProxyBody> {
         ErrorKind::BulkheadFull => b"bulkhead_full\n",
         ErrorKind::RateLimited => b"rate_limited\n",
         ErrorKind::FaultInjected => b"fault_injected\n",
+        ErrorKind::DeadlineExceeded => b"deadline_exceeded\n",
+        ErrorKind::ClientAbort => b"client_abort\n",
     });
     let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = kind.status();

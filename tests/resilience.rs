@@ -375,7 +375,7 @@ async fn post_is_retried_after_a_connect_failure_only() {
 clusters:
   - name: half-dead
     endpoints: [{dead}, {}]
-    circuit_breaker: {{ per_endpoint: false }}
+    load_balancer: round_robin
   - name: failing
     endpoints: [{}]
 ",
@@ -439,6 +439,7 @@ async fn grpc_status_in_trailers_is_retried() {
 clusters:
   - name: echo
     endpoints: [{}, {}]
+    load_balancer: round_robin
     protocol: http2
     circuit_breaker: {{ enabled: false }}
 ",
@@ -861,6 +862,7 @@ async fn per_try_timeouts_eject_the_slow_endpoint() {
           backoff_max: 1ms
 clusters:
   - name: app
+    load_balancer: round_robin
     endpoints: [{}, {}]
 ",
         fast.addr, slow.addr
@@ -1035,4 +1037,56 @@ clusters:
         skipped > 0.0,
         "without the budget every request would have retried twice"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_short_deadline_is_its_own_error_and_harms_no_endpoint() {
+    let slow = Origin::start("slow").await;
+    slow.control.set_delay(300);
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: all
+        cluster: o
+        timeout: 5s
+clusters:
+  - name: o
+    endpoints: [{}]
+    outlier_detection: {{ consecutive_gateway_errors: 2 }}
+    circuit_breaker: {{ consecutive_failures: 2 }}
+",
+        slow.addr
+    ))
+    .await;
+    let client = h1_client();
+    for _ in 0..5 {
+        let req = Request::get(proxy.url("in", "/"))
+            .header("x-outrigger-deadline-ms", "50")
+            .body(empty())
+            .unwrap();
+        let start = Instant::now();
+        let (status, headers, _) = send(&client, req).await.unwrap();
+        assert_eq!(
+            (status, reason(&headers)),
+            (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded")
+        );
+        assert!(start.elapsed() < Duration::from_millis(250));
+    }
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        metric(&m, "outrigger_outlier_ejections_total{cluster=\"o\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "outrigger_circuit_state{cluster=\"o\",state=\"closed\"}"
+        ),
+        1.0
+    );
+    // Without the caller's deadline the same origin answers.
+    let (status, _, _) = get(&client, &proxy.url("in", "/")).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
 }

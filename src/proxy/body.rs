@@ -166,6 +166,8 @@ pub struct ReplayBody {
     shared: Arc<Mutex<Recording>>,
     /// Index of the next recorded frame this try sends.
     pos: usize,
+    /// The try generation this view belongs to; an older view is cut off.
+    generation: u64,
     hint: SizeHint,
 }
 
@@ -180,7 +182,21 @@ struct Recording {
     /// Some of the body was handed to an upstream.
     read: bool,
     done: bool,
+    /// The client's side of the body failed: it can never be sent whole.
+    errored: bool,
+    /// The generation of the try allowed to read; earlier tries get an error.
+    generation: u64,
 }
+
+/// Reading the client's request body failed (the client went away or sent a broken body).
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyError(String);
+
+/// A newer try of the same request took over the body; this one must stop sending it.
+#[derive(Debug, thiserror::Error)]
+#[error("a newer try took over the request body")]
+pub struct SupersededTry;
 
 impl ReqBody {
     /// Wraps a client's body, keeping up to `cap` bytes of it for retries.
@@ -200,37 +216,53 @@ impl ReqBody {
                 overflow,
                 read: false,
                 done: false,
+                errored: false,
+                generation: 0,
             })),
             pos: 0,
+            generation: 0,
             hint,
         })
     }
 
-    /// Whether the whole body can still be sent again: it was kept, or none of it was read.
+    /// Whether the whole body can still be sent again: it was kept (or none of it was read),
+    /// and the client's side did not fail.
     pub fn replayable(&self) -> bool {
         match self {
             ReqBody::Empty => true,
             ReqBody::Replay(r) => r
                 .shared
                 .lock()
-                .map(|rec| !rec.overflow || !rec.read)
+                .map(|rec| !rec.errored && (!rec.overflow || !rec.read))
                 .unwrap_or(false),
         }
     }
 
     /// A body for another try, if the whole body can still be sent again.
     pub fn try_clone(&self) -> Option<Self> {
-        match self {
-            ReqBody::Empty => Some(ReqBody::Empty),
-            ReqBody::Replay(r) => {
-                let rec = r.shared.lock().ok()?;
-                (!rec.overflow || !rec.read).then(|| {
-                    ReqBody::Replay(ReplayBody {
-                        shared: r.shared.clone(),
-                        pos: 0,
-                        hint: r.hint,
-                    })
-                })
+        if !self.replayable() {
+            return None;
+        }
+        Some(match self {
+            ReqBody::Empty => ReqBody::Empty,
+            ReqBody::Replay(r) => ReqBody::Replay(ReplayBody {
+                shared: r.shared.clone(),
+                pos: 0,
+                generation: r.generation,
+                hint: r.hint,
+            }),
+        })
+    }
+
+    /// Makes this copy the only one that may read the body: an earlier try that is still
+    /// sending it (an upstream that answered early while the body streamed) gets an error and
+    /// stops, so two tries never read the client's stream at once.
+    pub fn claim(&mut self) {
+        if let ReqBody::Replay(r) = self {
+            if let Ok(mut rec) = r.shared.lock() {
+                rec.generation += 1;
+                r.generation = rec.generation;
+                r.pos = 0;
             }
         }
     }
@@ -238,19 +270,28 @@ impl ReqBody {
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let ReqBody::Replay(r) = self.get_mut() else {
             return Poll::Ready(None);
         };
-        // A poisoned lock means another try panicked mid-frame; end this body rather than panic.
+        // A poisoned lock means another try panicked mid-frame: fail rather than end the body
+        // early, which would send a truncated body as if it were whole.
         let Ok(mut rec) = r.shared.lock() else {
-            return Poll::Ready(None);
+            return Poll::Ready(Some(Err(Box::new(ClientBodyError("poisoned".into())))));
         };
+        if rec.generation != r.generation {
+            return Poll::Ready(Some(Err(Box::new(SupersededTry))));
+        }
+        if rec.errored {
+            return Poll::Ready(Some(Err(Box::new(ClientBodyError(
+                "failed earlier".into(),
+            )))));
+        }
         if let Some(f) = rec.frames.get(r.pos).and_then(copy_frame) {
             r.pos += 1;
             return Poll::Ready(Some(Ok(f)));
@@ -273,11 +314,15 @@ impl Body for ReqBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
+            Poll::Ready(Some(Err(e))) => {
+                rec.errored = true;
+                Poll::Ready(Some(Err(Box::new(ClientBodyError(e.to_string())))))
+            }
             Poll::Ready(None) => {
                 rec.done = true;
                 Poll::Ready(None)
             }
-            other => other,
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -287,8 +332,13 @@ impl Body for ReqBody {
             ReqBody::Replay(r) => r
                 .shared
                 .lock()
-                .map(|rec| rec.done && r.pos >= rec.frames.len())
-                .unwrap_or(true),
+                .map(|rec| {
+                    rec.generation == r.generation
+                        && !rec.errored
+                        && rec.done
+                        && r.pos >= rec.frames.len()
+                })
+                .unwrap_or(false),
         }
     }
 

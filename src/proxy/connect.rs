@@ -26,7 +26,7 @@ use crate::control::config::upstream::{Discovery, HashOn};
 use crate::control::config::{ClusterConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::proxy::balance::{self, PickRequest, Picker, RoundRobin};
-use crate::proxy::body::{ProxyBody, ReqBody};
+use crate::proxy::body::{ClientBodyError, ProxyBody, ReqBody, SupersededTry};
 use crate::proxy::endpoint::{Endpoint, Health, Signal};
 use crate::proxy::http::strip_hop_by_hop;
 use crate::proxy::resilience::breaker::CircuitBreaker;
@@ -321,7 +321,17 @@ impl Cluster {
         let ep = set.endpoints[i].clone();
         let permit = match &ep.breaker {
             None => None,
-            Some(b) => Some(b.try_acquire().ok_or(ProxyError::CircuitOpen)?),
+            Some(b) => match b.try_acquire() {
+                Some(p) => Some(p),
+                // Another request took the last probe slot since the pick: try the others.
+                None if req.tried & (1 << (i % 64)) == 0 => {
+                    drop(set);
+                    let mut again = req;
+                    again.tried |= 1 << (i % 64);
+                    return self.choose(again);
+                }
+                None => return Err(ProxyError::CircuitOpen),
+            },
         };
         Ok((ep, i, permit))
     }
@@ -389,7 +399,8 @@ impl Cluster {
             UpstreamProtocol::Http1 => Version::HTTP_11,
             UpstreamProtocol::Http2 => Version::HTTP_2,
         };
-        if let Some(deadline) = ctx.deadline {
+        // The next hop gets the time this try has left, which is never more than the request's.
+        if let Some(deadline) = ctx.try_deadline.or(ctx.deadline) {
             timeout::propagate(&mut head.headers, deadline, grpc);
         }
         self.metrics.attempts.inc();
@@ -401,30 +412,40 @@ impl Cluster {
             None => Ok(pending.await),
         };
         let result = match answer {
-            Err(_) => Err(ProxyError::Timeout),
-            Ok(answer) => match answer {
-                Ok(resp) => {
-                    self.latency.record(started.elapsed());
-                    endpoint.observe_latency(started.elapsed());
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    let mut resp = Response::from_parts(parts, ProxyBody::Upstream(body));
-                    if ctx.grpc_retry_codes != 0
-                        && classify::is_grpc(resp.headers())
-                        && classify::header_grpc_code(resp.headers()).is_none()
-                    {
-                        resp = hold_for_trailers(resp, ctx.hold_limit).await?;
-                    }
+            Err(_) => {
+                // A try cut off by its deadline took at least this long: a latency sample too.
+                endpoint.observe_latency(started.elapsed());
+                Err(ctx.expired())
+            }
+            Ok(Ok(resp)) => {
+                self.latency.record(started.elapsed());
+                endpoint.observe_latency(started.elapsed());
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let resp = Response::from_parts(parts, ProxyBody::Upstream(body));
+                let held = if ctx.grpc_retry_codes != 0
+                    && classify::is_grpc(resp.headers())
+                    && classify::header_grpc_code(resp.headers()).is_none()
+                {
+                    let until = ctx.try_deadline.map_or(Instant::now() + HOLD_MAX, |d| {
+                        d.min(Instant::now() + HOLD_MAX)
+                    });
+                    hold_for_trailers(resp, ctx.hold_limit, until).await
+                } else {
+                    Ok(resp)
+                };
+                held.map(|resp| {
                     let (parts, body) = resp.into_parts();
-                    Ok(Response::from_parts(parts, body.watch(ctx.idle_timeout)))
-                }
-                Err(e) if e.is_connect() => {
-                    self.connect_failed(&endpoint);
-                    Err(ProxyError::UpstreamConnect(Box::new(e)))
-                }
-                Err(e) if refused_stream(&e) => Err(ProxyError::RefusedStream(Box::new(e))),
-                Err(e) => Err(ProxyError::UpstreamReset(Box::new(e))),
-            },
+                    Response::from_parts(parts, body.watch(ctx.idle_timeout))
+                })
+            }
+            Ok(Err(e)) if client_side(&e) => Err(ProxyError::ClientAbort(Box::new(e))),
+            Ok(Err(e)) if e.is_connect() => {
+                self.connect_failed(&endpoint);
+                Err(ProxyError::UpstreamConnect(Box::new(e)))
+            }
+            Ok(Err(e)) if refused_stream(&e) => Err(ProxyError::RefusedStream(Box::new(e))),
+            Ok(Err(e)) => Err(ProxyError::UpstreamReset(Box::new(e))),
         };
         drop(in_flight);
         self.observe(&endpoint, &result);
@@ -441,9 +462,17 @@ impl Cluster {
     }
 }
 
-/// Reads a gRPC response ahead, up to `limit` bytes, to find the status in its trailers; the
-/// frames read are sent on unchanged.
-async fn hold_for_trailers(resp: Response, limit: u64) -> Result<Response, ProxyError> {
+/// Longest a gRPC response is held back to read its trailers: long enough for a unary answer,
+/// short enough that a streaming one is barely delayed.
+const HOLD_MAX: Duration = Duration::from_millis(250);
+
+/// Reads a gRPC response ahead, up to `limit` bytes or until `until`, to find the status in its
+/// trailers; the frames read are sent on unchanged, and the rest streams after them.
+async fn hold_for_trailers(
+    resp: Response,
+    limit: u64,
+    until: Instant,
+) -> Result<Response, ProxyError> {
     let (mut parts, body) = resp.into_parts();
     let ProxyBody::Upstream(mut body) = body else {
         return Ok(Response::from_parts(parts, body));
@@ -451,7 +480,14 @@ async fn hold_for_trailers(resp: Response, limit: u64) -> Result<Response, Proxy
     let mut frames = VecDeque::new();
     let mut held = 0u64;
     loop {
-        match body.frame().await {
+        let Ok(next) = tokio::time::timeout_at(until, body.frame()).await else {
+            let rest = Some(body);
+            return Ok(Response::from_parts(
+                parts,
+                ProxyBody::Held { frames, rest },
+            ));
+        };
+        match next {
             None => {
                 return Ok(Response::from_parts(
                     parts,
@@ -477,6 +513,19 @@ async fn hold_for_trailers(resp: Response, limit: u64) -> Result<Response, Proxy
             }
         }
     }
+}
+
+/// Whether a client error came from our side of the request body: the client's body failed,
+/// or a newer try took it over. Neither says anything about the upstream.
+fn client_side(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err.is::<ClientBodyError>() || err.is::<SupersededTry>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Whether an HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it did not process it.

@@ -76,6 +76,23 @@ impl Conn {
     }
 }
 
+/// Counts a request as active on its connection while it lives.
+struct Active<'a>(&'a Conn);
+
+impl<'a> Active<'a> {
+    fn new(conn: &'a Conn) -> Self {
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        Self(conn)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Resolves once `conn` has been idle for `limit`; never if `limit` is `None`.
 async fn idle(conn: &Conn, limit: Option<Duration>) {
     let Some(limit) = limit else {
@@ -114,11 +131,9 @@ pub async fn serve(
     let svc = service_fn(move |req| {
         let conn = conn.clone();
         async move {
-            conn.active.fetch_add(1, Ordering::AcqRel);
-            let resp = handle(&conn, req).await;
-            conn.touch();
-            conn.active.fetch_sub(1, Ordering::AcqRel);
-            Ok::<_, std::convert::Infallible>(resp)
+            // A guard, because hyper drops this future when an HTTP/2 client resets the stream.
+            let _active = Active::new(&conn);
+            Ok::<_, std::convert::Infallible>(handle(&conn, req).await)
         }
     });
     let connection = server.serve_connection(TokioIo::new(stream), svc);

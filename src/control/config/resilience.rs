@@ -646,7 +646,13 @@ impl Validator {
             c.ratio = p.clamp(0.0, 1000.0) / 100.0;
         }
         if let Some(m) = b.min_per_sec {
-            c.min_per_sec = m;
+            if m > 1_000_000 {
+                self.problem(
+                    format!("{path}.retry_budget.min_per_sec"),
+                    "min_per_sec is at most 1000000".into(),
+                );
+            }
+            c.min_per_sec = m.min(1_000_000);
         }
         let ttl_path = format!("{path}.retry_budget.ttl");
         if let Some(t) = self.duration(&ttl_path, b.ttl.as_deref()) {
@@ -763,6 +769,11 @@ impl Validator {
             self.problem(
                 p("requests_per_second"),
                 "requests_per_second must be greater than 0".into(),
+            );
+        } else if !(0.001..=1e9).contains(&r.requests_per_second) {
+            self.problem(
+                p("requests_per_second"),
+                "requests_per_second must be between 0.001 and 1000000000".into(),
             );
         }
         let burst = r

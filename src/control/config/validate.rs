@@ -27,6 +27,8 @@ pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream connect timeout when a cluster names none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest duration any setting accepts.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Stream idle timeout when a route names none.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Downstream connection idle timeout when a listener names none.
@@ -400,6 +402,15 @@ impl Validator {
     pub(super) fn duration(&mut self, path: &str, text: Option<&str>) -> Option<Duration> {
         let text = text?;
         match humantime::parse_duration(text) {
+            // Far beyond any useful setting, and small enough that clock arithmetic never
+            // overflows.
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(
+                    path.to_owned(),
+                    format!("duration `{text}` is longer than the limit of 365 days"),
+                );
+                None
+            }
             Ok(d) => Some(d),
             Err(e) => {
                 self.problem_with_hint(

@@ -9,7 +9,7 @@
 //!
 //! Recording is lock-free (atomics); only state transitions take a lock, and they are rare.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -77,6 +77,8 @@ pub struct CircuitBreaker {
     probes_left: AtomicU32,
     probes_ok: AtomicU32,
     reopenings: AtomicU32,
+    /// Counts half-open periods; a probe from an earlier one is ignored.
+    period: AtomicU32,
     window: Calls,
     transition: Mutex<()>,
     jitter: AtomicU64,
@@ -96,6 +98,7 @@ impl std::fmt::Debug for CircuitBreaker {
 pub struct Permit {
     breaker: Arc<CircuitBreaker>,
     probe: bool,
+    period: u32,
     start: Instant,
     done: bool,
 }
@@ -118,6 +121,7 @@ impl CircuitBreaker {
             probes_left: AtomicU32::new(0),
             probes_ok: AtomicU32::new(0),
             reopenings: AtomicU32::new(0),
+            period: AtomicU32::new(0),
             window,
             transition: Mutex::new(()),
             jitter: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
@@ -150,6 +154,7 @@ impl CircuitBreaker {
         let permit = |probe| Permit {
             breaker: self.clone(),
             probe,
+            period: self.period.load(Ordering::Acquire),
             start: Instant::now(),
             done: false,
         };
@@ -255,7 +260,14 @@ impl CircuitBreaker {
         (x >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn record(&self, probe: bool, outcome: Outcome, elapsed: Duration) {
+    fn record(&self, probe: bool, period: u32, outcome: Outcome, elapsed: Duration) {
+        // A probe of an earlier half-open period no longer speaks for the endpoint.
+        let current = probe
+            && period == self.period.load(Ordering::Acquire)
+            && self.state() == State::HalfOpen;
+        if probe && !current {
+            return;
+        }
         if outcome == Outcome::Ignore {
             if probe {
                 self.probes_left.fetch_add(1, Ordering::AcqRel);
@@ -300,14 +312,19 @@ impl Permit {
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
         self.breaker
-            .record(self.probe, outcome, self.start.elapsed());
+            .record(self.probe, self.period, outcome, self.start.elapsed());
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if !self.done && self.probe {
-            self.breaker.probes_left.fetch_add(1, Ordering::AcqRel);
+        let b = &self.breaker;
+        if !self.done
+            && self.probe
+            && self.period == b.period.load(Ordering::Acquire)
+            && b.state() == State::HalfOpen
+        {
+            b.probes_left.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
@@ -318,9 +335,10 @@ enum Calls {
     Count {
         slots: Box<[AtomicU8]>,
         next: AtomicU64,
-        total: AtomicU64,
-        failures: AtomicU64,
-        slows: AtomicU64,
+        // Signed: two records racing on one slot may subtract before they add.
+        total: AtomicI64,
+        failures: AtomicI64,
+        slows: AtomicI64,
     },
     /// Ten buckets covering the window's duration.
     Time { width: u64, buckets: Box<[Bucket]> },
@@ -341,9 +359,9 @@ impl Calls {
             Window::Calls(n) => Calls::Count {
                 slots: (0..n.max(1)).map(|_| AtomicU8::new(0)).collect(),
                 next: AtomicU64::new(0),
-                total: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
-                slows: AtomicU64::new(0),
+                total: AtomicI64::new(0),
+                failures: AtomicI64::new(0),
+                slows: AtomicI64::new(0),
             },
             Window::Time(d) => Calls::Time {
                 width: (d.as_nanos() as u64 / TIME_BUCKETS).max(1),
@@ -377,11 +395,8 @@ impl Calls {
                 }
                 adjust(failures, old & 3 == 2, failed);
                 adjust(slows, old & 4 != 0, slow);
-                (
-                    total.load(Ordering::Acquire),
-                    failures.load(Ordering::Acquire),
-                    slows.load(Ordering::Acquire),
-                )
+                let read = |c: &AtomicI64| c.load(Ordering::Acquire).max(0) as u64;
+                (read(total), read(failures), read(slows))
             }
             Calls::Time { width, buckets } => {
                 let idx = now / width;
@@ -442,7 +457,7 @@ impl Calls {
     }
 }
 
-fn adjust(counter: &AtomicU64, was: bool, is: bool) {
+fn adjust(counter: &AtomicI64, was: bool, is: bool) {
     match (was, is) {
         (false, true) => {
             counter.fetch_add(1, Ordering::AcqRel);

@@ -52,7 +52,10 @@ pub struct Limiter {
     cfg: LoadShedConfig,
     limit: AtomicU32,
     in_flight: AtomicU32,
+    /// Entries in the queue, live or not.
     queued: AtomicU32,
+    /// Requests waiting in the queue now.
+    waiting: AtomicU32,
     queue: Mutex<[VecDeque<oneshot::Sender<()>>; PRIORITIES]>,
     estimate: Mutex<Estimate>,
     metrics: Option<ShedMetrics>,
@@ -84,6 +87,7 @@ impl Limiter {
             limit: AtomicU32::new(cfg.initial_limit),
             in_flight: AtomicU32::new(0),
             queued: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
             queue: Mutex::new(std::array::from_fn(|_| VecDeque::new())),
             estimate: Mutex::new(Estimate {
                 limit: f64::from(cfg.initial_limit),
@@ -113,7 +117,7 @@ impl Limiter {
 
     /// Waits for admission; `Err(Overloaded)` when shed.
     pub async fn acquire(self: &Arc<Self>, priority: usize) -> Result<Admitted, ProxyError> {
-        if self.queued.load(Ordering::Acquire) == 0 && self.try_admit() {
+        if self.waiting.load(Ordering::Acquire) == 0 && self.try_admit() {
             return Ok(self.admitted());
         }
         if self.cfg.queue_timeout.is_zero() || self.cfg.max_queue == 0 {
@@ -123,32 +127,49 @@ impl Limiter {
             let Ok(mut q) = self.queue.lock() else {
                 return Err(self.shed());
             };
-            if self.queued.load(Ordering::Acquire) >= self.cfg.max_queue {
-                // Make room by dropping the newest waiter of the lowest priority below ours.
-                let victim = (priority + 1..PRIORITIES).rev().find(|p| !q[*p].is_empty());
-                match victim {
-                    Some(p) => {
-                        q[p].pop_back();
-                        self.queued.fetch_sub(1, Ordering::AcqRel);
-                    }
-                    None => {
-                        drop(q);
-                        return Err(self.shed());
-                    }
-                }
+            if self.waiting.load(Ordering::Acquire) >= self.cfg.max_queue
+                && !self.evict(&mut q, priority)
+            {
+                drop(q);
+                return Err(self.shed());
             }
             let (tx, rx) = oneshot::channel();
             q[priority].push_back(tx);
             self.queued.fetch_add(1, Ordering::AcqRel);
+            self.waiting.fetch_add(1, Ordering::AcqRel);
             rx
+        };
+        let mut waiter = Waiter {
+            limiter: self,
+            rx,
+            admitted: false,
         };
         self.publish_queue();
         // A slot may have freed between the failed admission and queueing.
         self.dispatch();
-        match tokio::time::timeout(self.cfg.queue_timeout, rx).await {
-            Ok(Ok(())) => Ok(self.admitted()),
+        match tokio::time::timeout(self.cfg.queue_timeout, &mut waiter.rx).await {
+            Ok(Ok(())) => {
+                waiter.admitted = true;
+                Ok(self.admitted())
+            }
+            // Timed out or evicted; dropping the waiter returns a slot handed over meanwhile.
             _ => Err(self.shed()),
         }
+    }
+
+    /// Drops the newest live waiter of the lowest priority below `priority` to make room;
+    /// dead entries met on the way are cleared. False if there is none.
+    fn evict(&self, q: &mut [VecDeque<oneshot::Sender<()>>; PRIORITIES], priority: usize) -> bool {
+        for level in (priority + 1..PRIORITIES).rev() {
+            while let Some(tx) = q[level].pop_back() {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                if !tx.is_closed() {
+                    // Dropping the sender wakes the waiter with an error: it is shed.
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     fn admitted(self: &Arc<Self>) -> Admitted {
@@ -171,7 +192,8 @@ impl Limiter {
 
     fn publish_queue(&self) {
         if let Some(m) = &self.metrics {
-            m.queued.set(i64::from(self.queued.load(Ordering::Acquire)));
+            m.queued
+                .set(i64::from(self.waiting.load(Ordering::Acquire)));
         }
     }
 
@@ -195,7 +217,6 @@ impl Limiter {
         drop(q);
         self.publish_queue();
     }
-
     fn release(&self, sample: Option<Duration>, dropped: bool) {
         let in_flight = self.in_flight.fetch_sub(1, Ordering::AcqRel);
         if let Some(m) = &self.metrics {
@@ -215,6 +236,9 @@ impl Limiter {
         if e.samples == 1 {
             e.short_rtt = rtt;
         }
+        if !rtt.is_finite() {
+            return;
+        }
         e.short_rtt += (rtt - e.short_rtt) * (2.0 / 11.0);
         e.window_min = e.window_min.min(rtt);
         e.min_rtt = e.min_rtt.min(rtt);
@@ -227,7 +251,13 @@ impl Limiter {
         let app_limited = f64::from(in_flight) < limit / 2.0;
         let next = match self.cfg.algorithm {
             ShedAlgorithm::Gradient => {
-                let gradient = (self.cfg.tolerance * e.min_rtt / e.short_rtt).clamp(0.5, 1.0);
+                // A clock too coarse to see the latency gives zeros: treat those as no queueing.
+                let ratio = self.cfg.tolerance * e.min_rtt.max(1e-6) / e.short_rtt.max(1e-6);
+                let gradient = if ratio.is_finite() {
+                    ratio.clamp(0.5, 1.0)
+                } else {
+                    1.0
+                };
                 let headroom = if app_limited { 0.0 } else { limit.sqrt() };
                 let target = limit * gradient + headroom;
                 limit * 0.8 + target * 0.2
@@ -242,6 +272,9 @@ impl Limiter {
                 }
             }
         };
+        if !next.is_finite() {
+            return;
+        }
         e.limit = next.clamp(f64::from(self.cfg.min_limit), f64::from(self.cfg.max_limit));
         let rounded = e.limit as u32;
         self.limit.store(rounded, Ordering::Release);
@@ -257,6 +290,27 @@ impl Limiter {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<usize>().ok())
             .map_or(DEFAULT_PRIORITY, |p| p.min(PRIORITIES - 1))
+    }
+}
+
+/// A request waiting in the queue. Dropped unadmitted (timed out, evicted, or its client gone),
+/// it leaves the queue count and hands back a slot that was given to it in the meantime.
+struct Waiter<'a> {
+    limiter: &'a Limiter,
+    rx: oneshot::Receiver<()>,
+    admitted: bool,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.limiter.waiting.fetch_sub(1, Ordering::AcqRel);
+        if !self.admitted {
+            self.rx.close();
+            if self.rx.try_recv().is_ok() {
+                self.limiter.release(None, false);
+            }
+        }
+        self.limiter.publish_queue();
     }
 }
 
@@ -388,6 +442,30 @@ mod tests {
             }
             assert!(l.limit() < grown, "{algorithm:?}: {} !< {grown}", l.limit());
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_handed_to_a_waiter_that_left_is_not_lost() {
+        let l = Arc::new(Limiter::new(
+            LoadShedConfig {
+                initial_limit: 1,
+                min_limit: 1,
+                max_limit: 1,
+                queue_timeout: Duration::from_secs(1),
+                ..cfg(ShedAlgorithm::Aimd)
+            },
+            None,
+        ));
+        let held = l.acquire(5).await.unwrap();
+        let l2 = l.clone();
+        let waiter = tokio::spawn(async move { l2.acquire(5).await.map(drop) });
+        tokio::task::yield_now().await;
+        // The slot goes to the waiter, whose client leaves before it runs again.
+        drop(held);
+        waiter.abort();
+        let _ = waiter.await;
+        let again = tokio::time::timeout(Duration::from_millis(10), l.acquire(5)).await;
+        assert!(matches!(again, Ok(Ok(_))), "the slot came back");
     }
 
     #[tokio::test(start_paused = true)]

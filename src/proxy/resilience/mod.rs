@@ -48,8 +48,12 @@ pub struct Call {
 pub struct CallCtx {
     /// The client's address.
     pub peer: SocketAddr,
+    /// When the request arrived.
+    pub start: Instant,
     /// When the caller gives up: the route timeout or a smaller deadline the caller sent.
     pub deadline: Option<Instant>,
+    /// Whether `deadline` is the caller's own (so its expiry says nothing of the upstream).
+    pub caller_deadline: bool,
     /// When this try gives up: the per-try timeout, never past `deadline`.
     pub try_deadline: Option<Instant>,
     /// Endpoint offset of this request; try `n` goes to `base + n - 1`, so tries land on
@@ -74,7 +78,9 @@ impl CallCtx {
     pub fn new(peer: SocketAddr) -> Self {
         Self {
             peer,
+            start: Instant::now(),
             deadline: None,
+            caller_deadline: false,
             try_deadline: None,
             base: 0,
             attempt: 1,
@@ -82,6 +88,17 @@ impl CallCtx {
             grpc_retry_codes: 0,
             hold_limit: 0,
             idle_timeout: None,
+        }
+    }
+}
+
+impl CallCtx {
+    /// The error for this try's deadline passing: the caller's, or an upstream timeout.
+    pub fn expired(&self) -> ProxyError {
+        if self.caller_deadline && self.try_deadline == self.deadline {
+            ProxyError::DeadlineExceeded
+        } else {
+            ProxyError::Timeout
         }
     }
 }

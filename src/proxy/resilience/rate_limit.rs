@@ -27,7 +27,20 @@ use crate::proxy::resilience::{Call, Response, ResponseFuture};
 const SHARDS: usize = 16;
 
 /// One shard of the keyed buckets: key bytes to theoretical arrival time.
-type Shard = Mutex<HashMap<Box<[u8]>, u64>>;
+type Shard = Mutex<Buckets>;
+
+/// One shard's buckets, keyed by a seeded hash of the key (a collision merely shares a bucket).
+#[derive(Default)]
+struct Buckets {
+    tat: HashMap<u64, u64>,
+    /// Size at which the next prune runs: twice the size left by the last one, so pruning
+    /// costs O(1) amortised per new key whatever keys a client invents.
+    prune_at: usize,
+}
+
+/// Keys one shard holds at most; past it, after pruning, the oldest half is dropped (they are
+/// the fullest buckets, so forgetting them admits little).
+const MAX_KEYS_PER_SHARD: usize = 65_536;
 /// Keys kept per shard before idle ones (whose bucket is full again) are dropped.
 const PRUNE_AT: usize = 4096;
 
@@ -64,6 +77,7 @@ pub struct RateLimiter {
     epoch: Instant,
     single: AtomicU64,
     shards: Box<[Shard]>,
+    seed: u64,
     metrics: Option<RateLimitMetrics>,
 }
 
@@ -80,7 +94,10 @@ impl RateLimiter {
             epoch: Instant::now(),
             // Start one interval in so that "now" is never before the epoch's first slot.
             single: AtomicU64::new(0),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Buckets::default()))
+                .collect(),
+            seed: fastrand::u64(..),
             metrics,
         }
     }
@@ -91,7 +108,7 @@ impl RateLimiter {
 
     /// GCRA on one bucket: `tat` in, the new `tat` (if it changes) and the decision out.
     fn gcra(&self, tat: u64, now: u64) -> (Option<u64>, Decision) {
-        let new = tat.max(now) + self.interval;
+        let new = tat.max(now).saturating_add(self.interval);
         let ahead = new - now;
         if ahead <= self.tolerance {
             let remaining = ((self.tolerance - ahead) / self.interval) as u32;
@@ -123,22 +140,32 @@ impl RateLimiter {
                 }
             }
         };
-        let shard = &self.shards[shard_of(key)];
-        let Ok(mut map) = shard.lock() else {
+        let h = xxhash_rust::xxh3::xxh3_64_with_seed(key, self.seed);
+        let shard = &self.shards[(h % SHARDS as u64) as usize];
+        let Ok(mut b) = shard.lock() else {
             // A poisoned shard only loses its limits; admitting is the safe failure for traffic.
             return Decision::Admit { remaining: 0 };
         };
-        let tat = map.get(key).copied().unwrap_or(0);
+        let tat = b.tat.get(&h).copied().unwrap_or(0);
         let (new, decision) = self.gcra(tat, now);
         if let Some(new) = new {
-            match map.get_mut(key) {
-                Some(t) => *t = new,
-                None => {
-                    if map.len() >= PRUNE_AT {
-                        map.retain(|_, t| *t > now);
+            if let Some(t) = b.tat.get_mut(&h) {
+                *t = new;
+            } else {
+                if b.tat.len() >= b.prune_at.max(PRUNE_AT) {
+                    // A bucket whose arrival time has passed is full again: forgetting it
+                    // changes nothing.
+                    b.tat.retain(|_, t| *t > now);
+                    if b.tat.len() >= MAX_KEYS_PER_SHARD {
+                        let mut times: Vec<u64> = b.tat.values().copied().collect();
+                        let mid = times.len() / 2;
+                        let (_, median, _) = times.select_nth_unstable(mid);
+                        let cut = *median;
+                        b.tat.retain(|_, t| *t > cut);
                     }
-                    map.insert(key.into(), new);
+                    b.prune_at = b.tat.len() * 2;
                 }
+                b.tat.insert(h, new);
             }
         }
         decision
@@ -167,16 +194,6 @@ impl RateLimiter {
     fn reset_secs(&self) -> u64 {
         self.tolerance.div_ceil(1_000_000_000)
     }
-}
-
-fn shard_of(key: &[u8]) -> usize {
-    // FNV-1a: cheap, and keys are not attacker-chosen in a way that matters for 16 shards.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    (h as usize) % SHARDS
 }
 
 /// Applies a route's rate limit.

@@ -64,21 +64,31 @@ where
     }
 
     fn call(&mut self, mut call: Call) -> ResponseFuture {
-        let now = Instant::now();
-        let ours = self.timeout.map(|t| now + t);
-        let theirs = caller_budget(&call.head.headers).map(|t| now + t);
-        let deadline = match (ours, theirs) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        // Both clocks run from the request's arrival, so time spent in the layers above (a
+        // throttle delay, a queue) counts.
+        let start = call.ctx.start;
+        let ours = self.timeout.map(|t| start + t);
+        let theirs = caller_budget(&call.head.headers).map(|t| start + t);
+        let (deadline, caller) = match (ours, theirs) {
+            (Some(a), Some(b)) => (Some(a.min(b)), b < a),
+            (None, Some(b)) => (Some(b), true),
+            (a, None) => (a, false),
         };
         call.ctx.deadline = deadline;
+        call.ctx.caller_deadline = caller;
         let fut = self.inner.call(call);
+        let expired = if caller {
+            ProxyError::DeadlineExceeded
+        } else {
+            ProxyError::Timeout
+        };
         match deadline {
             None => fut,
             Some(at) => Box::pin(async move {
-                tokio::time::timeout_at(at, fut)
-                    .await
-                    .unwrap_or(Err(ProxyError::Timeout))
+                match tokio::time::timeout_at(at, fut).await {
+                    Ok(result) => result,
+                    Err(_) => Err(expired),
+                }
             }),
         }
     }
@@ -132,14 +142,16 @@ where
             (a, b) => a.or(b),
         };
         call.ctx.try_deadline = at;
+        let expired = call.ctx.expired();
         let fut = self.inner.call(call);
         match (self.timeout, at) {
             (Some(_), Some(at)) => Box::pin(async move {
                 // The upstream layer enforces the same instant itself so that the endpoint's
                 // breaker sees the timeout; this covers waiting in the bulkhead's queue.
-                tokio::time::timeout_at(at, fut)
-                    .await
-                    .unwrap_or(Err(ProxyError::Timeout))
+                match tokio::time::timeout_at(at, fut).await {
+                    Ok(result) => result,
+                    Err(_) => Err(expired),
+                }
             }),
             _ => fut,
         }

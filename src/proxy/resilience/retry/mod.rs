@@ -201,16 +201,19 @@ where
     let mut tries = 0u32;
     loop {
         let more = tries + 1 < cfg.attempts;
+        call.ctx.attempt = tries + 1;
+        // Read gRPC trailers ahead only while another try could follow.
+        if more && call.body.replayable() {
+            call.ctx.grpc_retry_codes = cfg.on.grpc_codes;
+            call.ctx.hold_limit = cfg.max_body;
+        } else {
+            call.ctx.grpc_retry_codes = 0;
+        }
         let spare = if more || cfg.hedge.is_some() {
             call.try_clone()
         } else {
             None
         };
-        call.ctx.attempt = tries + 1;
-        if more && spare.is_some() {
-            call.ctx.grpc_retry_codes = cfg.on.grpc_codes;
-            call.ctx.hold_limit = cfg.max_body;
-        }
         let ((result, sent_tries), sent) = match (&cfg.hedge, spare) {
             // Tries of a hedge run at once; only a request without a body can be sent twice
             // concurrently.
@@ -260,6 +263,7 @@ where
         drop(result);
         tokio::time::sleep(wait).await;
         call = next;
+        call.body.claim();
         call.ctx.attempt = tries + 1;
     }
 }
