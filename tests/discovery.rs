@@ -65,13 +65,26 @@ impl Dns {
     }
 
     async fn serve(&mut self) {
-        let udp = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, self.port))
-            .await
-            .unwrap();
-        self.port = udp.local_addr().unwrap().port();
-        let tcp = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, self.port))
-            .await
-            .unwrap();
+        // UDP and TCP on one port: pick a free TCP port, then take the same UDP port; retry
+        // on the rare clash with another test's socket. A restart reuses the port it had.
+        let mut tries = 0;
+        let (udp, tcp) = loop {
+            tries += 1;
+            assert!(tries < 200, "no port for the DNS server");
+            let tcp = match tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)).await {
+                Ok(t) => t,
+                Err(_) if self.port != 0 => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            let port = tcp.local_addr().unwrap().port();
+            if let Ok(udp) = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).await {
+                self.port = port;
+                break (udp, tcp);
+            }
+        };
         let mut catalog = Catalog::new();
         catalog.upsert(
             self.zone.origin().clone(),
