@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::control::config::resilience::DEFAULT_ENDPOINT_CONSECUTIVE_FAILURES;
-use crate::control::config::upstream::{Discovery, HashOn};
+use crate::control::config::upstream::{Discovery, HashOn, OutlierConfig};
 use crate::control::config::{ClusterConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::proxy::balance::{self, PickRequest, Picker, RoundRobin};
@@ -248,7 +248,7 @@ impl Cluster {
         let mut fallback = None;
         for _ in 0..n {
             let e = self.cursor.pick(&set.endpoints)?;
-            if e.available() {
+            if e.ready() {
                 return Some(e.clone());
             }
             fallback.get_or_insert_with(|| e.clone());
@@ -301,7 +301,12 @@ impl Cluster {
             set.picker.pick(&set.endpoints, req, admits)
         } else {
             set.picker
-                .pick(&set.endpoints, req, |e| e.available() && admits(e))
+                .pick(&set.endpoints, req, |e| e.ready() && admits(e))
+                // Endpoints waiting out a reconnect backoff are used when nothing else is.
+                .or_else(|| {
+                    set.picker
+                        .pick(&set.endpoints, req, |e| e.available() && admits(e))
+                })
                 .or_else(|| {
                     // Nothing available although the last count said enough were: recount,
                     // and balance over everything if that means panic.
@@ -345,6 +350,11 @@ impl Cluster {
         if !endpoint.record(Signal::of(result), cfg) || endpoint.ejected_for().is_some() {
             return;
         }
+        self.eject(endpoint, cfg);
+    }
+
+    /// Ejects `endpoint` unless the cluster has already lost its share.
+    fn eject(&self, endpoint: &Endpoint, cfg: &OutlierConfig) {
         let set = self.set.load();
         let total = set.endpoints.len() as u64;
         let ejected = set
@@ -448,6 +458,11 @@ impl Cluster {
             Ok(Err(e)) => Err(ProxyError::UpstreamReset(Box::new(e))),
         };
         drop(in_flight);
+        match &result {
+            Err(ProxyError::UpstreamConnect(_)) => endpoint.connected(false),
+            Err(ProxyError::ClientAbort(_) | ProxyError::DeadlineExceeded) => {}
+            _ => endpoint.connected(true),
+        }
         self.observe(&endpoint, &result);
         if let Some(p) = permit {
             p.record(classify::outcome(&result));
@@ -459,6 +474,21 @@ impl Cluster {
     pub fn connect_failed(&self, endpoint: &Endpoint) {
         endpoint.connect_failures.fetch_add(1, Ordering::Relaxed);
         self.metrics.connect_errors.inc();
+    }
+
+    /// Notes a TCP connection attempt's result: reconnect backoff and outlier detection.
+    pub fn tcp_connected(&self, endpoint: &Endpoint, ok: bool) {
+        endpoint.connected(ok);
+        if let Some(cfg) = &self.config.upstream.outlier {
+            let signal = if ok {
+                Signal::Success
+            } else {
+                Signal::ConnectFailure
+            };
+            if endpoint.record(signal, cfg) && endpoint.ejected_for().is_none() {
+                self.eject(endpoint, cfg);
+            }
+        }
     }
 }
 

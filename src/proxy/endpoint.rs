@@ -18,6 +18,11 @@ use crate::proxy::resilience::Response;
 
 /// How quickly the latency estimate forgets a peak.
 const EWMA_DECAY: Duration = Duration::from_secs(2);
+/// First wait before reconnecting to an endpoint that refused a connection; doubles per
+/// failure in a row, with jitter, up to [`RECONNECT_MAX`].
+const RECONNECT_BASE: Duration = Duration::from_millis(100);
+/// Longest reconnect backoff.
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 /// Active health of an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +76,11 @@ pub struct Endpoint {
     ejected_until: AtomicU64,
     /// Times the endpoint was ejected.
     pub ejections: AtomicU32,
+    /// Failed connection attempts in a row.
+    connect_streak: AtomicU32,
+    /// Nanoseconds since `epoch` before which new connections are not tried while other
+    /// endpoints are ready.
+    reconnect_at: AtomicU64,
 }
 
 /// What a try's result says about the endpoint, for outlier detection.
@@ -131,6 +141,8 @@ impl Endpoint {
             consecutive_connect: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            connect_streak: AtomicU32::new(0),
+            reconnect_at: AtomicU64::new(0),
         }
     }
 
@@ -210,6 +222,34 @@ impl Endpoint {
     /// Whether the balancer may pick the endpoint (breakers are asked separately).
     pub fn available(&self) -> bool {
         self.health() != Health::Unhealthy && self.ejected_for().is_none()
+    }
+
+    /// Whether the endpoint is available and not waiting out a reconnect backoff.
+    pub fn ready(&self) -> bool {
+        self.available() && self.now() >= self.reconnect_at.load(Ordering::Relaxed)
+    }
+
+    /// Time left in the reconnect backoff.
+    pub fn reconnect_in(&self) -> Option<Duration> {
+        let at = self.reconnect_at.load(Ordering::Relaxed);
+        let now = self.now();
+        (at > now).then(|| Duration::from_nanos(at - now))
+    }
+
+    /// Notes whether a connection could be made: failures in a row push the next attempt back
+    /// by a jittered exponential backoff (50–100% of 100 ms × 2^(n−1), at most 10 s).
+    pub fn connected(&self, ok: bool) {
+        if ok {
+            if self.connect_streak.swap(0, Ordering::Relaxed) != 0 {
+                self.reconnect_at.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let n = self.connect_streak.fetch_add(1, Ordering::Relaxed).min(16);
+        let cap = RECONNECT_BASE.saturating_mul(1 << n).min(RECONNECT_MAX);
+        let wait = cap.mul_f64(0.5 + 0.5 * fastrand::f64());
+        self.reconnect_at
+            .store(self.now() + wait.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Counts a try's signal; returns true when the endpoint crossed an ejection threshold.
@@ -295,6 +335,23 @@ mod tests {
             l > Duration::from_millis(40) && l < Duration::from_millis(45),
             "{l:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_connections_back_off_exponentially_with_jitter() {
+        let e = ep();
+        e.connected(false);
+        assert!(e.available() && !e.ready());
+        let first = e.reconnect_in().unwrap();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        e.connected(false);
+        let second = e.reconnect_in().unwrap();
+        assert!(second >= Duration::from_millis(100) && second <= Duration::from_millis(200));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(e.ready());
+        e.connected(false);
+        e.connected(true);
+        assert!(e.ready(), "a connection resets the backoff");
     }
 
     #[tokio::test(start_paused = true)]

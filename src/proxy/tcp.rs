@@ -31,13 +31,18 @@ pub async fn splice(
     };
     let connect = TcpStream::connect(endpoint.authority.as_str());
     let mut upstream = match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
-        Ok(Ok(s)) => s,
+        Ok(Ok(s)) => {
+            cluster.tcp_connected(&endpoint, true);
+            s
+        }
         Ok(Err(e)) => {
+            cluster.tcp_connected(&endpoint, false);
             cluster.connect_failed(&endpoint);
             tracing::debug!(listener, %peer, endpoint = %endpoint.authority, error = %e, "tcp connect failed");
             return;
         }
         Err(_) => {
+            cluster.tcp_connected(&endpoint, false);
             cluster.connect_failed(&endpoint);
             tracing::debug!(listener, %peer, endpoint = %endpoint.authority, "tcp connect timed out");
             return;

@@ -120,6 +120,7 @@ pub fn clusters_json(shared: &Shared) -> serde_json::Value {
                         "ejected": e.ejected_for().is_some(),
                         "ejected_ms": e.ejected_for().map(|d| d.as_millis() as u64),
                         "ejections": e.ejections.load(Ordering::Relaxed),
+                        "reconnect_in_ms": e.reconnect_in().map(|d| d.as_millis() as u64),
                         "latency_ewma_ms": e.latency().map(|d| d.as_secs_f64() * 1000.0),
                         "requests": e.requests.load(Ordering::Relaxed),
                         "in_flight": e.in_flight.load(Ordering::Relaxed),
