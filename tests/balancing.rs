@@ -389,3 +389,72 @@ clusters:
         "{back_after:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_routes_send_each_key_to_its_shard() {
+    let shards = [
+        Origin::start("s0").await,
+        Origin::start("s1").await,
+        Origin::start("s2").await,
+    ];
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: by-range
+        match: {{ prefix: /users }}
+        partition:
+          key: path
+          ranges:
+            - {{ below: /users/h, cluster: s0 }}
+            - {{ below: /users/p, cluster: s1 }}
+            - {{ cluster: s2 }}
+      - name: by-tenant
+        partition:
+          key: header:x-tenant
+          clusters: [s0, s1, s2]
+clusters:
+  - name: s0
+    endpoints: [{}]
+  - name: s1
+    endpoints: [{}]
+  - name: s2
+    endpoints: [{}]
+",
+        shards[0].addr, shards[1].addr, shards[2].addr
+    ))
+    .await;
+    let client = h1_client();
+    for (path, shard) in [
+        ("/users/alice", "s0"),
+        ("/users/mallory", "s1"),
+        ("/users/zoe", "s2"),
+        ("/users/h", "s1"),
+    ] {
+        let (_, headers, _) = get(&client, &proxy.url("in", path)).await.unwrap();
+        assert_eq!(headers["x-origin"], shard, "{path}");
+    }
+    let mut owner = HashMap::new();
+    let mut used = std::collections::HashSet::new();
+    for round in 0..2 {
+        for t in 0..60 {
+            let req = Request::get(proxy.url("in", "/orders"))
+                .header("x-tenant", format!("tenant-{t}"))
+                .body(empty())
+                .unwrap();
+            let (_, headers, _) = send(&client, req).await.unwrap();
+            let shard = headers["x-origin"].to_str().unwrap().to_owned();
+            used.insert(shard.clone());
+            let first = owner.entry(t).or_insert_with(|| shard.clone());
+            assert_eq!(*first, shard, "tenant-{t} moved in round {round}");
+        }
+    }
+    assert_eq!(used.len(), 3, "tenants spread over every shard");
+    let (status, headers, _) = get(&client, &proxy.url("in", "/orders")).await.unwrap();
+    assert_eq!(
+        (status.as_u16(), reason(&headers)),
+        (404, "no_route"),
+        "no key, no shard"
+    );
+}

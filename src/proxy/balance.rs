@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::control::config::upstream::Balancer;
+use crate::control::config::upstream::{Balancer, HashOn};
 use crate::proxy::endpoint::Endpoint;
 
 /// Points per unit of weight on the hash ring (as ketama): enough for an even spread.
@@ -22,6 +22,44 @@ const MAX_SCHEDULE: u64 = 16_384;
 /// A stable 64-bit hash (XXH3): the same key hashes alike in every sidecar and every version.
 pub fn hash(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// Calls `f` with the bytes of a request's key, if the request has one.
+pub fn with_key<R>(
+    on: &HashOn,
+    headers: &http::HeaderMap,
+    path: &str,
+    peer: std::net::SocketAddr,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Option<R> {
+    match on {
+        HashOn::Header(name) => headers.get(name).map(|v| f(v.as_bytes())),
+        HashOn::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| f(v.as_bytes())),
+        HashOn::SourceIp => Some(match peer.ip() {
+            std::net::IpAddr::V4(ip) => f(&ip.octets()),
+            std::net::IpAddr::V6(ip) => f(&ip.octets()),
+        }),
+        HashOn::Path => Some(f(path.as_bytes())),
+    }
+}
+
+/// Jump consistent hash (Lamping and Veach, 2014): a bucket in `0..buckets` for `key`; growing
+/// the number of buckets moves only the keys the new buckets take.
+pub fn jump_hash(mut key: u64, buckets: usize) -> usize {
+    let (mut b, mut j) = (-1i64, 0i64);
+    while j < buckets as i64 {
+        b = j;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    b.max(0) as usize
 }
 
 /// The precomputed state of a balancing algorithm over one endpoint set.
@@ -417,6 +455,20 @@ mod tests {
             }
             assert!(p.pick(&eps, req(1), |_| false).is_none());
         }
+    }
+
+    #[test]
+    fn jump_hash_moves_only_what_a_new_bucket_takes() {
+        let keys = 10_000u64;
+        let moved = (0..keys)
+            .filter(|k| {
+                let h = hash(&k.to_le_bytes());
+                let (a, b) = (jump_hash(h, 4), jump_hash(h, 5));
+                assert!(a < 4 && b < 5);
+                a != b && b != 4
+            })
+            .count();
+        assert_eq!(moved, 0, "keys move only to the new shard");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::control::config::resilience::DEFAULT_ENDPOINT_CONSECUTIVE_FAILURES;
-use crate::control::config::upstream::{Discovery, HashOn, OutlierConfig};
+use crate::control::config::upstream::{Discovery, OutlierConfig};
 use crate::control::config::{ClusterConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::proxy::balance::{self, PickRequest, Picker, RoundRobin};
@@ -258,23 +258,8 @@ impl Cluster {
 
     /// The hash key of a request for consistent-hash balancers.
     fn hash_key(&self, head: &http::request::Parts, peer: std::net::SocketAddr) -> Option<u64> {
-        match self.config.upstream.hash_on.as_ref()? {
-            HashOn::Header(name) => head.headers.get(name).map(|v| balance::hash(v.as_bytes())),
-            HashOn::Cookie(name) => head
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|kv| kv.trim().split_once('='))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| balance::hash(v.as_bytes())),
-            HashOn::SourceIp => Some(match peer.ip() {
-                std::net::IpAddr::V4(ip) => balance::hash(&ip.octets()),
-                std::net::IpAddr::V6(ip) => balance::hash(&ip.octets()),
-            }),
-            HashOn::Path => Some(balance::hash(head.uri.path().as_bytes())),
-        }
+        let on = self.config.upstream.hash_on.as_ref()?;
+        balance::with_key(on, &head.headers, head.uri.path(), peer, balance::hash)
     }
 
     /// Picks the endpoint for a try: available (unless the cluster panics), admitted by its

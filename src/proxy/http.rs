@@ -196,7 +196,7 @@ async fn forward(
     req: Request<Incoming>,
     start: Instant,
 ) -> Response<ProxyBody> {
-    let Some(target) = route.pick() else {
+    let Some(target) = route.pick_for(req.headers(), req.uri().path(), peer) else {
         state.metrics.local_reply(ErrorKind::NoRoute);
         return local_reply(ErrorKind::NoRoute);
     };

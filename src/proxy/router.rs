@@ -10,7 +10,10 @@ use std::time::Duration;
 use http::{header, HeaderMap, Method, Request};
 
 use crate::control::config::{HeaderValueMatch, PathMatch, RouteConfig, RouteMatch};
-use crate::proxy::balance::Weighted;
+use std::net::SocketAddr;
+
+use crate::control::config::validate::{PartitionConfig, PartitionMode};
+use crate::proxy::balance::{self, Weighted};
 use crate::proxy::connect::Cluster;
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::stack::{self, RouteShared, RouteStack};
@@ -35,6 +38,8 @@ pub struct Route {
     pub max_retry_body: u64,
     /// Longest silence of a response stream.
     pub idle_timeout: Option<Duration>,
+    /// For a partitioned route: how a key picks one of `targets`.
+    partition: Option<PartitionConfig>,
     /// Rate limiter, route bulkhead and faults, kept across reloads while their config holds.
     shared: Arc<RouteShared>,
     /// The config `shared` was built from.
@@ -123,6 +128,7 @@ impl RouteTable {
                     timeout: r.timeout,
                     max_retry_body: r.retry.max_body,
                     idle_timeout: r.idle_timeout,
+                    partition: r.partition.clone(),
                     shared,
                     shared_config: r.clone(),
                 })
@@ -160,6 +166,22 @@ impl Route {
     /// The target for the next request, following the weights.
     pub fn pick(&self) -> Option<&Target> {
         self.targets.get(self.picker.pick())
+    }
+
+    /// The target for a request: by its partition key on a partitioned route (`None` when the
+    /// request has no key), by weight otherwise.
+    pub fn pick_for(&self, headers: &HeaderMap, path: &str, peer: SocketAddr) -> Option<&Target> {
+        let Some(p) = &self.partition else {
+            return self.pick();
+        };
+        let index = balance::with_key(&p.key, headers, path, peer, |key| match &p.mode {
+            PartitionMode::Hash => balance::jump_hash(balance::hash(key), self.targets.len()),
+            PartitionMode::Ranges(bounds) => bounds
+                .iter()
+                .position(|b| key < b.as_bytes())
+                .unwrap_or(bounds.len()),
+        })?;
+        self.targets.get(index)
     }
 }
 

@@ -95,6 +95,9 @@ pub struct RawRoute {
     /// Or split them between clusters by weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weighted_clusters: Option<Vec<RawWeightedCluster>>,
+    /// Or send each to the shard cluster its key maps to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<RawPartition>,
     /// Time allowed for the whole request, retries included, until response headers; `0s` disables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
@@ -157,6 +160,32 @@ pub struct RawHeaderMatch {
     /// The header is present (`true`) or absent (`false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub present: Option<bool>,
+}
+
+/// Partition-aware routing: a request's key picks one shard cluster.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPartition {
+    /// Where the key is: `header:NAME`, `cookie:NAME`, `source_ip` or `path`.
+    pub key: String,
+    /// Shards chosen by a consistent hash of the key (jump hash: adding a shard at the end moves
+    /// only the keys it takes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clusters: Option<Vec<String>>,
+    /// Or shards chosen by the key's range, in ascending order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<Vec<RawRange>>,
+}
+
+/// One range of a range-partitioned route: keys below `below` (and not below an earlier bound).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRange {
+    /// Exclusive upper bound, compared byte-wise; absent on the last range, which takes the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<String>,
+    /// The shard cluster.
+    pub cluster: String,
 }
 
 /// One target of a weighted split.

@@ -541,7 +541,7 @@ impl Validator {
         }
     }
 
-    fn hash_on(&mut self, path: &str, h: &str) -> Option<HashOn> {
+    pub(super) fn hash_on(&mut self, path: &str, h: &str) -> Option<HashOn> {
         let parsed = match h {
             "source_ip" => Some(HashOn::SourceIp),
             "path" => Some(HashOn::Path),

@@ -12,13 +12,14 @@ use http::{HeaderName, Method};
 use regex::Regex;
 
 use super::model::{
-    ListenerProtocol, RawCluster, RawConfig, RawHeaderMatch, RawListener, RawMatch, RawRoute,
-    UpstreamProtocol,
+    ListenerProtocol, RawCluster, RawConfig, RawHeaderMatch, RawListener, RawMatch, RawPartition,
+    RawRoute, UpstreamProtocol,
 };
 use super::resilience::{
     BreakerConfig, BudgetConfig, BulkheadConfig, FaultConfig, LoadShedConfig, RateLimitConfig,
     RetryConfig,
 };
+use super::upstream::HashOn;
 use super::upstream::UpstreamConfig;
 
 /// Admin address when the config names none.
@@ -109,6 +110,8 @@ pub struct RouteConfig {
     pub timeout: Option<Duration>,
     /// Longest silence of a response stream; `None` when disabled.
     pub idle_timeout: Option<Duration>,
+    /// How a partitioned route maps a key to one of `targets`.
+    pub partition: Option<PartitionConfig>,
     /// Retry and hedging policy.
     pub retry: RetryConfig,
     /// Rate limit, if any.
@@ -126,6 +129,7 @@ impl PartialEq for RouteConfig {
             && self.targets == other.targets
             && self.timeout == other.timeout
             && self.idle_timeout == other.idle_timeout
+            && self.partition == other.partition
             && self.retry == other.retry
             && self.rate_limit == other.rate_limit
             && self.bulkhead == other.bulkhead
@@ -215,6 +219,24 @@ impl PartialEq for HeaderValueMatch {
             _ => false,
         }
     }
+}
+
+/// How a partitioned route picks its shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionConfig {
+    /// Where the key is.
+    pub key: HashOn,
+    /// Hash or ranges.
+    pub mode: PartitionMode,
+}
+
+/// The mapping from key to shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionMode {
+    /// Jump consistent hash of the key over the shards, in order.
+    Hash,
+    /// Upper bounds (exclusive) of every shard but the last.
+    Ranges(Vec<String>),
 }
 
 /// A validated cluster.
@@ -423,6 +445,70 @@ impl Validator {
         }
     }
 
+    fn partition(
+        &mut self,
+        path: &str,
+        p: Option<&RawPartition>,
+        clusters: &[&str],
+    ) -> (Option<PartitionConfig>, Vec<(String, u32)>) {
+        let Some(p) = p else {
+            return (None, Vec::new());
+        };
+        let ppath = format!("{path}.partition");
+        let key = self.hash_on(&format!("{ppath}.key"), &p.key);
+        let (mode, names): (PartitionMode, Vec<String>) = match (&p.clusters, &p.ranges) {
+            (Some(cs), None) if !cs.is_empty() => (PartitionMode::Hash, cs.clone()),
+            (None, Some(rs)) if !rs.is_empty() => {
+                let mut bounds = Vec::with_capacity(rs.len());
+                for (k, r) in rs.iter().enumerate() {
+                    let last = k + 1 == rs.len();
+                    match (&r.below, last) {
+                        (None, false) => self.problem(
+                            format!("{ppath}.ranges[{k}]"),
+                            "only the last range may leave out `below`".into(),
+                        ),
+                        (Some(_), true) => self.problem_with_hint(
+                            format!("{ppath}.ranges[{k}].below"),
+                            "the last range takes the rest: it has no `below`".into(),
+                            Some("remove `below`, or add a last range without it".into()),
+                        ),
+                        _ => {}
+                    }
+                    if let (Some(b), Some(Some(prev))) = (&r.below, bounds.last()) {
+                        if b <= prev {
+                            self.problem(
+                                format!("{ppath}.ranges[{k}].below"),
+                                format!("bounds must ascend: `{b}` is not above `{prev}`"),
+                            );
+                        }
+                    }
+                    bounds.push(r.below.clone());
+                }
+                (
+                    PartitionMode::Ranges(bounds.into_iter().flatten().collect()),
+                    rs.iter().map(|r| r.cluster.clone()).collect(),
+                )
+            }
+            _ => {
+                self.problem(
+                    ppath.clone(),
+                    "give a non-empty `clusters` (hash) or `ranges`, not both".into(),
+                );
+                (PartitionMode::Hash, Vec::new())
+            }
+        };
+        for (k, name) in names.iter().enumerate() {
+            let field = if matches!(mode, PartitionMode::Hash) {
+                format!("{ppath}.clusters[{k}]")
+            } else {
+                format!("{ppath}.ranges[{k}].cluster")
+            };
+            self.cluster_ref(field, name, clusters);
+        }
+        let targets = names.into_iter().map(|n| (n, 1)).collect();
+        (key.map(|key| PartitionConfig { key, mode }), targets)
+    }
+
     /// A duration where `0s` means "off", with a default when absent.
     fn optional_timeout(
         &mut self,
@@ -559,7 +645,13 @@ impl Validator {
     fn route(&mut self, path: &str, r: &RawRoute, clusters: &[&str]) -> Option<RouteConfig> {
         let before = self.problems.len();
         let matcher = self.route_match(&format!("{path}.match"), &r.matcher);
+        let mut partition = None;
         let targets = match (&r.cluster, &r.weighted_clusters) {
+            (None, None) if r.partition.is_some() => {
+                let (p, targets) = self.partition(path, r.partition.as_ref(), clusters);
+                partition = p;
+                targets
+            }
             (Some(c), None) => {
                 self.cluster_ref(format!("{path}.cluster"), c, clusters);
                 vec![(c.clone(), 1)]
@@ -591,11 +683,17 @@ impl Validator {
                 self.problem_with_hint(
                     path.to_owned(),
                     format!("route `{}` has no destination", r.name),
-                    Some("add `cluster: NAME` or `weighted_clusters:`".into()),
+                    Some("add `cluster: NAME`, `weighted_clusters:` or `partition:`".into()),
                 );
                 Vec::new()
             }
         };
+        if r.partition.is_some() && (r.cluster.is_some() || r.weighted_clusters.is_some()) {
+            self.problem(
+                format!("{path}.partition"),
+                "give one of `cluster`, `weighted_clusters` and `partition`".into(),
+            );
+        }
         let timeout = match self.duration(&format!("{path}.timeout"), r.timeout.as_deref()) {
             Some(d) if d.is_zero() => None,
             Some(d) => Some(d),
@@ -631,6 +729,7 @@ impl Validator {
             targets,
             timeout,
             idle_timeout,
+            partition,
             retry,
             rate_limit,
             bulkhead,
