@@ -201,7 +201,7 @@ fn serving(mut msg: &[u8]) -> bool {
 /// Checks one endpoint until it leaves the cluster.
 async fn watch(cluster: Weak<Cluster>, endpoint: Weak<Endpoint>, checker: Arc<Checker>) {
     let cfg = &checker.cfg;
-    let mut state = Detection::new(cfg.detector);
+    let mut state = Detection::new(cfg.detector, cfg.timeout);
     // Spread the first checks of a fleet over one jitter period.
     tokio::time::sleep(jitter(cfg.jitter)).await;
     loop {
@@ -263,13 +263,14 @@ pub struct Detection {
 }
 
 impl Detection {
-    /// A detector with no history.
-    pub fn new(detector: Detector) -> Self {
+    /// A detector with no history; `pause` is how late a heartbeat may normally be (the check
+    /// timeout: a check can take that long and still pass).
+    pub fn new(detector: Detector, pause: Duration) -> Self {
         Self {
             detector,
             passes: 0,
             failures: 0,
-            phi: PhiAccrual::new(PHI_WINDOW),
+            phi: PhiAccrual::new(PHI_WINDOW, pause),
         }
     }
 
@@ -294,8 +295,9 @@ impl Detection {
         self.failures += 1;
         self.passes = 0;
         let down = match self.detector {
-            Detector::Threshold => self.failures >= cfg.unhealthy_threshold,
-            Detector::Phi(t) => self.phi.phi(now) >= t,
+            // Without two heartbeats there is no history to judge by: fall back to the count.
+            Detector::Phi(t) if self.phi.has_history() => self.phi.phi(now) >= t,
+            _ => self.failures >= cfg.unhealthy_threshold,
         };
         if down {
             Health::Unhealthy
@@ -319,16 +321,24 @@ pub struct PhiAccrual {
     intervals: VecDeque<f64>,
     capacity: usize,
     last: Option<Instant>,
+    pause: f64,
 }
 
 impl PhiAccrual {
-    /// A detector remembering `capacity` intervals.
-    pub fn new(capacity: usize) -> Self {
+    /// A detector remembering `capacity` intervals, tolerating heartbeats `pause` late (as
+    /// Akka's acceptable-heartbeat-pause).
+    pub fn new(capacity: usize, pause: Duration) -> Self {
         Self {
             intervals: VecDeque::with_capacity(capacity),
             capacity,
             last: None,
+            pause: pause.as_secs_f64(),
         }
+    }
+
+    /// Whether there is an interval to judge by.
+    pub fn has_history(&self) -> bool {
+        !self.intervals.is_empty()
     }
 
     /// Records a heartbeat.
@@ -351,16 +361,17 @@ impl PhiAccrual {
             return 0.0;
         }
         let n = self.intervals.len() as f64;
-        let mean = self.intervals.iter().sum::<f64>() / n;
+        let observed = self.intervals.iter().sum::<f64>() / n;
         let var = self
             .intervals
             .iter()
-            .map(|x| (x - mean).powi(2))
+            .map(|x| (x - observed).powi(2))
             .sum::<f64>()
             / n;
-        // A floor on the deviation (a tenth of the mean, as Akka's min-std-deviation) keeps a
-        // perfectly regular history from making any delay look infinitely suspicious.
-        let std = var.sqrt().max(mean / 10.0).max(1e-3);
+        // A floor on the deviation (a quarter of the mean, as Akka's min-std-deviation) keeps a
+        // very regular history from making any delay look infinitely suspicious.
+        let std = var.sqrt().max(observed / 4.0).max(1e-3);
+        let mean = observed + self.pause;
         let t = now.saturating_duration_since(last).as_secs_f64();
         // Logistic approximation of the normal CDF's tail, as in Akka.
         let y = (t - mean) / std;
@@ -394,7 +405,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn thresholds_need_consecutive_results() {
         let c = cfg();
-        let mut d = Detection::new(Detector::Threshold);
+        let mut d = Detection::new(Detector::Threshold, Duration::ZERO);
         let now = Instant::now();
         let mut h = d.observe(true, now, Health::Unchecked, &c);
         assert_eq!(
@@ -419,8 +430,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn phi_grows_with_silence_and_adapts_to_irregular_heartbeats() {
-        let mut regular = PhiAccrual::new(100);
-        let mut irregular = PhiAccrual::new(100);
+        let mut regular = PhiAccrual::new(100, Duration::ZERO);
+        let mut irregular = PhiAccrual::new(100, Duration::ZERO);
         let start = Instant::now();
         let mut t = start;
         for i in 0..50 {

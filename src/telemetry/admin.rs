@@ -141,7 +141,7 @@ pub fn clusters_json(shared: &Shared) -> serde_json::Value {
                     crate::control::config::upstream::Discovery::Static(_) => "static",
                     crate::control::config::upstream::Discovery::Dns(_) => "dns",
                 },
-                "load_balancer": format!("{:?}", c.config.upstream.balancer),
+                "load_balancer": c.config.upstream.balancer.name(),
                 "panic": c.panicking(),
                 "circuit": c.breaker.as_ref().map(|b| b.state().name()),
                 "circuit_open_ms": c.breaker.as_ref().and_then(|b| b.open_for()).map(|d| d.as_millis() as u64),

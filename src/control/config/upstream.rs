@@ -199,6 +199,20 @@ pub enum Balancer {
     Maglev,
 }
 
+impl Balancer {
+    /// The name used in the config and on `/clusters`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balancer::RoundRobin => "round_robin",
+            Balancer::LeastRequest => "least_request",
+            Balancer::PeakEwma => "peak_ewma",
+            Balancer::Random => "random",
+            Balancer::RingHash => "ring_hash",
+            Balancer::Maglev => "maglev",
+        }
+    }
+}
+
 /// Names accepted in `load_balancer`.
 pub const BALANCER_NAMES: &[&str] = &[
     "peak_ewma",

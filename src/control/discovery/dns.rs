@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::{Discovery, Update};
 use crate::control::config::upstream::{DnsConfig, DnsQuery};
 
-/// Time allowed for one DNS query (it is tried twice).
+/// Time allowed for one DNS query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Follows one DNS name.
