@@ -155,3 +155,55 @@ async fn resilient_example_hides_a_failing_replica_and_limits_search() {
     assert_eq!(reason(&headers), "rate_limited");
     assert!(headers.contains_key("retry-after"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_example_pins_tenants_and_sessions() {
+    let shards = [
+        Origin::start("orders-0").await,
+        Origin::start("orders-1").await,
+        Origin::start("orders-2").await,
+    ];
+    let web = [
+        Origin::start("web-1").await,
+        Origin::start("web-2").await,
+        Origin::start("web-3").await,
+    ];
+    let proxy = Proxy::start(&localize(
+        "sharded.yaml",
+        &[
+            ("orders-0.internal:8080", shards[0].addr),
+            ("orders-1.internal:8080", shards[1].addr),
+            ("orders-2.internal:8080", shards[2].addr),
+            ("web-1.internal:8080", web[0].addr),
+            ("web-2.internal:8080", web[1].addr),
+            ("web-3.internal:8080", web[2].addr),
+        ],
+    ))
+    .await;
+    let client = h1_client();
+    let served = |header: &'static str, value: String, path: &'static str| {
+        let (client, url) = (client.clone(), proxy.url("outbound", path));
+        async move {
+            let req = Request::get(url)
+                .header(header, value)
+                .body(empty())
+                .unwrap();
+            let (status, headers, _) = send(&client, req).await.unwrap();
+            assert_eq!(status.as_u16(), 200);
+            headers["x-origin"].to_str().unwrap().to_owned()
+        }
+    };
+    for tenant in ["acme", "globex", "initech", "umbrella"] {
+        let first = served("x-tenant", tenant.into(), "/orders/1").await;
+        assert!(first.starts_with("orders-"));
+        for _ in 0..3 {
+            assert_eq!(served("x-tenant", tenant.into(), "/orders/2").await, first);
+        }
+    }
+    for s in 0..10 {
+        let cookie = format!("session=s{s}");
+        let first = served("cookie", cookie.clone(), "/app/cart").await;
+        assert!(first.starts_with("web-"));
+        assert_eq!(served("cookie", cookie, "/app/cart").await, first);
+    }
+}

@@ -422,6 +422,7 @@ mod tests {
                 }
             }
             let share = moved as f64 / keys as f64;
+            println!("{kind:?}: adding an 11th endpoint to 10 moved {moved} of {keys} keys ({:.1}%); spread {counts:?}", share * 100.0);
             assert!(share <= 0.15, "{kind:?} moved {share}");
             assert!(
                 counts.iter().all(|&c| c > 1000 && c < 2700),
