@@ -224,16 +224,14 @@ clusters:
     );
 }
 
-/// `python3 -m http.server` on a port: a real endpoint process to kill.
+/// Python's `http.server` on a port: a real endpoint process to kill. Its listen backlog is
+/// raised from socketserver's 5, which can drop a connection even under this light load.
 fn python_origin(port: u16, dir: &std::path::Path) -> Child {
+    let script = "import http.server as h, sys\n\
+                  h.ThreadingHTTPServer.request_queue_size = 256\n\
+                  h.test(HandlerClass=h.SimpleHTTPRequestHandler, port=int(sys.argv[1]), bind='127.0.0.1')";
     Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
+        .args(["-c", script, &port.to_string()])
         .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

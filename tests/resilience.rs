@@ -1090,3 +1090,55 @@ clusters:
     let (status, _, _) = get(&client, &proxy.url("in", "/")).await.unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_answer_cut_short_is_retried_not_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers headers and half of the promised body, then closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broken = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf_")
+                    .await;
+            });
+        }
+    });
+    let good = Origin::start("good").await;
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    routes:
+      - name: all
+        cluster: app
+clusters:
+  - name: app
+    endpoints: [{broken}, {}]
+    load_balancer: round_robin
+    outlier_detection: {{ enabled: false }}
+",
+        good.addr
+    ))
+    .await;
+    let client = h1_client();
+    for _ in 0..6 {
+        let (status, headers, body) = get(&client, &proxy.url("in", "/x")).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-origin"], "good", "{body}");
+    }
+    let m = scrape(&proxy).await;
+    assert!(
+        metric(
+            &m,
+            "outrigger_retries_total{cluster=\"app\",listener=\"in\",route=\"all\"}"
+        ) >= 3.0
+    );
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -418,10 +419,19 @@ impl Cluster {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let resp = Response::from_parts(parts, ProxyBody::Upstream(body));
-                let held = if ctx.grpc_retry_codes != 0
+                let grpc_hold = ctx.grpc_retry_codes != 0
                     && classify::is_grpc(resp.headers())
-                    && classify::header_grpc_code(resp.headers()).is_none()
-                {
+                    && classify::header_grpc_code(resp.headers()).is_none();
+                // A small answer usually arrives whole with its headers: reading it before
+                // answering costs nothing, and a body cut short becomes a retryable reset.
+                let small_hold = ctx.hold_small
+                    && !resp.body().is_end_stream()
+                    && resp
+                        .body()
+                        .size_hint()
+                        .exact()
+                        .is_some_and(|n| n <= ctx.hold_limit);
+                let held = if grpc_hold || small_hold {
                     let until = ctx.try_deadline.map_or(Instant::now() + HOLD_MAX, |d| {
                         d.min(Instant::now() + HOLD_MAX)
                     });

@@ -67,6 +67,9 @@ pub struct CallCtx {
     /// gRPC codes (a bit set) whose presence in trailers makes the try retryable; when set, the
     /// upstream layer reads a gRPC response up to `hold_limit` bytes to see its trailers.
     pub grpc_retry_codes: u32,
+    /// Whether a small response (known length up to `hold_limit`) is read whole before it is
+    /// answered, so that a body cut short (the upstream died mid-answer) can still be retried.
+    pub hold_small: bool,
     /// How much of a response may be held back to read its trailers.
     pub hold_limit: u64,
     /// The route's stream idle timeout, applied to the response body.
@@ -86,6 +89,7 @@ impl CallCtx {
             attempt: 1,
             tried: None,
             grpc_retry_codes: 0,
+            hold_small: false,
             hold_limit: 0,
             idle_timeout: None,
         }

@@ -206,8 +206,10 @@ where
         if more && call.body.replayable() {
             call.ctx.grpc_retry_codes = cfg.on.grpc_codes;
             call.ctx.hold_limit = cfg.max_body;
+            call.ctx.hold_small = resendable && cfg.on.reset;
         } else {
             call.ctx.grpc_retry_codes = 0;
+            call.ctx.hold_small = false;
         }
         let spare = if more || cfg.hedge.is_some() {
             call.try_clone()
