@@ -22,6 +22,78 @@ use crate::telemetry::metrics::{Metrics, RouteMetrics};
 /// A listener's compiled routes.
 pub struct RouteTable {
     routes: Vec<Route>,
+    index: PrefixIndex,
+}
+
+/// A byte trie over the routes' literal path prefixes (the prefix, or the exact path; empty for
+/// regex and path-less routes). A lookup walks the request path once and tests only the routes
+/// whose literal could match, in file order, so a table of 10,000 routes costs about as much as
+/// one of ten.
+struct PrefixIndex {
+    nodes: Vec<Node>,
+}
+
+#[derive(Default)]
+struct Node {
+    /// Children by next byte, sorted.
+    edges: Vec<(u8, u32)>,
+    /// Routes whose literal ends here, ascending.
+    routes: Vec<u32>,
+}
+
+impl PrefixIndex {
+    fn build(routes: &[Route]) -> Self {
+        let mut nodes = vec![Node::default()];
+        for (i, r) in routes.iter().enumerate() {
+            let literal = match &r.matcher.path {
+                PathMatch::Prefix(p) => p.as_str(),
+                PathMatch::Exact(e) => e.as_str(),
+                PathMatch::Any | PathMatch::Regex(_) => "",
+            };
+            let mut at = 0usize;
+            for b in literal.bytes() {
+                at = match nodes[at].edges.binary_search_by_key(&b, |e| e.0) {
+                    Ok(k) => nodes[at].edges[k].1 as usize,
+                    Err(k) => {
+                        let id = nodes.len();
+                        nodes.push(Node::default());
+                        nodes[at].edges.insert(k, (b, id as u32));
+                        id
+                    }
+                };
+            }
+            nodes[at].routes.push(i as u32);
+        }
+        Self { nodes }
+    }
+
+    /// The first route, in file order, whose literal prefixes `path` and for which `test` holds.
+    fn first(&self, path: &str, test: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        let visit = |node: &Node, best: &mut Option<usize>| {
+            for &i in &node.routes {
+                let i = i as usize;
+                if best.is_some_and(|b| b <= i) {
+                    break;
+                }
+                if test(i) {
+                    *best = Some(i);
+                    break;
+                }
+            }
+        };
+        let mut at = 0usize;
+        visit(&self.nodes[0], &mut best);
+        for b in path.bytes() {
+            let node = &self.nodes[at];
+            match node.edges.binary_search_by_key(&b, |e| e.0) {
+                Ok(k) => at = node.edges[k].1 as usize,
+                Err(_) => break,
+            }
+            visit(&self.nodes[at], &mut best);
+        }
+        best
+    }
 }
 
 /// One compiled route.
@@ -134,21 +206,24 @@ impl RouteTable {
                 })
             })
             .collect::<Result<Vec<_>, UnknownCluster>>()?;
-        Ok(Self { routes })
+        let index = PrefixIndex::build(&routes);
+        Ok(Self { routes, index })
     }
 
     /// The first route matching `req`.
     pub fn find<B>(&self, req: &Request<B>) -> Option<&Route> {
         let host = request_host(req);
-        self.routes.iter().find(|r| {
+        let path = req.uri().path();
+        let i = self.index.first(path, |i| {
             matches(
-                &r.matcher,
+                &self.routes[i].matcher,
                 req.method(),
-                req.uri().path(),
+                path,
                 host,
                 req.headers(),
             )
-        })
+        })?;
+        self.routes.get(i)
     }
 
     /// Number of routes.
@@ -276,6 +351,59 @@ mod tests {
 
     fn route_of(t: &RouteTable, req: Request<()>) -> Option<String> {
         t.find(&req).map(|r| r.name.to_string())
+    }
+
+    #[test]
+    fn the_prefix_index_finds_what_a_linear_scan_finds() {
+        let (t, _m) = table(
+            "      - { name: api-get, match: { prefix: /api, methods: [GET] }, cluster: a }
+      - { name: api-users-exact, match: { exact: /api/users }, cluster: a }
+      - { name: api-users, match: { prefix: /api/users/ }, cluster: b }
+      - { name: host-only, match: { host: example.com }, cluster: a }
+      - { name: regex, match: { regex: '/v[0-9]+/.*' }, cluster: b }
+      - { name: apix, match: { prefix: /apix }, cluster: a }
+      - { name: root, match: { prefix: / }, cluster: b }
+      - { name: never, match: { exact: /api }, cluster: a }",
+        );
+        let paths = [
+            "/",
+            "/api",
+            "/api/",
+            "/api/users",
+            "/api/users/7",
+            "/apix/1",
+            "/ap",
+            "/v2/x",
+            "/v/x",
+            "/other",
+            "/api/usersx",
+        ];
+        for path in paths {
+            for method in [Method::GET, Method::POST] {
+                for host in ["example.com", "other.org"] {
+                    let req = Request::builder()
+                        .method(method.clone())
+                        .uri(path)
+                        .header("host", host)
+                        .body(())
+                        .unwrap();
+                    let linear = t
+                        .routes
+                        .iter()
+                        .find(|r| {
+                            matches(
+                                &r.matcher,
+                                req.method(),
+                                path,
+                                request_host(&req),
+                                req.headers(),
+                            )
+                        })
+                        .map(|r| r.name.to_string());
+                    assert_eq!(route_of(&t, req), linear, "{method} {host}{path}");
+                }
+            }
+        }
     }
 
     #[test]
