@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+/// Buffer size of each direction of a TCP splice.
+const SPLICE_BUFFER: usize = 64 * 1024;
+
 use crate::proxy::connect::Cluster;
 use crate::telemetry::metrics::ListenerMetrics;
 
@@ -51,7 +54,15 @@ pub async fn splice(
     let _in_flight = endpoint.start();
     let _ = downstream.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    // 64 KiB per direction instead of tokio's 8 KiB default: bulk transfers need a quarter of
+    // the wake-ups and syscalls, for 112 KiB more per open TCP connection.
+    let result = tokio::io::copy_bidirectional_with_sizes(
+        &mut downstream,
+        &mut upstream,
+        SPLICE_BUFFER,
+        SPLICE_BUFFER,
+    )
+    .await;
     let (up, down) = match &result {
         Ok((up, down)) => (*up, *down),
         Err(_) => (0, 0),
