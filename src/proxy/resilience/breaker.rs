@@ -11,17 +11,15 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use crate::control::config::resilience::{BreakerConfig, Window};
 use crate::error::ProxyError;
 use crate::proxy::resilience::classify::{self, Outcome};
-use crate::proxy::resilience::{Call, Response, ResponseFuture};
+use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 
 /// Breaker states; the gauge label and the `/clusters` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -470,55 +468,16 @@ fn adjust(counter: &AtomicI64, was: bool, is: bool) {
 }
 
 /// Wraps a cluster's tries in its breaker.
-#[derive(Clone)]
-pub struct BreakerLayer {
-    breaker: Option<Arc<CircuitBreaker>>,
-}
-
-impl BreakerLayer {
-    /// A layer over `breaker` (`None`: breakers are off for this cluster).
-    pub fn new(breaker: Option<Arc<CircuitBreaker>>) -> Self {
-        Self { breaker }
-    }
-}
-
-impl<S> Layer<S> for BreakerLayer {
-    type Service = Breaker<S>;
-    fn layer(&self, inner: S) -> Breaker<S> {
-        Breaker {
-            inner,
-            breaker: self.breaker.clone(),
-        }
-    }
-}
-
+pub type BreakerLayer = ApplyLayer<CircuitBreaker>;
 /// See [`BreakerLayer`].
-#[derive(Clone)]
-pub struct Breaker<S> {
-    inner: S,
-    breaker: Option<Arc<CircuitBreaker>>,
-}
+pub type Breaker<S> = Apply<CircuitBreaker, S>;
 
-impl<S> Service<Call> for Breaker<S>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>,
-{
-    type Response = Response;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, call: Call) -> ResponseFuture {
-        let Some(breaker) = self.breaker.clone() else {
-            return self.inner.call(call);
-        };
-        let Some(permit) = breaker.try_acquire() else {
+impl Mechanism for CircuitBreaker {
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
+        let Some(permit) = self.try_acquire() else {
             return Box::pin(std::future::ready(Err(ProxyError::CircuitOpen)));
         };
-        let fut = self.inner.call(call);
+        let fut = inner.call(call);
         Box::pin(async move {
             let result = fut.await;
             permit.record(classify::outcome(&result));

@@ -8,16 +8,14 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntGauge;
 use tokio::sync::Semaphore;
-use tower::{Layer, Service};
 
 use crate::control::config::resilience::BulkheadConfig;
 use crate::error::ProxyError;
-use crate::proxy::resilience::{Call, Response, ResponseFuture};
+use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 
 /// Gauges of one bulkhead.
 #[derive(Clone)]
@@ -112,55 +110,13 @@ impl Drop for Slot<'_> {
 }
 
 /// Puts a bulkhead in front of the inner service.
-#[derive(Clone)]
-pub struct BulkheadLayer {
-    bulkhead: Option<Arc<Bulkhead>>,
-}
-
-impl BulkheadLayer {
-    /// A layer over `bulkhead` (`None`: no cap).
-    pub fn new(bulkhead: Option<Arc<Bulkhead>>) -> Self {
-        Self { bulkhead }
-    }
-}
-
-impl<S> Layer<S> for BulkheadLayer {
-    type Service = BulkheadService<S>;
-    fn layer(&self, inner: S) -> BulkheadService<S> {
-        BulkheadService {
-            inner,
-            bulkhead: self.bulkhead.clone(),
-        }
-    }
-}
-
+pub type BulkheadLayer = ApplyLayer<Bulkhead>;
 /// See [`BulkheadLayer`].
-#[derive(Clone)]
-pub struct BulkheadService<S> {
-    inner: S,
-    bulkhead: Option<Arc<Bulkhead>>,
-}
+pub type BulkheadService<S> = Apply<Bulkhead, S>;
 
-impl<S> Service<Call> for BulkheadService<S>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, call: Call) -> ResponseFuture {
-        let Some(bulkhead) = self.bulkhead.clone() else {
-            return self.inner.call(call);
-        };
-        let mut inner = self.inner.clone();
+impl Mechanism for Bulkhead {
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
+        let (bulkhead, mut inner) = (self.clone(), inner.clone());
         Box::pin(async move {
             let _slot = bulkhead.acquire().await?;
             inner.call(call).await

@@ -3,14 +3,12 @@
 //! `fault_injected`; it never reaches the upstream.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use prometheus::IntCounter;
-use tower::{Layer, Service};
 
 use crate::control::config::resilience::FaultConfig;
 use crate::error::ProxyError;
-use crate::proxy::resilience::{Call, Response, ResponseFuture};
+use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 
 /// Counters of one route's injected faults.
 #[derive(Clone)]
@@ -35,54 +33,13 @@ impl Faults {
 }
 
 /// Injects a route's faults.
-#[derive(Clone)]
-pub struct FaultLayer {
-    faults: Option<Arc<Faults>>,
-}
-
-impl FaultLayer {
-    /// A layer injecting `faults` (`None`: none).
-    pub fn new(faults: Option<Arc<Faults>>) -> Self {
-        Self { faults }
-    }
-}
-
-impl<S> Layer<S> for FaultLayer {
-    type Service = Fault<S>;
-    fn layer(&self, inner: S) -> Fault<S> {
-        Fault {
-            inner,
-            faults: self.faults.clone(),
-        }
-    }
-}
-
+pub type FaultLayer = ApplyLayer<Faults>;
 /// See [`FaultLayer`].
-#[derive(Clone)]
-pub struct Fault<S> {
-    inner: S,
-    faults: Option<Arc<Faults>>,
-}
+pub type Fault<S> = Apply<Faults, S>;
 
-impl<S> Service<Call> for Fault<S>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, call: Call) -> ResponseFuture {
-        let Some(f) = &self.faults else {
-            return self.inner.call(call);
-        };
+impl Mechanism for Faults {
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
+        let f = self;
         if let Some((share, status)) = f.cfg.abort {
             if fastrand::f64() < share {
                 if let Some(m) = &f.metrics {
@@ -96,13 +53,13 @@ where
                 if let Some(m) = &f.metrics {
                     m.delayed.inc();
                 }
-                let mut inner = self.inner.clone();
+                let mut inner = inner.clone();
                 Box::pin(async move {
                     tokio::time::sleep(delay).await;
                     inner.call(call).await
                 })
             }
-            _ => self.inner.call(call),
+            _ => inner.call(call),
         }
     }
 }

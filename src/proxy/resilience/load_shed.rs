@@ -17,18 +17,16 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use crate::control::config::resilience::{LoadShedConfig, ShedAlgorithm};
 use crate::error::ProxyError;
 use crate::proxy::resilience::classify::{self, Outcome};
-use crate::proxy::resilience::{Call, Response, ResponseFuture};
+use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 
 /// Priority of a request without the header.
 const DEFAULT_PRIORITY: usize = 5;
@@ -340,55 +338,13 @@ impl Drop for Admitted {
 }
 
 /// Sheds load in front of the inner service.
-#[derive(Clone)]
-pub struct LoadShedLayer {
-    limiter: Option<Arc<Limiter>>,
-}
-
-impl LoadShedLayer {
-    /// A layer over a listener's `limiter` (`None`: off).
-    pub fn new(limiter: Option<Arc<Limiter>>) -> Self {
-        Self { limiter }
-    }
-}
-
-impl<S> Layer<S> for LoadShedLayer {
-    type Service = LoadShed<S>;
-    fn layer(&self, inner: S) -> LoadShed<S> {
-        LoadShed {
-            inner,
-            limiter: self.limiter.clone(),
-        }
-    }
-}
-
+pub type LoadShedLayer = ApplyLayer<Limiter>;
 /// See [`LoadShedLayer`].
-#[derive(Clone)]
-pub struct LoadShed<S> {
-    inner: S,
-    limiter: Option<Arc<Limiter>>,
-}
+pub type LoadShed<S> = Apply<Limiter, S>;
 
-impl<S> Service<Call> for LoadShed<S>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, call: Call) -> ResponseFuture {
-        let Some(limiter) = self.limiter.clone() else {
-            return self.inner.call(call);
-        };
-        let mut inner = self.inner.clone();
+impl Mechanism for Limiter {
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
+        let (limiter, mut inner) = (self.clone(), inner.clone());
         Box::pin(async move {
             let admitted = limiter.acquire(limiter.priority(&call)).await?;
             let result = inner.call(call).await;

@@ -20,8 +20,11 @@ pub mod timeout;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tokio::time::Instant;
+use tower::{Layer, Service};
 
 use crate::error::ProxyError;
 use crate::proxy::body::{ProxyBody, ReqBody};
@@ -115,5 +118,92 @@ impl Call {
             body: self.body.try_clone()?,
             ctx: self.ctx.clone(),
         })
+    }
+}
+
+/// The services every resilience layer wraps: they answer with the one future type.
+pub trait Inner:
+    Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A mechanism that an [`Apply`] layer puts in front of a service: a bulkhead, a breaker, a
+/// rate limiter, a load-shedding limiter or a set of faults. Its shared state lives in `Self`.
+pub trait Mechanism: Send + Sync + 'static {
+    /// Sends `call` to `inner` through the mechanism.
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture;
+}
+
+/// Puts an optional [`Mechanism`] in front of the inner service; `None` passes calls through
+/// untouched, so a disabled mechanism costs nothing.
+pub struct ApplyLayer<M> {
+    mechanism: Option<Arc<M>>,
+}
+
+impl<M> ApplyLayer<M> {
+    /// A layer over `mechanism` (`None`: off).
+    pub fn new(mechanism: Option<Arc<M>>) -> Self {
+        Self { mechanism }
+    }
+}
+
+impl<M> Clone for ApplyLayer<M> {
+    fn clone(&self) -> Self {
+        Self {
+            mechanism: self.mechanism.clone(),
+        }
+    }
+}
+
+impl<M, S> Layer<S> for ApplyLayer<M> {
+    type Service = Apply<M, S>;
+    fn layer(&self, inner: S) -> Apply<M, S> {
+        Apply {
+            inner,
+            mechanism: self.mechanism.clone(),
+        }
+    }
+}
+
+/// See [`ApplyLayer`].
+pub struct Apply<M, S> {
+    inner: S,
+    mechanism: Option<Arc<M>>,
+}
+
+impl<M, S: Clone> Clone for Apply<M, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            mechanism: self.mechanism.clone(),
+        }
+    }
+}
+
+impl<M: Mechanism, S: Inner> Service<Call> for Apply<M, S> {
+    type Response = Response;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> ResponseFuture {
+        match &self.mechanism {
+            None => self.inner.call(call),
+            Some(m) => m.apply(&mut self.inner, call),
+        }
     }
 }

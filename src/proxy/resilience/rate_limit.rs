@@ -12,17 +12,15 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderValue;
 use prometheus::IntCounter;
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use crate::control::config::resilience::{RateKey, RateLimitConfig};
 use crate::error::{ProxyError, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
-use crate::proxy::resilience::{Call, Response, ResponseFuture};
+use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 
 const SHARDS: usize = 16;
 
@@ -197,57 +195,16 @@ impl RateLimiter {
 }
 
 /// Applies a route's rate limit.
-#[derive(Clone)]
-pub struct RateLimitLayer {
-    limiter: Option<Arc<RateLimiter>>,
-}
-
-impl RateLimitLayer {
-    /// A layer over `limiter` (`None`: unlimited).
-    pub fn new(limiter: Option<Arc<RateLimiter>>) -> Self {
-        Self { limiter }
-    }
-}
-
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
-            inner,
-            limiter: self.limiter.clone(),
-        }
-    }
-}
-
+pub type RateLimitLayer = ApplyLayer<RateLimiter>;
 /// See [`RateLimitLayer`].
-#[derive(Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    limiter: Option<Arc<RateLimiter>>,
-}
+pub type RateLimit<S> = Apply<RateLimiter, S>;
 
-impl<S> Service<Call> for RateLimit<S>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, call: Call) -> ResponseFuture {
-        let Some(limiter) = self.limiter.clone() else {
-            return self.inner.call(call);
-        };
+impl Mechanism for RateLimiter {
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
+        let limiter = self.clone();
         match limiter.check_call(&call) {
             Decision::Admit { remaining } => {
-                let fut = self.inner.call(call);
+                let fut = inner.call(call);
                 Box::pin(async move {
                     let mut resp = fut.await?;
                     let h = resp.headers_mut();
@@ -261,7 +218,7 @@ where
                 if let Some(m) = &limiter.metrics {
                     m.delayed.inc();
                 }
-                let mut inner = self.inner.clone();
+                let mut inner = inner.clone();
                 Box::pin(async move {
                     tokio::time::sleep(wait).await;
                     inner.call(call).await
