@@ -147,6 +147,45 @@ async fn sighup_reloads_and_env_var_names_the_config() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_count_is_set_from_the_command_line_or_environment() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &origin, "1s");
+    let proc = Process::start_with(
+        Command::new(env!("CARGO_BIN_EXE_outrigger"))
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--config",
+                path.to_str().unwrap(),
+            ])
+            .env("OUTRIGGER_WORKERS", "1"),
+    );
+    let addr = proc.listener("in").await.unwrap();
+    let (status, _, _) = get(&h1_client(), &format!("http://{addr}/x"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let threads = std::fs::read_dir(format!("/proc/{}/task", proc.child.id()))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("tokio-rt-worker"))
+        })
+        .count();
+    assert_eq!(threads, 1, "one runtime worker");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_outrigger"))
+        .args(["run", "--workers", "0", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_metrics_scrape_passes_promtool() {
     let origin = Origin::start("app").await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
