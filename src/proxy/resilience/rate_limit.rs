@@ -70,6 +70,9 @@ pub struct RateLimiter {
     interval: u64,
     tolerance: u64,
     burst: u32,
+    /// `RateLimit-Limit` and `RateLimit-Reset` never change: built once, not per response.
+    limit_header: HeaderValue,
+    reset_header: HeaderValue,
     max_delay: Option<u64>,
     key: RateKey,
     epoch: Instant,
@@ -87,6 +90,8 @@ impl RateLimiter {
             interval,
             tolerance: interval.saturating_mul(u64::from(cfg.burst)),
             burst: cfg.burst,
+            limit_header: HeaderValue::from(cfg.burst),
+            reset_header: HeaderValue::from(tolerance_secs(interval, cfg.burst)),
             max_delay: cfg.max_delay.map(|d| d.as_nanos() as u64),
             key: cfg.key.clone(),
             epoch: Instant::now(),
@@ -187,11 +192,13 @@ impl RateLimiter {
             }
         }
     }
+}
 
-    /// Seconds until a bucket drained now would be full again, for `RateLimit-Reset`.
-    fn reset_secs(&self) -> u64 {
-        self.tolerance.div_ceil(1_000_000_000)
-    }
+/// Seconds until a bucket drained now is full again, for `RateLimit-Reset`.
+fn tolerance_secs(interval: u64, burst: u32) -> u64 {
+    interval
+        .saturating_mul(u64::from(burst))
+        .div_ceil(1_000_000_000)
 }
 
 /// Applies a route's rate limit.
@@ -208,9 +215,9 @@ impl Mechanism for RateLimiter {
                 Box::pin(async move {
                     let mut resp = fut.await?;
                     let h = resp.headers_mut();
-                    h.insert(RATELIMIT_LIMIT, HeaderValue::from(limiter.burst));
+                    h.insert(RATELIMIT_LIMIT, limiter.limit_header.clone());
                     h.insert(RATELIMIT_REMAINING, HeaderValue::from(remaining));
-                    h.insert(RATELIMIT_RESET, HeaderValue::from(limiter.reset_secs()));
+                    h.insert(RATELIMIT_RESET, limiter.reset_header.clone());
                     Ok(resp)
                 })
             }
