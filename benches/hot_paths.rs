@@ -66,7 +66,12 @@ fn table(n: usize, metrics: &Metrics) -> RouteTable {
         .config
         .clusters
         .iter()
-        .map(|c| (c.name.clone(), Arc::new(Cluster::new(c.clone(), metrics))))
+        .map(|c| {
+            (
+                c.name.clone(),
+                Arc::new(Cluster::new(c.clone(), metrics).expect("cluster")),
+            )
+        })
         .collect();
     let ListenerKind::Http { routes } = &loaded.config.listeners[0].kind else {
         unreachable!()
@@ -84,10 +89,10 @@ fn route_match(c: &mut Criterion) {
             .body(())
             .unwrap();
         g.bench_with_input(BenchmarkId::new("first", n), &n, |b, _| {
-            b.iter(|| t.find(std::hint::black_box(&first)).is_some())
+            b.iter(|| t.find(std::hint::black_box(&first), &[]).is_some())
         });
         g.bench_with_input(BenchmarkId::new("last", n), &n, |b, _| {
-            b.iter(|| t.find(std::hint::black_box(&last)).is_some())
+            b.iter(|| t.find(std::hint::black_box(&last), &[]).is_some())
         });
     }
     g.finish();
@@ -244,7 +249,12 @@ fn config_handling(c: &mut Criterion) {
         .config
         .clusters
         .iter()
-        .map(|c| (c.name.clone(), Arc::new(Cluster::new(c.clone(), &metrics))))
+        .map(|c| {
+            (
+                c.name.clone(),
+                Arc::new(Cluster::new(c.clone(), &metrics).expect("cluster")),
+            )
+        })
         .collect();
     let ListenerKind::Http { routes } = &loaded.config.listeners[0].kind else {
         unreachable!()

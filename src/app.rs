@@ -24,6 +24,7 @@ use crate::proxy::connect::Cluster;
 use crate::proxy::listener::{self, ListenerKind, ListenerState, Running};
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::{RouteTable, UnknownCluster};
+use crate::proxy::tls::{self, LoadError, ServerMaterial};
 use crate::telemetry::{admin, metrics::Metrics};
 
 /// A failure to start or to apply a config.
@@ -45,6 +46,9 @@ pub enum AppError {
     /// A compiled route referred to a missing cluster.
     #[error(transparent)]
     Compile(#[from] UnknownCluster),
+    /// A TLS file named by the config could not be used.
+    #[error(transparent)]
+    Tls(#[from] LoadError),
     /// The metrics registry could not be built.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -346,15 +350,15 @@ async fn compile_and_swap(
             let cluster = match control.clusters.get(&c.name) {
                 Some(old) if old.config == *c => old.clone(),
                 _ => {
-                    let cluster = Arc::new(Cluster::new(c.clone(), metrics));
+                    let cluster = Arc::new(Cluster::new(c.clone(), metrics)?);
                     discovery::spawn(&cluster);
                     health::spawn(&cluster);
                     cluster
                 }
             };
-            (c.name.clone(), cluster)
+            Ok((c.name.clone(), cluster))
         })
-        .collect();
+        .collect::<Result<_, LoadError>>()?;
     let mut states = Vec::with_capacity(cfg.listeners.len());
     for l in &cfg.listeners {
         let previous = control.listeners.get(&l.name).map(|r| r.state.load_full());
@@ -496,13 +500,37 @@ fn listener_state(
                 .ok_or_else(|| UnknownCluster::new(&l.name, cluster))?,
         ),
     };
+    let listener_metrics = metrics.listener(&l.name);
+    // Unchanged TLS settings keep their material and file watch; a rotation is not a reload.
+    let tls = match &l.tls {
+        Some(c) => {
+            let kept = previous
+                .and_then(|p| p.tls.as_ref())
+                .filter(|(old, _)| old == c)
+                .map(|(_, t)| t.clone());
+            let tls = match kept {
+                Some(t) => t,
+                None => Arc::new(tls::rotating_server(
+                    c.clone(),
+                    ServerMaterial::load(c)?,
+                    &l.name,
+                    metrics.cert_reloads(&l.name),
+                    listener_metrics.cert_expiry.clone(),
+                )),
+            };
+            Some((c.clone(), tls))
+        }
+        None => None,
+    };
     Ok(ListenerState {
         name: l.name.as_str().into(),
         kind,
-        metrics: metrics.listener(&l.name),
+        metrics: listener_metrics,
         access_log,
         header_read_timeout: l.header_read_timeout,
         idle_timeout: l.idle_timeout,
         shed,
+        tls,
+        limits: l.limits,
     })
 }

@@ -59,6 +59,16 @@ pub enum ProxyError {
     /// The client's request body failed while it was being sent upstream.
     #[error("the client's request body failed: {0}")]
     ClientAbort(#[source] BoxError),
+    /// The request body is larger than the route allows.
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(u64),
+    /// The client's verified identity is not allowed on this route.
+    #[error("the client's identity is not allowed here")]
+    Forbidden,
+    /// The request is well-formed but asks for something this proxy never does (absolute-form
+    /// target, CONNECT): it is not an open proxy.
+    #[error("the request form is not accepted: {0}")]
+    NotAccepted(&'static str),
 }
 
 /// The classes of local reply; each has a status, a reason and a metric label.
@@ -86,11 +96,17 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// See [`ProxyError::ClientAbort`].
     ClientAbort,
+    /// See [`ProxyError::BodyTooLarge`].
+    BodyTooLarge,
+    /// See [`ProxyError::Forbidden`].
+    Forbidden,
+    /// See [`ProxyError::NotAccepted`].
+    NotAccepted,
 }
 
 impl ErrorKind {
     /// Every kind, in the order of their `index`.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::NoRoute,
         ErrorKind::UpstreamConnect,
         ErrorKind::UpstreamReset,
@@ -102,6 +118,9 @@ impl ErrorKind {
         ErrorKind::FaultInjected,
         ErrorKind::DeadlineExceeded,
         ErrorKind::ClientAbort,
+        ErrorKind::BodyTooLarge,
+        ErrorKind::Forbidden,
+        ErrorKind::NotAccepted,
     ];
 
     /// The reason string used in the response header, logs and metric labels.
@@ -118,6 +137,9 @@ impl ErrorKind {
             ErrorKind::FaultInjected => "fault_injected",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::ClientAbort => "client_abort",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotAccepted => "not_accepted",
         }
     }
 
@@ -133,7 +155,9 @@ impl ErrorKind {
             ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
             ErrorKind::Timeout | ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::ClientAbort => StatusCode::BAD_REQUEST,
+            ErrorKind::ClientAbort | ErrorKind::NotAccepted => StatusCode::BAD_REQUEST,
+            ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -158,6 +182,9 @@ impl ProxyError {
             ProxyError::Fault(_) => ErrorKind::FaultInjected,
             ProxyError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             ProxyError::ClientAbort(_) => ErrorKind::ClientAbort,
+            ProxyError::BodyTooLarge(_) => ErrorKind::BodyTooLarge,
+            ProxyError::Forbidden => ErrorKind::Forbidden,
+            ProxyError::NotAccepted(_) => ErrorKind::NotAccepted,
         }
     }
 
@@ -214,6 +241,9 @@ pub fn local_reply(kind: ErrorKind) -> Response<ProxyBody> {
         ErrorKind::FaultInjected => b"fault_injected\n",
         ErrorKind::DeadlineExceeded => b"deadline_exceeded\n",
         ErrorKind::ClientAbort => b"client_abort\n",
+        ErrorKind::BodyTooLarge => b"body_too_large\n",
+        ErrorKind::Forbidden => b"forbidden\n",
+        ErrorKind::NotAccepted => b"not_accepted\n",
     });
     let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = kind.status();

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use crate::control::config::upstream::{CheckKind, Detector, HealthCheckConfig};
 use crate::proxy::connect::Cluster;
 use crate::proxy::endpoint::{Endpoint, Health};
+use crate::proxy::tls::{ClientTls, UpstreamConnector};
 
 /// How often the supervisor looks for endpoints added or removed by discovery.
 const RECONCILE: Duration = Duration::from_secs(1);
@@ -39,11 +40,11 @@ pub fn spawn(cluster: &Arc<Cluster>) {
     let Some(cfg) = cluster.config.upstream.health_check.clone() else {
         return;
     };
-    tokio::spawn(supervise(Arc::downgrade(cluster), cfg));
+    let checker = Arc::new(Checker::new(cfg, cluster.tls.clone()));
+    tokio::spawn(supervise(Arc::downgrade(cluster), checker));
 }
 
-async fn supervise(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
-    let checker = Arc::new(Checker::new(cfg));
+async fn supervise(cluster: Weak<Cluster>, checker: Arc<Checker>) {
     let mut tasks: HashMap<String, JoinHandle<()>> = HashMap::new();
     loop {
         let Some(c) = cluster.upgrade() else { break };
@@ -71,17 +72,20 @@ async fn supervise(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
 /// What a cluster's checks share: settings and clients.
 struct Checker {
     cfg: HealthCheckConfig,
-    http: Client<HttpConnector, Full<Bytes>>,
-    h2: Client<HttpConnector, Full<Bytes>>,
+    http: Client<UpstreamConnector, Full<Bytes>>,
+    h2: Client<UpstreamConnector, Full<Bytes>>,
+    /// `https` when the cluster's endpoints speak TLS.
+    scheme: &'static str,
 }
 
 impl Checker {
-    fn new(cfg: HealthCheckConfig) -> Self {
+    fn new(cfg: HealthCheckConfig, tls: Option<Arc<ClientTls>>) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let connector = || {
             let mut c = HttpConnector::new();
             c.set_connect_timeout(Some(cfg.timeout));
             c.set_nodelay(true);
-            c
+            UpstreamConnector::new(c, tls.clone())
         };
         Self {
             // Checks open a fresh connection each time: a check must see whether the endpoint
@@ -94,6 +98,7 @@ impl Checker {
                 .http2_only(true)
                 .build(connector()),
             cfg,
+            scheme,
         }
     }
 
@@ -112,7 +117,7 @@ impl Checker {
                 } => {
                     let mut req = Request::builder()
                         .method(method.clone())
-                        .uri(format!("http://{}{}", endpoint.authority, path));
+                        .uri(format!("{}://{}{}", self.scheme, endpoint.authority, path));
                     if let Some(h) = host {
                         req = req.header(http::header::HOST, h.as_str());
                     }
@@ -151,8 +156,8 @@ impl Checker {
         frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
         frame.extend_from_slice(&msg);
         let req = Request::post(format!(
-            "http://{}/grpc.health.v1.Health/Check",
-            endpoint.authority
+            "{}://{}/grpc.health.v1.Health/Check",
+            self.scheme, endpoint.authority
         ))
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")

@@ -186,7 +186,16 @@ struct Recording {
     errored: bool,
     /// The generation of the try allowed to read; earlier tries get an error.
     generation: u64,
+    /// Body bytes read from the client so far.
+    total: u64,
+    /// The most the route accepts.
+    limit: u64,
 }
+
+/// The client's body outgrew the route's `max_request_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than {0} bytes")]
+pub struct BodyTooLarge(pub u64);
 
 /// Reading the client's request body failed (the client went away or sent a broken body).
 #[derive(Debug, thiserror::Error)]
@@ -199,8 +208,9 @@ pub struct ClientBodyError(String);
 pub struct SupersededTry;
 
 impl ReqBody {
-    /// Wraps a client's body, keeping up to `cap` bytes of it for retries.
-    pub fn new(body: Incoming, cap: u64) -> Self {
+    /// Wraps a client's body, keeping up to `cap` bytes of it for retries and failing it once
+    /// it exceeds `limit` bytes.
+    pub fn new(body: Incoming, cap: u64, limit: Option<u64>) -> Self {
         if body.is_end_stream() {
             return ReqBody::Empty;
         }
@@ -218,6 +228,8 @@ impl ReqBody {
                 done: false,
                 errored: false,
                 generation: 0,
+                total: 0,
+                limit: limit.unwrap_or(u64::MAX),
             })),
             pos: 0,
             generation: 0,
@@ -302,6 +314,11 @@ impl Body for ReqBody {
         match Pin::new(&mut rec.source).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 rec.read = true;
+                rec.total += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if rec.total > rec.limit {
+                    rec.errored = true;
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge(rec.limit)))));
+                }
                 if !rec.overflow {
                     rec.recorded += frame.data_ref().map_or(0, |d| d.len() as u64);
                     if rec.recorded > rec.cap {

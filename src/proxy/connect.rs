@@ -23,11 +23,11 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::control::config::resilience::DEFAULT_ENDPOINT_CONSECUTIVE_FAILURES;
-use crate::control::config::upstream::{Discovery, OutlierConfig};
+use crate::control::config::upstream::{Discovery, DnsQuery, OutlierConfig};
 use crate::control::config::{ClusterConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::proxy::balance::{self, PickRequest, Picker, RoundRobin};
-use crate::proxy::body::{ClientBodyError, ProxyBody, ReqBody, SupersededTry};
+use crate::proxy::body::{BodyTooLarge, ClientBodyError, ProxyBody, ReqBody, SupersededTry};
 use crate::proxy::endpoint::{Endpoint, Health, Signal};
 use crate::proxy::http::strip_hop_by_hop;
 use crate::proxy::resilience::breaker::CircuitBreaker;
@@ -37,10 +37,11 @@ use crate::proxy::resilience::classify::{self, TrailerStatus};
 use crate::proxy::resilience::latency::LatencyWindow;
 use crate::proxy::resilience::retry::budget::RetryBudget;
 use crate::proxy::resilience::{timeout, Call, Response, ResponseFuture};
+use crate::proxy::tls::{ClientTls, LoadError, UpstreamConnector};
 use crate::telemetry::metrics::{ClusterMetrics, Metrics};
 
 /// The pooled HTTP client used to reach a cluster.
-pub type UpstreamClient = Client<HttpConnector, ReqBody>;
+pub type UpstreamClient = Client<UpstreamConnector, ReqBody>;
 
 /// How often, at most, a cluster recounts its available endpoints to decide on panic mode.
 const AVAILABILITY_REFRESH: Duration = Duration::from_millis(100);
@@ -76,6 +77,9 @@ pub struct Cluster {
     pub bulkhead: Arc<Bulkhead>,
     /// Recent try latencies, for percentile hedging.
     pub latency: Arc<LatencyWindow>,
+    /// TLS to the endpoints, if configured.
+    pub tls: Option<Arc<ClientTls>>,
+    scheme: Scheme,
 }
 
 /// Whether an endpoint's breaker (if any) would admit a call now.
@@ -87,11 +91,40 @@ fn admits(e: &Endpoint) -> bool {
 }
 
 impl Cluster {
-    /// Builds the cluster's client and, for a static cluster, its endpoints.
-    pub fn new(config: ClusterConfig, metrics: &Metrics) -> Self {
+    /// Builds the cluster's client and, for a static cluster, its endpoints; fails when its
+    /// TLS files can no longer be used.
+    pub fn new(config: ClusterConfig, metrics: &Metrics) -> Result<Self, LoadError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
+        let tls = match &config.tls {
+            Some(t) => {
+                // A `dns:` cluster's endpoints are addresses; the name they were found under is
+                // the one their certificates carry.
+                let dns_name = match &config.upstream.discovery {
+                    Discovery::Dns(d) => match &d.query {
+                        DnsQuery::Address { name, .. } | DnsQuery::Srv { name } => {
+                            Some(name.trim_end_matches('.').to_owned())
+                        }
+                    },
+                    _ => None,
+                };
+                Some(Arc::new(ClientTls::new(
+                    t,
+                    dns_name.as_deref(),
+                    config.protocol == UpstreamProtocol::Http2,
+                    &config.name,
+                    metrics.cert_reloads(&config.name),
+                )?))
+            }
+            None => None,
+        };
+        let scheme = if tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let connector = UpstreamConnector::new(connector, tls.clone());
         let pool = &config.upstream.pool;
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -124,6 +157,8 @@ impl Cluster {
             client,
             cursor: RoundRobin::default(),
             epoch: Instant::now(),
+            tls,
+            scheme,
         };
         if let Discovery::Static(list) = &cluster.config.upstream.discovery {
             let list: Vec<_> = list
@@ -132,7 +167,7 @@ impl Cluster {
                 .collect();
             cluster.set_endpoints(&list, "static");
         }
-        cluster
+        Ok(cluster)
     }
 
     /// The cluster's name.
@@ -382,7 +417,7 @@ impl Cluster {
         } = call;
         let grpc = classify::is_grpc(&head.headers);
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(self.scheme.clone());
         uri.authority = Some(endpoint.authority.clone());
         uri.path_and_query = Some(
             head.uri
@@ -444,7 +479,10 @@ impl Cluster {
                     Response::from_parts(parts, body.watch(ctx.idle_timeout))
                 })
             }
-            Ok(Err(e)) if client_side(&e) => Err(ProxyError::ClientAbort(Box::new(e))),
+            Ok(Err(e)) if client_side(&e) => Err(match too_large(&e) {
+                Some(limit) => ProxyError::BodyTooLarge(limit),
+                None => ProxyError::ClientAbort(Box::new(e)),
+            }),
             Ok(Err(e)) if e.is_connect() => {
                 self.connect_failed(&endpoint);
                 Err(ProxyError::UpstreamConnect(Box::new(e)))
@@ -545,12 +583,24 @@ async fn hold_for_trailers(
 fn client_side(e: &hyper_util::client::legacy::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
-        if err.is::<ClientBodyError>() || err.is::<SupersededTry>() {
+        if err.is::<ClientBodyError>() || err.is::<SupersededTry>() || err.is::<BodyTooLarge>() {
             return true;
         }
         source = err.source();
     }
     false
+}
+
+/// The limit, if the client's body failed for being larger than the route allows.
+fn too_large(e: &hyper_util::client::legacy::Error) -> Option<u64> {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(t) = err.downcast_ref::<BodyTooLarge>() {
+            return Some(t.0);
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// Whether an HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it did not process it.

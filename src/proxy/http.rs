@@ -11,18 +11,21 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Request, Response, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use tower::Service;
 
-use crate::error::{local_reply, ErrorKind};
+use crate::control::config::tls::allowed;
+use crate::control::config::Limits;
+use crate::error::{local_reply, ErrorKind, ProxyError};
 use crate::proxy::body::{ProxyBody, ReqBody};
 use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::{Call, CallCtx};
@@ -36,22 +39,42 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// The HTTP server settings shared by every connection of a listener.
 pub type Server = auto::Builder<TokioExecutor>;
 
-/// Builds the HTTP/1.1 + HTTP/2 server used by HTTP listeners.
-pub fn server(header_read_timeout: Option<Duration>) -> Server {
+/// Builds the HTTP/1.1 + HTTP/2 server used by HTTP listeners. The header-read timeout is not
+/// hyper's: [`Guarded`] enforces it so that it can answer 408.
+pub fn server(limits: &Limits) -> Server {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers as usize)
+        .max_buf_size(limits.max_header_bytes as usize);
     builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_resets as usize)
+        .max_header_list_size(limits.max_header_bytes);
+    builder
+}
+
+/// Who is on the other end of a downstream connection.
+#[derive(Clone, Default)]
+pub struct Peer {
+    /// The verified identities (SAN URIs and DNS names) of its TLS client certificate.
+    pub identity: Option<Arc<[String]>>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
 }
 
 /// What a connection's requests need: the listener's live state and who the client is.
 struct Conn {
     state: Arc<ArcSwap<ListenerState>>,
     peer: SocketAddr,
+    who: Peer,
+    /// The `x-forwarded-client-cert` value describing `who`, built once per connection.
+    xfcc: Option<HeaderValue>,
     drain: CancellationToken,
     /// Requests being handled now (until their response headers).
     active: AtomicUsize,
@@ -110,18 +133,23 @@ async fn idle(conn: &Conn, limit: Option<Duration>) {
 }
 
 /// Serves one downstream connection until it closes, or until `drain` fires and it winds down.
-pub async fn serve(
-    stream: TcpStream,
+pub async fn serve<IO>(
+    stream: IO,
     peer: SocketAddr,
+    who: Peer,
     state: Arc<ArcSwap<ListenerState>>,
     drain: CancellationToken,
     server: Arc<Server>,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let idle_timeout = state.load().idle_timeout;
+    let xfcc = who.identity.as_deref().and_then(client_cert_header);
     let conn = Arc::new(Conn {
         state,
         peer,
+        who,
+        xfcc,
         drain: drain.clone(),
         active: AtomicUsize::new(0),
         last_request: AtomicU64::new(0),
@@ -164,9 +192,17 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let state = conn.state.load_full();
     let h1 = req.version() <= Version::HTTP_11;
+    let identity = conn.who.identity.as_deref().unwrap_or(&[]);
     let mut resp = match &state.kind {
-        ListenerKind::Http(table) => match table.find(&req) {
-            Some(route) => forward(&state, route, conn.peer, req, start).await,
+        // Not an open proxy: a target naming another server, or a tunnel, is never followed.
+        ListenerKind::Http(_) if req.method() == Method::CONNECT => {
+            refuse(&state, ProxyError::NotAccepted("CONNECT"))
+        }
+        ListenerKind::Http(_) if h1 && req.uri().scheme().is_some() => {
+            refuse(&state, ProxyError::NotAccepted("absolute-form target"))
+        }
+        ListenerKind::Http(table) => match table.find(&req, identity) {
+            Some(route) => forward(&state, route, conn, req, start).await,
             None => {
                 state.metrics.local_reply(ErrorKind::NoRoute);
                 if state.access_log {
@@ -189,13 +225,52 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     resp
 }
 
+/// A local reply that also closes an HTTP/1 connection: what follows such a request cannot be
+/// trusted to be framed the way the client meant.
+fn refuse(state: &ListenerState, e: ProxyError) -> Response<ProxyBody> {
+    state.metrics.local_reply(e.kind());
+    let mut resp = e.into_response();
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// `x-forwarded-client-cert` in Envoy's format: `URI=…` for URI SANs and `DNS=…` for DNS names.
+fn client_cert_header(ids: &[String]) -> Option<HeaderValue> {
+    let value = ids
+        .iter()
+        .map(|id| {
+            if id.contains("://") {
+                format!("URI={id}")
+            } else {
+                format!("DNS={id}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    HeaderValue::from_str(&value).ok()
+}
+
 async fn forward(
     state: &ListenerState,
     route: &Route,
-    peer: SocketAddr,
+    conn: &Conn,
     req: Request<Incoming>,
     start: Instant,
 ) -> Response<ProxyBody> {
+    let peer = conn.peer;
+    if let Some(patterns) = &route.allowed_identities {
+        let ids = conn.who.identity.as_deref().unwrap_or(&[]);
+        if !allowed(patterns, ids) {
+            state.metrics.local_reply(ErrorKind::Forbidden);
+            return local_reply(ErrorKind::Forbidden);
+        }
+    }
+    if let Some(limit) = route.max_request_body {
+        if req.body().size_hint().lower() > limit {
+            return refuse(state, ProxyError::BodyTooLarge(limit));
+        }
+    }
     let Some(target) = route.pick_for(req.headers(), req.uri().path(), peer) else {
         state.metrics.local_reply(ErrorKind::NoRoute);
         return local_reply(ErrorKind::NoRoute);
@@ -204,16 +279,23 @@ async fn forward(
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
     let (mut head, body) = req.into_parts();
-    prepare(&mut head, peer);
+    prepare(&mut head, peer, conn.who.tls);
+    // A client could claim any identity in this header; only ours is passed on.
+    head.headers.remove(X_FORWARDED_CLIENT_CERT);
+    if let Some(v) = &conn.xfcc {
+        head.headers.insert(X_FORWARDED_CLIENT_CERT, v.clone());
+    }
     let mut ctx = CallCtx::new(peer);
     ctx.idle_timeout = route.idle_timeout;
+    ctx.identity = conn.who.identity.clone();
     let call = Call {
         head,
-        body: ReqBody::new(body, route.max_retry_body),
+        body: ReqBody::new(body, route.max_retry_body, route.max_request_body),
         ctx,
     };
     let resp = match target.stack.clone().call(call).await {
         Ok(resp) => resp,
+        Err(e @ ProxyError::BodyTooLarge(_)) => refuse(state, e),
         Err(e) => {
             tracing::debug!(listener = %state.name, route = %route.name, cluster = %target.cluster.name(),
                 error = %e, "local reply");
@@ -224,8 +306,15 @@ async fn forward(
     let elapsed = start.elapsed();
     target.metrics.observe(resp.status(), elapsed);
     if let Some((method, uri)) = logged {
+        let identity = conn
+            .who
+            .identity
+            .as_deref()
+            .and_then(|ids| ids.first())
+            .map_or("-", String::as_str);
         tracing::info!(target: "access", listener = %state.name, route = %route.name,
-            cluster = %target.cluster.name(), %method, %uri, status = resp.status().as_u16(),
+            cluster = %target.cluster.name(), %method, %uri, peer_identity = identity,
+            status = resp.status().as_u16(),
             reason = resp.headers().get(crate::error::REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
             duration_ms = elapsed.as_secs_f64() * 1000.0);
     }
@@ -234,7 +323,7 @@ async fn forward(
 
 /// Rewrites a downstream request head for the upstream: hop-by-hop headers out, forwarding
 /// headers in. The endpoint's address and the version are set per try by the upstream layer.
-fn prepare(parts: &mut http::request::Parts, peer: SocketAddr) {
+fn prepare(parts: &mut http::request::Parts, peer: SocketAddr, tls: bool) {
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST) {
         if let Some(a) = parts.uri.authority() {
@@ -245,14 +334,16 @@ fn prepare(parts: &mut http::request::Parts, peer: SocketAddr) {
     }
     append_forwarded_for(&mut parts.headers, peer);
     if !parts.headers.contains_key(X_FORWARDED_PROTO) {
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        parts.headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
     }
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 

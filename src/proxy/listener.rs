@@ -5,21 +5,28 @@
 //! token: cancelling it stops accepting and makes the listener's connections drain.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::IntGauge;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::config::resilience::LoadShedConfig;
+use crate::control::config::tls::ServerTlsConfig;
+use crate::control::config::Limits;
 use crate::proxy::connect::Cluster;
-use crate::proxy::http;
+use crate::proxy::framing::Guarded;
+use crate::proxy::http::{self, Peer};
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::RouteTable;
 use crate::proxy::tcp;
+use crate::proxy::tls::{self, ServerTls};
 use crate::telemetry::metrics::ListenerMetrics;
 
 /// Pause after an accept error (such as running out of file descriptors) before trying again.
@@ -41,6 +48,11 @@ pub struct ListenerState {
     pub idle_timeout: Option<Duration>,
     /// The adaptive limiter and its config, kept across reloads while the config holds.
     pub shed: Option<(LoadShedConfig, Arc<Limiter>)>,
+    /// TLS termination and its config, kept (with its file watch) across reloads while the
+    /// config holds.
+    pub tls: Option<(ServerTlsConfig, Arc<ServerTls>)>,
+    /// Connection, header and HTTP/2 limits.
+    pub limits: Limits,
 }
 
 /// The compiled behaviour of a listener.
@@ -94,8 +106,10 @@ async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut header_read_timeout = state.load().header_read_timeout;
-    let mut server = Arc::new(http::server(header_read_timeout));
+    let mut limits = state.load().limits;
+    let mut server = Arc::new(http::server(&limits));
+    // Shared with every connection task, and kept across reloads, so the cap counts them all.
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -111,17 +125,42 @@ async fn accept_loop(
             }
         };
         let current = state.load_full();
-        if current.header_read_timeout != header_read_timeout {
-            header_read_timeout = current.header_read_timeout;
-            server = Arc::new(http::server(header_read_timeout));
+        if open.load(Ordering::Acquire) >= current.limits.max_connections as usize {
+            // Closing at once (rather than leaving it in the backlog) tells the client now, and
+            // keeps the kernel's queue for connections that can be served.
+            current.metrics.rejected.inc();
+            drop(stream);
+            continue;
         }
+        if current.limits != limits {
+            limits = current.limits;
+            server = Arc::new(http::server(&limits));
+        }
+        let _ = stream.set_nodelay(true);
         current.metrics.connections.inc();
-        let open = OpenConnection::new(&current.metrics.open_connections);
+        let open = OpenConnection::new(&current.metrics.open_connections, &open);
         match &current.kind {
             ListenerKind::Http(_) => {
                 let (state, stop, server) = (state.clone(), stop.clone(), server.clone());
+                let tls = current.tls.as_ref().map(|(_, t)| t.clone());
+                let (metrics, timeout) = (current.metrics.clone(), current.header_read_timeout);
                 tracker.spawn(async move {
-                    http::serve(stream, peer, state, stop, server).await;
+                    let guard = metrics.guard();
+                    match tls {
+                        None => {
+                            let io = Guarded::new(stream, false, timeout, guard);
+                            http::serve(io, peer, Peer::default(), state, stop, server).await;
+                        }
+                        Some(tls) => {
+                            let Some((stream, who, h2)) =
+                                handshake(stream, peer, &tls, timeout, &metrics).await
+                            else {
+                                return;
+                            };
+                            let io = Guarded::new(stream, h2, timeout, guard);
+                            http::serve(io, peer, who, state, stop, server).await;
+                        }
+                    }
                     drop(open);
                 });
             }
@@ -138,18 +177,62 @@ async fn accept_loop(
     tracing::info!(listener = %state.load().name, "stopped accepting");
 }
 
-/// Counts a connection in the open-connections gauge for as long as it lives.
-struct OpenConnection(IntGauge);
+/// Runs the TLS handshake, bounded by the header-read timeout, and counts its result.
+async fn handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: &ServerTls,
+    timeout: Option<Duration>,
+    metrics: &ListenerMetrics,
+) -> Option<(TlsStream<TcpStream>, Peer, bool)> {
+    let acceptor = TlsAcceptor::from(tls.current().config.clone());
+    let accepting = acceptor.accept(stream);
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, accepting).await,
+        None => Ok(accepting.await),
+    };
+    let label = match result {
+        Ok(Ok(stream)) => {
+            metrics.handshake("ok");
+            let (_, session) = stream.get_ref();
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            let identity = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::from(tls::identities(c)));
+            return Some((
+                stream,
+                Peer {
+                    identity,
+                    tls: true,
+                },
+                h2,
+            ));
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            tls::handshake_failure(&e)
+        }
+        Err(_) => "timeout",
+    };
+    metrics.handshake(label);
+    None
+}
+
+/// Counts a connection in the open-connections gauge and the listener's cap while it lives.
+struct OpenConnection(IntGauge, Arc<AtomicUsize>);
 
 impl OpenConnection {
-    fn new(gauge: &IntGauge) -> Self {
+    fn new(gauge: &IntGauge, open: &Arc<AtomicUsize>) -> Self {
         gauge.inc();
-        Self(gauge.clone())
+        open.fetch_add(1, Ordering::AcqRel);
+        Self(gauge.clone(), open.clone())
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.dec();
+        self.1.fetch_sub(1, Ordering::AcqRel);
     }
 }

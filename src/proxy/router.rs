@@ -12,6 +12,7 @@ use http::{header, HeaderMap, Method, Request};
 use crate::control::config::{HeaderValueMatch, PathMatch, RouteConfig, RouteMatch};
 use std::net::SocketAddr;
 
+use crate::control::config::tls::{allowed, IdentityPattern};
 use crate::control::config::validate::{PartitionConfig, PartitionMode};
 use crate::proxy::balance::{self, Weighted};
 use crate::proxy::connect::Cluster;
@@ -108,6 +109,10 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// Largest request body kept for a retry.
     pub max_retry_body: u64,
+    /// Largest request body accepted.
+    pub max_request_body: Option<u64>,
+    /// Client identities allowed on the route; `None` allows all.
+    pub allowed_identities: Option<Vec<IdentityPattern>>,
     /// Longest silence of a response stream.
     pub idle_timeout: Option<Duration>,
     /// For a partitioned route: how a key picks one of `targets`.
@@ -199,6 +204,8 @@ impl RouteTable {
                     targets,
                     timeout: r.timeout,
                     max_retry_body: r.retry.max_body,
+                    max_request_body: r.max_request_body,
+                    allowed_identities: r.allowed_identities.clone(),
                     idle_timeout: r.idle_timeout,
                     partition: r.partition.clone(),
                     shared,
@@ -210,8 +217,8 @@ impl RouteTable {
         Ok(Self { routes, index })
     }
 
-    /// The first route matching `req`.
-    pub fn find<B>(&self, req: &Request<B>) -> Option<&Route> {
+    /// The first route matching `req` from a client with the verified TLS `identity` (its SANs).
+    pub fn find<B>(&self, req: &Request<B>, identity: &[String]) -> Option<&Route> {
         let host = request_host(req);
         let path = req.uri().path();
         let i = self.index.first(path, |i| {
@@ -221,6 +228,7 @@ impl RouteTable {
                 path,
                 host,
                 req.headers(),
+                identity,
             )
         })?;
         self.routes.get(i)
@@ -282,7 +290,13 @@ fn matches(
     path: &str,
     host: Option<&str>,
     headers: &HeaderMap,
+    identity: &[String],
 ) -> bool {
+    if let Some(patterns) = &m.identities {
+        if !allowed(patterns, identity) {
+            return false;
+        }
+    }
     let path_ok = match &m.path {
         PathMatch::Any => true,
         PathMatch::Prefix(p) => path.starts_with(p.as_str()),
@@ -338,7 +352,12 @@ mod tests {
             .config
             .clusters
             .iter()
-            .map(|c| (c.name.clone(), Arc::new(Cluster::new(c.clone(), &metrics))))
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    Arc::new(Cluster::new(c.clone(), &metrics).unwrap()),
+                )
+            })
             .collect();
         let config::ListenerKind::Http { routes } = &loaded.config.listeners[0].kind else {
             panic!("http listener expected")
@@ -350,7 +369,7 @@ mod tests {
     }
 
     fn route_of(t: &RouteTable, req: Request<()>) -> Option<String> {
-        t.find(&req).map(|r| r.name.to_string())
+        t.find(&req, &[]).map(|r| r.name.to_string())
     }
 
     #[test]
@@ -397,6 +416,7 @@ mod tests {
                                 path,
                                 request_host(&req),
                                 req.headers(),
+                                &[],
                             )
                         })
                         .map(|r| r.name.to_string());
@@ -456,7 +476,7 @@ mod tests {
         let (t, _m) = table(
             "      - name: split\n        weighted_clusters: [{cluster: a, weight: 3}, {cluster: b, weight: 1}]\n",
         );
-        let route = t.find(&Request::new(())).unwrap();
+        let route = t.find(&Request::new(()), &[]).unwrap();
         let picks: Vec<&str> = (0..8)
             .map(|_| route.pick().unwrap().cluster.name())
             .collect();

@@ -56,7 +56,23 @@ pub struct Metrics {
     ejections: IntCounterVec,
     checks: IntCounterVec,
     dns: IntCounterVec,
+    handshakes: IntCounterVec,
+    cert_reloads: IntCounterVec,
+    cert_expiry: IntGaugeVec,
+    rejected: IntCounterVec,
+    refused: IntCounterVec,
 }
+
+/// Results of a TLS handshake, the `result` label of `outrigger_tls_handshakes_total`.
+pub const HANDSHAKE_RESULTS: [&str; 7] = [
+    "ok",
+    "no_client_cert",
+    "untrusted_cert",
+    "expired_cert",
+    "identity_denied",
+    "timeout",
+    "failed",
+];
 
 /// Handles for one (listener, route, cluster) triple.
 #[derive(Clone)]
@@ -77,6 +93,37 @@ pub struct ListenerMetrics {
     pub bytes_upstream: IntCounter,
     /// TCP bytes from the upstream to the client.
     pub bytes_downstream: IntCounter,
+    /// TLS handshakes by result, indexed like [`HANDSHAKE_RESULTS`].
+    pub handshakes: [IntCounter; HANDSHAKE_RESULTS.len()],
+    /// Connections closed at once because the listener had `max_connections` open.
+    pub rejected: IntCounter,
+    /// Certificate reloads: applied, failed.
+    pub cert_reloads: [IntCounter; 2],
+    /// The listener certificate's expiry, as a Unix timestamp.
+    pub cert_expiry: IntGauge,
+    /// Requests refused by the HTTP/1 framing check.
+    pub malformed: IntCounter,
+    /// Request heads not received within the header-read timeout.
+    pub header_timeouts: IntCounter,
+}
+
+impl ListenerMetrics {
+    /// Counts a TLS handshake with `result`, one of [`HANDSHAKE_RESULTS`].
+    pub fn handshake(&self, result: &str) {
+        let i = HANDSHAKE_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(HANDSHAKE_RESULTS.len() - 1);
+        self.handshakes[i].inc();
+    }
+
+    /// The counters a connection's framing check updates.
+    pub fn guard(&self) -> crate::proxy::framing::GuardMetrics {
+        crate::proxy::framing::GuardMetrics {
+            malformed: self.malformed.clone(),
+            header_timeouts: self.header_timeouts.clone(),
+        }
+    }
 }
 
 /// Handles for one cluster.
@@ -270,6 +317,31 @@ impl Metrics {
             "DNS lookups of a cluster, by result (ok, failed, empty); failed and empty keep the last endpoints.",
             &["cluster", "result"],
         )?;
+        let handshakes = counter(
+            "outrigger_tls_handshakes_total",
+            "TLS handshakes on a listener, by result (ok, no_client_cert, untrusted_cert, expired_cert, identity_denied, timeout, failed).",
+            &["listener", "result"],
+        )?;
+        let cert_reloads = counter(
+            "outrigger_tls_cert_reloads_total",
+            "Certificate files re-read after a change, by listener or cluster and result (applied, failed; failed keeps the old material).",
+            &["owner", "result"],
+        )?;
+        let cert_expiry = gauge(
+            "outrigger_tls_cert_expiry_timestamp_seconds",
+            "When a listener's serving certificate expires, as a Unix timestamp.",
+            &["listener"],
+        )?;
+        let rejected = counter(
+            "outrigger_connections_rejected_total",
+            "Connections closed on accept, by listener and reason (max_connections).",
+            &["listener", "reason"],
+        )?;
+        let refused = counter(
+            "outrigger_requests_refused_total",
+            "HTTP/1 requests refused before routing, by listener and reason (malformed: the framing check answered 400; header_timeout: 408).",
+            &["listener", "reason"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("outrigger_build_info", "Build information; always 1."),
             &["version"],
@@ -298,6 +370,11 @@ impl Metrics {
             Box::new(bulkhead_queued.clone()),
             Box::new(rate_limited.clone()),
             Box::new(faults.clone()),
+            Box::new(handshakes.clone()),
+            Box::new(cert_reloads.clone()),
+            Box::new(cert_expiry.clone()),
+            Box::new(rejected.clone()),
+            Box::new(refused.clone()),
             Box::new(shed_limit.clone()),
             Box::new(shed_in_flight.clone()),
             Box::new(shed_queued.clone()),
@@ -343,6 +420,11 @@ impl Metrics {
             ejections,
             checks,
             dns,
+            handshakes,
+            cert_reloads,
+            cert_expiry,
+            rejected,
+            refused,
         })
     }
 
@@ -426,7 +508,23 @@ impl Metrics {
             connections: self.connections.with_label_values(&[listener]),
             bytes_upstream: self.tcp_bytes.with_label_values(&[listener, "upstream"]),
             bytes_downstream: self.tcp_bytes.with_label_values(&[listener, "downstream"]),
+            handshakes: HANDSHAKE_RESULTS
+                .map(|r| self.handshakes.with_label_values(&[listener, r])),
+            rejected: self
+                .rejected
+                .with_label_values(&[listener, "max_connections"]),
+            cert_reloads: self.cert_reloads(listener),
+            cert_expiry: self.cert_expiry.with_label_values(&[listener]),
+            malformed: self.refused.with_label_values(&[listener, "malformed"]),
+            header_timeouts: self
+                .refused
+                .with_label_values(&[listener, "header_timeout"]),
         }
+    }
+
+    /// Counters of certificate reloads (applied, failed) for the listener or cluster `owner`.
+    pub fn cert_reloads(&self, owner: &str) -> [IntCounter; 2] {
+        ["applied", "failed"].map(|r| self.cert_reloads.with_label_values(&[owner, r]))
     }
 
     /// Resolves the handles of one cluster.

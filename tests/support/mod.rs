@@ -2,6 +2,8 @@
 //! or as a real process, and small HTTP clients. Everything binds 127.0.0.1:0.
 #![allow(dead_code)] // each test crate uses a different part
 
+pub mod pki;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -8,6 +8,7 @@ pub mod locate;
 pub mod model;
 pub mod reload;
 pub mod resilience;
+pub mod tls;
 pub mod upstream;
 pub mod validate;
 
@@ -20,8 +21,8 @@ use sha2::{Digest, Sha256};
 use locate::Locator;
 pub use model::{ListenerProtocol, RawConfig, UpstreamProtocol};
 pub use validate::{
-    ClusterConfig, Config, HeaderMatch, HeaderValueMatch, ListenerConfig, ListenerKind, PathMatch,
-    Problem, RouteConfig, RouteMatch,
+    ClusterConfig, Config, HeaderMatch, HeaderValueMatch, Limits, ListenerConfig, ListenerKind,
+    PathMatch, Problem, RouteConfig, RouteMatch,
 };
 
 /// The default config compiled into the binary, used when no file is given.

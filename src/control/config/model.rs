@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::resilience::{
     RawBreaker, RawBudget, RawBulkhead, RawFault, RawHedge, RawLoadShed, RawRateLimit, RawRetry,
 };
+use super::tls::{RawClientTls, RawServerTls};
 use super::upstream::{RawDns, RawEndpoint, RawHealthCheck, RawOutlier, RawPool};
 
 /// The whole configuration file.
@@ -78,6 +79,25 @@ pub struct RawListener {
     /// Adaptive concurrency limit for the listener's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_shed: Option<RawLoadShed>,
+    /// TLS termination, and client certificates for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawServerTls>,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Largest request head in bytes (HTTP/1.1) or header list (HTTP/2); larger gets 431.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<u32>,
+    /// Most header lines in a request (HTTP/1.1); more gets 431.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_headers: Option<u32>,
+    /// HTTP/2 streams a client may have open at once on one connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_concurrent_streams: Option<u32>,
+    /// HTTP/2 streams a client may reset before the proxy accepted them (rapid-reset
+    /// protection); past it the connection gets GOAWAY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_pending_resets: Option<u32>,
 }
 
 /// One HTTP route: a match and where matching requests go.
@@ -119,6 +139,12 @@ pub struct RawRoute {
     /// Injected delays and errors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<RawFault>,
+    /// Largest request body in bytes; larger gets 413.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body_bytes: Option<u64>,
+    /// Client identities (from their TLS certificates) allowed to use this route; others get 403.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_identities: Option<Vec<String>>,
 }
 
 /// Request conditions of a route; all given conditions must hold.
@@ -143,6 +169,9 @@ pub struct RawMatch {
     /// Header conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<RawHeaderMatch>,
+    /// The client's verified TLS identity is one of these (a trailing `*` matches a prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identities: Option<Vec<String>>,
 }
 
 /// One header condition: exactly one of `exact`, `regex`, `present`.
@@ -254,4 +283,7 @@ pub struct RawCluster {
     /// How many retries the cluster may receive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RawBudget>,
+    /// TLS to the endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawClientTls>,
 }

@@ -25,6 +25,12 @@ pub struct Changes {
 
 /// Starts watching the directories that can change what `path` reads as.
 pub fn watch(path: &Path) -> notify::Result<Changes> {
+    watch_all(&[path])
+}
+
+/// Starts watching the directories that can change what any of `paths` reads as (a certificate,
+/// its key and a CA bundle, say).
+pub fn watch_all(paths: &[&Path]) -> notify::Result<Changes> {
     let (tx, rx) = mpsc::channel(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
@@ -32,7 +38,10 @@ pub fn watch(path: &Path) -> notify::Result<Changes> {
             let _ = tx.try_send(());
         }
     })?;
-    for dir in directories(path) {
+    let mut dirs: Vec<PathBuf> = paths.iter().flat_map(|p| directories(p)).collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     }
     Ok(Changes {

@@ -446,6 +446,8 @@ pub enum RateKey {
     ClientIp,
     /// One bucket per value of this header (requests without it share one bucket).
     Header(HeaderName),
+    /// One bucket per verified client TLS identity (its first SAN); clients without one share one.
+    PeerIdentity,
 }
 
 /// A route's rate limit.
@@ -785,6 +787,7 @@ impl Validator {
         let key = match r.key.as_deref() {
             None | Some("none") => RateKey::None,
             Some("client_ip") => RateKey::ClientIp,
+            Some("peer_identity") => RateKey::PeerIdentity,
             Some(k) => match k
                 .strip_prefix("header:")
                 .map(|h| HeaderName::from_bytes(h.trim().as_bytes()))
@@ -794,7 +797,7 @@ impl Validator {
                     self.problem_with_hint(
                         p("key"),
                         format!("invalid key `{k}`"),
-                        Some("one of `none`, `client_ip`, `header:NAME`".into()),
+                        Some("one of `none`, `client_ip`, `peer_identity`, `header:NAME`".into()),
                     );
                     RateKey::None
                 }

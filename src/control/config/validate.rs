@@ -19,6 +19,7 @@ use super::resilience::{
     BreakerConfig, BudgetConfig, BulkheadConfig, FaultConfig, LoadShedConfig, RateLimitConfig,
     RetryConfig,
 };
+use super::tls::{ClientTlsConfig, IdentityPattern, ServerTlsConfig};
 use super::upstream::HashOn;
 use super::upstream::UpstreamConfig;
 
@@ -36,6 +37,16 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Time a client gets to send request headers when a listener names none.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections a listener keeps open at once when it names no `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Largest request head when a listener names no `max_header_bytes` (hyper cannot go below 8 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: u32 = 64 * 1024;
+/// Most request header lines when a listener names no `max_headers`.
+pub const DEFAULT_MAX_HEADERS: u32 = 100;
+/// HTTP/2 concurrent streams per connection when a listener names none.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// HTTP/2 streams reset before being accepted, per connection, before GOAWAY.
+pub const DEFAULT_H2_MAX_PENDING_RESETS: u32 = 20;
 /// Time to response headers when a route names none.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -80,6 +91,37 @@ pub struct ListenerConfig {
     pub idle_timeout: Option<Duration>,
     /// Adaptive concurrency limit, if on.
     pub load_shed: Option<LoadShedConfig>,
+    /// TLS termination, if on.
+    pub tls: Option<ServerTlsConfig>,
+    /// Connection, header and HTTP/2 limits.
+    pub limits: Limits,
+}
+
+/// A listener's limits on what clients may open and send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once.
+    pub max_connections: u32,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2), in bytes.
+    pub max_header_bytes: u32,
+    /// Most header lines of an HTTP/1.1 request.
+    pub max_headers: u32,
+    /// HTTP/2 concurrent streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams reset before being accepted, per connection.
+    pub h2_max_pending_resets: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            h2_max_pending_resets: DEFAULT_H2_MAX_PENDING_RESETS,
+        }
+    }
 }
 
 /// What a listener does with its connections.
@@ -120,6 +162,10 @@ pub struct RouteConfig {
     pub bulkhead: Option<BulkheadConfig>,
     /// Fault injection, if any.
     pub fault: Option<FaultConfig>,
+    /// Largest request body; `None` for no limit.
+    pub max_request_body: Option<u64>,
+    /// Client identities allowed; `None` allows everyone.
+    pub allowed_identities: Option<Vec<IdentityPattern>>,
 }
 
 impl PartialEq for RouteConfig {
@@ -134,6 +180,8 @@ impl PartialEq for RouteConfig {
             && self.rate_limit == other.rate_limit
             && self.bulkhead == other.bulkhead
             && self.fault == other.fault
+            && self.max_request_body == other.max_request_body
+            && self.allowed_identities == other.allowed_identities
     }
 }
 
@@ -148,6 +196,8 @@ pub struct RouteMatch {
     pub methods: Option<Vec<Method>>,
     /// Header conditions.
     pub headers: Vec<HeaderMatch>,
+    /// The client's TLS identity must match one of these.
+    pub identities: Option<Vec<IdentityPattern>>,
 }
 
 impl PartialEq for RouteMatch {
@@ -156,6 +206,7 @@ impl PartialEq for RouteMatch {
             && self.host == other.host
             && self.methods == other.methods
             && self.headers == other.headers
+            && self.identities == other.identities
     }
 }
 
@@ -256,6 +307,8 @@ pub struct ClusterConfig {
     pub breaker: Option<BreakerConfig>,
     /// Concurrency cap and queue.
     pub bulkhead: BulkheadConfig,
+    /// TLS to the endpoints, if on.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 /// Checks `raw` and builds a [`Config`], or returns every problem found.
@@ -337,6 +390,18 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             l.idle_timeout.as_deref(),
             DEFAULT_CONNECTION_IDLE_TIMEOUT,
         );
+        let tls = l
+            .tls
+            .as_ref()
+            .and_then(|t| v.server_tls(&format!("{path}.tls"), t));
+        if l.tls.is_some() && l.protocol == ListenerProtocol::Tcp {
+            v.problem_with_hint(
+                format!("{path}.tls"),
+                "`tls` applies to http listeners only".into(),
+                Some("terminate TLS in the service behind a tcp listener".into()),
+            );
+        }
+        let limits = v.limits(&path, l);
         if let (Some(address), Some(kind)) = (address, kind) {
             listeners.push(ListenerConfig {
                 name: l.name.clone(),
@@ -345,6 +410,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                 header_read_timeout,
                 idle_timeout,
                 load_shed,
+                tls,
+                limits,
             });
         }
     }
@@ -405,6 +472,43 @@ impl Validator {
             message,
             hint,
         });
+    }
+
+    fn limits(&mut self, path: &str, l: &RawListener) -> Limits {
+        let d = Limits::default();
+        let mut at_least = |field: &str, value: Option<u32>, min: u32, default: u32| match value {
+            Some(v) if v < min => {
+                self.problem(
+                    format!("{path}.{field}"),
+                    format!("`{field}` must be at least {min}"),
+                );
+                default
+            }
+            Some(v) => v,
+            None => default,
+        };
+        Limits {
+            max_connections: at_least("max_connections", l.max_connections, 1, d.max_connections),
+            max_header_bytes: at_least(
+                "max_header_bytes",
+                l.max_header_bytes,
+                8192,
+                d.max_header_bytes,
+            ),
+            max_headers: at_least("max_headers", l.max_headers, 1, d.max_headers),
+            h2_max_concurrent_streams: at_least(
+                "http2_max_concurrent_streams",
+                l.http2_max_concurrent_streams,
+                1,
+                d.h2_max_concurrent_streams,
+            ),
+            h2_max_pending_resets: at_least(
+                "http2_max_pending_resets",
+                l.http2_max_pending_resets,
+                1,
+                d.h2_max_pending_resets,
+            ),
+        }
     }
 
     fn socket_addr(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
@@ -576,6 +680,10 @@ impl Validator {
         let budget = self.budget(path, c.retry_budget.as_ref());
         let breaker = self.breaker(path, c.circuit_breaker.as_ref());
         let bulkhead = self.bulkhead(path, &c.bulkhead.clone().unwrap_or_default());
+        let tls = c
+            .tls
+            .as_ref()
+            .and_then(|t| self.client_tls(&format!("{path}.tls"), t));
         (self.problems.len() == before).then(|| ClusterConfig {
             name: c.name.clone(),
             upstream,
@@ -584,6 +692,7 @@ impl Validator {
             budget,
             breaker,
             bulkhead,
+            tls,
         })
     }
 
@@ -723,6 +832,17 @@ impl Validator {
         let rate_limit = r.rate_limit.as_ref().and_then(|l| self.rate_limit(path, l));
         let bulkhead = r.bulkhead.as_ref().map(|b| self.bulkhead(path, b));
         let fault = r.fault.as_ref().map(|f| self.fault(path, f));
+        let allowed_identities = r
+            .allowed_identities
+            .as_ref()
+            .map(|ids| self.identities(&format!("{path}.allowed_identities"), ids));
+        if r.max_request_body_bytes == Some(0) {
+            self.problem_with_hint(
+                format!("{path}.max_request_body_bytes"),
+                "0 would refuse every request with a body".into(),
+                Some("leave it out for no limit".into()),
+            );
+        }
         (self.problems.len() == before).then(|| RouteConfig {
             name: r.name.clone(),
             matcher: matcher.unwrap_or_default(),
@@ -734,6 +854,8 @@ impl Validator {
             rate_limit,
             bulkhead,
             fault,
+            max_request_body: r.max_request_body_bytes,
+            allowed_identities,
         })
     }
 
@@ -799,11 +921,16 @@ impl Validator {
             .enumerate()
             .filter_map(|(k, h)| self.header_match(&format!("{path}.headers[{k}]"), h))
             .collect();
+        let identities = m
+            .identities
+            .as_ref()
+            .map(|ids| self.identities(&format!("{path}.identities"), ids));
         (self.problems.len() == before).then_some(RouteMatch {
             path: path_match,
             host,
             methods,
             headers,
+            identities,
         })
     }
 

@@ -77,6 +77,8 @@ pub struct CallCtx {
     pub hold_limit: u64,
     /// The route's stream idle timeout, applied to the response body.
     pub idle_timeout: Option<std::time::Duration>,
+    /// The client's verified TLS identities (certificate URI and DNS SANs), if it sent one.
+    pub identity: Option<std::sync::Arc<[String]>>,
 }
 
 impl CallCtx {
@@ -95,6 +97,7 @@ impl CallCtx {
             hold_small: false,
             hold_limit: 0,
             idle_timeout: None,
+            identity: None,
         }
     }
 }

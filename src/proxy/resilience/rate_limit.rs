@@ -182,6 +182,10 @@ impl RateLimiter {
                 IpAddr::V4(ip) => self.check(Some(&ip.octets())),
                 IpAddr::V6(ip) => self.check(Some(&ip.octets())),
             },
+            RateKey::PeerIdentity => {
+                let id = call.ctx.identity.as_deref().and_then(|ids| ids.first());
+                self.check(Some(id.map_or(&b""[..], |i| i.as_bytes())))
+            }
             RateKey::Header(name) => {
                 let v = call
                     .head

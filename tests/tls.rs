@@ -1,0 +1,469 @@
+//! TLS end to end: termination checked with curl over HTTP/1.1 and HTTP/2 (ALPN), origination to
+//! an upstream over TLS, mutual TLS between two sidecars with identity authorization, and
+//! certificate rotation under load.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::pki::{write, write_leaf, Ca};
+use support::*;
+
+/// Runs curl against `url` on `localhost` resolved to the proxy; returns (exit ok, stdout).
+async fn curl(addr: SocketAddr, path: &str, args: &[&str]) -> (bool, String) {
+    let url = format!("https://localhost:{}{path}", addr.port());
+    let resolve = format!("localhost:{}:127.0.0.1", addr.port());
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--resolve", &resolve])
+        .args(args)
+        .arg(&url)
+        .output()
+        .await
+        .expect("curl is installed");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn tls_listener(dir: &Path, ca: &Ca, extra: &str) -> String {
+    let (cert, key) = write_leaf(dir, "server", &ca.leaf(&["localhost", "127.0.0.1"]));
+    format!(
+        "    tls:\n      cert: {}\n      key: {}\n{extra}",
+        cert.display(),
+        key.display()
+    )
+}
+
+#[tokio::test]
+async fn curl_reaches_a_tls_listener_over_http1_and_http2() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test root");
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem);
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+{}    routes:
+      - name: all
+        cluster: app
+clusters:
+  - name: app
+    endpoints: [\"{}\"]
+",
+        tls_listener(dir.path(), &ca, ""),
+        origin.addr
+    ))
+    .await;
+    let ca_arg = ca_file.to_str().unwrap();
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let (ok, out) = curl(
+            proxy.addr("in"),
+            "/hello",
+            &[
+                "--cacert",
+                ca_arg,
+                flag,
+                "-w",
+                "\n%{http_version} %{http_code}",
+            ],
+        )
+        .await;
+        assert!(ok, "curl {flag} failed: {out}");
+        assert!(out.starts_with("app GET /hello"), "{out}");
+        assert!(out.ends_with(&format!("{version} 200")), "{flag}: {out}");
+        assert_eq!(
+            origin.control.last_header("x-forwarded-proto").as_deref(),
+            Some("https")
+        );
+    }
+    // A client that does not trust the CA refuses the proxy's certificate.
+    let (ok, _) = curl(proxy.addr("in"), "/", &[]).await;
+    assert!(!ok, "curl without --cacert must fail verification");
+    let metrics = scrape(&proxy).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "outrigger_tls_handshakes_total{listener=\"in\",result=\"ok\"}"
+        ),
+        2.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "outrigger_tls_cert_expiry_timestamp_seconds{listener=\"in\"}"
+        ) > 1.7e9
+    );
+}
+
+/// Two sidecars: `edge` originates mTLS with its workload certificate to `mesh`, which requires
+/// client certificates from the mesh CA, allows `spiffe://mesh/ns/prod/*`, and guards one route
+/// further. Direct clients with the wrong CA, an unlisted identity or no certificate are refused.
+#[tokio::test]
+async fn mutual_tls_between_sidecars_authorizes_by_identity() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mesh_ca = Ca::new("mesh root");
+    let rogue_ca = Ca::new("rogue root");
+    let ca_file = write(dir.path(), "mesh-ca.pem", &mesh_ca.pem);
+    let mesh = Proxy::start(&format!(
+        "listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+{}    routes:
+      - name: admin-only
+        match: {{ prefix: /admin }}
+        allowed_identities: [\"spiffe://mesh/ns/prod/sa/ops\"]
+        cluster: app
+      - name: by-identity
+        match: {{ identities: [\"spiffe://mesh/ns/prod/sa/batch\"] }}
+        cluster: app
+        fault: {{ abort: {{ percent: 100, status: 418 }} }}
+      - name: all
+        cluster: app
+clusters:
+  - name: app
+    endpoints: [\"{}\"]
+",
+        tls_listener(
+            dir.path(),
+            &mesh_ca,
+            &format!(
+                "      client_ca: {}\n      allowed_identities: [\"spiffe://mesh/ns/prod/*\"]\n",
+                ca_file.display()
+            )
+        ),
+        origin.addr
+    ))
+    .await;
+
+    let web = write_leaf(
+        dir.path(),
+        "web",
+        &mesh_ca.leaf(&["spiffe://mesh/ns/prod/sa/web"]),
+    );
+    let edge = Proxy::start(&format!(
+        "listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    routes:
+      - name: to-mesh
+        cluster: mesh
+clusters:
+  - name: mesh
+    endpoints: [\"{}\"]
+    tls:
+      ca: {}
+      server_name: localhost
+      cert: {}
+      key: {}
+",
+        mesh.addr("inbound"),
+        ca_file.display(),
+        web.0.display(),
+        web.1.display()
+    ))
+    .await;
+
+    // The allowed identity passes, and the upstream learns who called.
+    let (status, _, body) = get(&h1_client(), &edge.url("outbound", "/orders"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "app GET /orders");
+    assert_eq!(
+        origin
+            .control
+            .last_header("x-forwarded-client-cert")
+            .as_deref(),
+        Some("URI=spiffe://mesh/ns/prod/sa/web")
+    );
+    // An allowed identity is still refused by a route that names others.
+    let (status, headers, _) = get(&h1_client(), &edge.url("outbound", "/admin/x"))
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(reason(&headers), "forbidden");
+
+    let mesh_addr = mesh.addr("inbound");
+    let ca_arg = ca_file.to_str().unwrap();
+    let client = |name: &str, ca: &Ca, id: &str| {
+        let (c, k) = write_leaf(dir.path(), name, &ca.leaf(&[id]));
+        (
+            c.to_str().unwrap().to_owned(),
+            k.to_str().unwrap().to_owned(),
+        )
+    };
+    // Routing by identity: the batch identity takes its own route.
+    let (c, k) = client("batch", &mesh_ca, "spiffe://mesh/ns/prod/sa/batch");
+    let (ok, out) = curl(
+        mesh_addr,
+        "/x",
+        &[
+            "--cacert",
+            ca_arg,
+            "--cert",
+            &c,
+            "--key",
+            &k,
+            "-w",
+            "%{http_code}",
+        ],
+    )
+    .await;
+    assert!(ok && out.ends_with("418"), "{out}");
+    // A forged XFCC header from a client is replaced, not passed on.
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            "x-forwarded-client-cert: URI=spiffe://mesh/ns/prod/sa/ops",
+        ])
+        .arg(edge.url("outbound", "/forged"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        origin
+            .control
+            .last_header("x-forwarded-client-cert")
+            .as_deref(),
+        Some("URI=spiffe://mesh/ns/prod/sa/web")
+    );
+
+    let refusals = [
+        (
+            "rogue",
+            client("rogue", &rogue_ca, "spiffe://mesh/ns/prod/sa/web"),
+            "untrusted_cert",
+        ),
+        (
+            "dev",
+            client("dev", &mesh_ca, "spiffe://mesh/ns/dev/sa/web"),
+            "identity_denied",
+        ),
+    ];
+    for (what, (c, k), _) in &refusals {
+        let (ok, out) = curl(
+            mesh_addr,
+            "/",
+            &["--cacert", ca_arg, "--cert", c, "--key", k],
+        )
+        .await;
+        assert!(!ok, "{what} must be refused, got {out}");
+    }
+    let (ok, out) = curl(mesh_addr, "/", &["--cacert", ca_arg]).await;
+    assert!(!ok, "no client certificate must be refused, got {out}");
+
+    let metrics = scrape(&mesh).await;
+    let count = |result: &str| {
+        metric(
+            &metrics,
+            &format!("outrigger_tls_handshakes_total{{listener=\"inbound\",result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(count("untrusted_cert"), 1.0);
+    assert_eq!(count("identity_denied"), 1.0);
+    assert_eq!(count("no_client_cert"), 1.0);
+    assert!(count("ok") >= 2.0);
+}
+
+/// A TLS client that trusts `roots`, opens a new connection per request, and reports the
+/// certificate the server showed.
+async fn tls_get(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let shown = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", "localhost")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("status {status}"));
+    }
+    Ok(shown)
+}
+
+fn client_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn rotating_the_certificate_under_load_fails_no_request() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("rotation root");
+    let old = ca.leaf(&["localhost"]);
+    let (cert, key) = write_leaf(dir.path(), "server", &old);
+    let proxy = Proxy::start(&format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+    tls: {{ cert: {}, key: {} }}
+    routes:
+      - name: all
+        cluster: app
+clusters:
+  - name: app
+    endpoints: [\"{}\"]
+",
+        cert.display(),
+        key.display(),
+        origin.addr
+    ))
+    .await;
+    let addr = proxy.addr("in");
+    let config = client_config(&ca.pem);
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let new = ca.leaf(&["localhost"]);
+    let new_der = der(&new.cert);
+    let seen_new = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (config, ok, failed, seen_new, stop, new_der) = (
+            config.clone(),
+            ok.clone(),
+            failed.clone(),
+            seen_new.clone(),
+            stop.clone(),
+            new_der.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match tls_get(addr, config.clone()).await {
+                    Ok(shown) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if shown == new_der {
+                            seen_new.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("request failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A broken certificate file is refused and the old one keeps serving.
+    write_atomically(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                &scrape(&proxy).await,
+                "outrigger_tls_cert_reloads_total{owner=\"in\",result=\"failed\"}",
+            ) >= 1.0
+        })
+        .await,
+        "a broken certificate must be reported"
+    );
+    let before = ok.load(Ordering::Relaxed);
+    // The real rotation: key first, then certificate, as a secret update might land.
+    write_atomically(&key, &new.key);
+    write_atomically(&cert, &new.cert);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            seen_new.load(Ordering::Relaxed) > 20
+        })
+        .await,
+        "new handshakes must show the new certificate"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "rotation: {ok} requests ok, {failed} failed; {} showed the new certificate; {before} before rotating",
+        seen_new.load(Ordering::Relaxed)
+    );
+    assert_eq!(failed, 0);
+    assert!(ok > 100, "the load must be real: {ok}");
+    let metrics = scrape(&proxy).await;
+    assert!(
+        metric(
+            &metrics,
+            "outrigger_tls_cert_reloads_total{owner=\"in\",result=\"applied\"}"
+        ) >= 1.0
+    );
+    // The last handshake shows the new certificate.
+    assert_eq!(tls_get(addr, config).await.unwrap(), new_der);
+}
+
+#[tokio::test]
+async fn a_missing_or_mismatched_key_is_a_config_error_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("root");
+    let (cert, _) = write_leaf(dir.path(), "a", &ca.leaf(&["localhost"]));
+    let (_, other_key) = write_leaf(dir.path(), "b", &ca.leaf(&["localhost"]));
+    let text = format!(
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    tls:\n      cert: {}\n      key: {}\n    routes: [{{ name: r, cluster: c }}]\nclusters:\n  - name: c\n    endpoints: [\"127.0.0.1:1\"]\n",
+        cert.display(),
+        other_key.display()
+    );
+    let err = outrigger::control::config::parse("t.yaml", &text)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("t.yaml:6:7: cannot use"), "{err}");
+    assert!(err.contains("does not fit the certificate"), "{err}");
+    let missing = text.replace(other_key.to_str().unwrap(), "/nonexistent/key.pem");
+    let err = outrigger::control::config::parse("t.yaml", &missing)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("t.yaml:6:7: cannot use `/nonexistent/key.pem`"),
+        "{err}"
+    );
+}
