@@ -69,6 +69,7 @@ enum Field {
     Other,
     ContentLength,
     TransferEncoding,
+    Host,
 }
 
 /// Why a message was refused.
@@ -88,6 +89,8 @@ pub enum Violation {
     TransferEncoding,
     /// A chunk size that is not hex, too long, or not followed by CRLF.
     ChunkSize,
+    /// `Host` more than once: which one names the server is ambiguous (RFC 9112 §3.2).
+    Host,
 }
 
 /// The incremental framing check of one connection.
@@ -108,10 +111,15 @@ pub struct Framing {
     lengths: u32,
     chunked: bool,
     encodings: u32,
+    hosts: u32,
     trailers: bool,
     chunk: u64,
     digits: u32,
     head_bytes: bool,
+    /// Bytes fed so far.
+    offset: u64,
+    /// Where the head being read began (its first byte after the previous message).
+    head_pos: Option<u64>,
 }
 
 impl Default for Framing {
@@ -148,10 +156,13 @@ impl Framing {
             lengths: 0,
             chunked: false,
             encodings: 0,
+            hosts: 0,
             trailers: false,
             chunk: 0,
             digits: 0,
             head_bytes: false,
+            offset: 0,
+            head_pos: None,
         }
     }
 
@@ -182,6 +193,20 @@ impl Framing {
     /// fine, and the violation found right after them, if any. After a violation, everything
     /// passes: the connection is being closed.
     pub fn feed(&mut self, data: &[u8]) -> (usize, Option<Violation>) {
+        let fed = self.feed_inner(data);
+        self.offset += data.len() as u64;
+        fed
+    }
+
+    /// Where the request head now being read began, as an offset into everything fed: the
+    /// start of an incomplete head, or of the head a violation was found in. `None` inside a
+    /// body or between requests.
+    pub fn head_start(&self) -> Option<u64> {
+        self.head_pos
+    }
+
+    fn feed_inner(&mut self, data: &[u8]) -> (usize, Option<Violation>) {
+        let base = self.offset;
         let mut i = 0;
         while i < data.len() {
             match self.state {
@@ -208,6 +233,9 @@ impl Framing {
                 }
                 _ => {}
             }
+            if self.state == State::Start && self.head_pos.is_none() {
+                self.head_pos = Some(base + i as u64);
+            }
             if let Err(v) = self.byte(data[i]) {
                 self.state = State::Passthrough;
                 return (i, Some(v));
@@ -218,6 +246,7 @@ impl Framing {
     }
 
     fn message_done(&mut self) -> State {
+        self.head_pos = None;
         self.first = false;
         self.head_bytes = false;
         self.trailers = false;
@@ -225,6 +254,7 @@ impl Framing {
         self.lengths = 0;
         self.chunked = false;
         self.encodings = 0;
+        self.hosts = 0;
         State::Start
     }
 
@@ -289,6 +319,7 @@ impl Framing {
                         b"HTTP/1.0" => self.http10 = true,
                         b"HTTP/2.0" if self.first && self.pri && self.star => {
                             self.state = State::Passthrough;
+                            self.head_pos = None;
                             return Ok(());
                         }
                         _ => return Err(V::Version),
@@ -334,7 +365,7 @@ impl Framing {
                 b'\r' => State::ValueLf,
                 b'\n' => return Err(V::BareLineEnd),
                 b if is_value_byte(b) => {
-                    if self.field != Field::Other
+                    if matches!(self.field, Field::ContentLength | Field::TransferEncoding)
                         && !(self.value_len == 0 && (b == b' ' || b == b'\t'))
                     {
                         if self.value_len == KEPT {
@@ -425,6 +456,7 @@ impl Framing {
         match (self.word_len, self.word()) {
             (14, b"content-length") => Field::ContentLength,
             (17, b"transfer-encoding") => Field::TransferEncoding,
+            (4, b"host") => Field::Host,
             _ => Field::Other,
         }
     }
@@ -433,6 +465,12 @@ impl Framing {
         let value = trim(&self.value[..self.value_len]);
         match self.field {
             Field::Other => {}
+            Field::Host => {
+                self.hosts += 1;
+                if self.hosts > 1 {
+                    return Err(Violation::Host);
+                }
+            }
             Field::ContentLength => {
                 self.lengths += 1;
                 if self.lengths > 1 || value.is_empty() || value.len() > 18 {
@@ -462,6 +500,7 @@ impl Framing {
         if self.chunked && (self.content_length.is_some() || self.http10) {
             return Err(Violation::TransferEncoding);
         }
+        self.head_pos = None;
         Ok(if self.chunked {
             self.chunk = 0;
             self.digits = 0;
@@ -503,13 +542,30 @@ pub struct Guarded<IO> {
     wrote: bool,
     /// Bytes of the 408 reply still to write, once the timeout fired.
     reply: Option<usize>,
+    /// An incomplete request head, held back until it is whole and checked, so that hyper
+    /// never sees part of a head that turns out to be bad.
+    held: Vec<u8>,
+    /// Stream offset of `held[0]`.
+    held_at: u64,
+    /// Bytes at the front of `held` that are checked and may be handed on.
+    ready: usize,
+    /// A violation was found: after the bytes before it, hyper gets a NUL.
+    reject: bool,
+    /// The most head bytes held; past it they go to hyper, whose own limit answers 431.
+    max_head: usize,
     done: bool,
     metrics: GuardMetrics,
 }
 
 impl<IO> Guarded<IO> {
     /// Wraps `io`; `h2` skips the check (ALPN chose HTTP/2).
-    pub fn new(io: IO, h2: bool, timeout: Option<Duration>, metrics: GuardMetrics) -> Self {
+    pub fn new(
+        io: IO,
+        h2: bool,
+        timeout: Option<Duration>,
+        max_head: usize,
+        metrics: GuardMetrics,
+    ) -> Self {
         let framing = if h2 {
             Framing::passthrough()
         } else {
@@ -525,6 +581,11 @@ impl<IO> Guarded<IO> {
             timer,
             wrote: false,
             reply: None,
+            held: Vec::new(),
+            held_at: 0,
+            ready: 0,
+            reject: false,
+            max_head,
             done: false,
             metrics,
         }
@@ -550,6 +611,51 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Guarded<IO> {
     }
 }
 
+impl<IO: AsyncRead + AsyncWrite + Unpin> Guarded<IO> {
+    /// After `n` new bytes were fed (the last `n` of a stream now `framing.offset` long):
+    /// whether a violation was found, and from which stream offset bytes must be held back
+    /// (an incomplete head) or dropped (the head a violation is in).
+    fn cut(&mut self, violation: Option<(usize, Violation)>, chunk_at: u64) -> Option<u64> {
+        match violation {
+            Some((at, _)) => {
+                self.metrics.malformed.inc();
+                self.reject = true;
+                self.timer = None;
+                Some(self.framing.head_start().unwrap_or(chunk_at + at as u64))
+            }
+            None => {
+                let hold = self.framing.head_start();
+                match (hold, &self.timer, self.timeout) {
+                    (Some(_), None, Some(t)) if self.framing.in_head() => {
+                        self.wrote = false;
+                        self.timer = Some(Box::pin(tokio::time::sleep(t)));
+                    }
+                    (None, Some(_), _) => self.timer = None,
+                    _ => {}
+                }
+                hold
+            }
+        }
+    }
+
+    fn poll_timeout(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let fired = self
+            .timer
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+        if !fired {
+            return Poll::Pending;
+        }
+        self.timer = None;
+        self.metrics.header_timeouts.inc();
+        if self.wrote {
+            self.done = true;
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_reply(cx, 0)
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -557,51 +663,93 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(sent) = this.reply {
-            return this.poll_reply(cx, sent);
-        }
-        if this.done {
-            // End of stream for hyper: the connection is over.
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let (fine, violation) = this.framing.feed(&buf.filled()[before..]);
-                if violation.is_some() {
-                    this.metrics.malformed.inc();
-                    buf.set_filled(before + fine);
+        loop {
+            if let Some(sent) = this.reply {
+                return this.poll_reply(cx, sent);
+            }
+            if this.ready > 0 {
+                let n = this.ready.min(buf.remaining());
+                buf.put_slice(&this.held[..n]);
+                this.held.drain(..n);
+                this.held_at += n as u64;
+                this.ready -= n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.reject {
+                // Whatever follows the bytes handed on so far, hyper now sees a NUL where a
+                // message must begin or continue, answers 400 and closes.
+                this.reject = false;
+                this.done = true;
+                this.held.clear();
+                if buf.remaining() > 0 {
                     buf.put_slice(b"\0");
-                    this.timer = None;
-                    return Poll::Ready(Ok(()));
                 }
-                match (this.framing.in_head(), &this.timer, this.timeout) {
-                    (true, None, Some(t)) => {
-                        this.wrote = false;
-                        this.timer = Some(Box::pin(tokio::time::sleep(t)));
+                return Poll::Ready(Ok(()));
+            }
+            if this.done {
+                // End of stream for hyper: the connection is over.
+                return Poll::Ready(Ok(()));
+            }
+            if this.held.is_empty() {
+                // The fast path: read straight into hyper's buffer.
+                let before = buf.filled().len();
+                match Pin::new(&mut this.io).poll_read(cx, buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = buf.filled().len() - before;
+                        if n == 0 {
+                            return Poll::Ready(Ok(()));
+                        }
+                        let chunk_at = this.framing.offset;
+                        let (fine, v) = this.framing.feed(&buf.filled()[before..]);
+                        let Some(from) = this.cut(v.map(|v| (fine, v)), chunk_at) else {
+                            return Poll::Ready(Ok(()));
+                        };
+                        let keep = (from.saturating_sub(chunk_at) as usize).min(n);
+                        if !this.reject {
+                            this.held.extend_from_slice(&buf.filled()[before + keep..]);
+                            this.held_at = chunk_at + keep as u64;
+                        }
+                        buf.set_filled(before + keep);
+                        if keep > 0 {
+                            return Poll::Ready(Ok(()));
+                        }
+                        continue;
                     }
-                    (false, Some(_), _) => this.timer = None,
-                    _ => {}
+                    Poll::Pending => return this.poll_timeout(cx),
+                    other => return other,
                 }
-                Poll::Ready(Ok(()))
             }
-            Poll::Pending => {
-                let fired = this
-                    .timer
-                    .as_mut()
-                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
-                if !fired {
-                    return Poll::Pending;
+            // A head is incomplete: read more of it beside the held bytes.
+            let mut scratch = [0u8; 4096];
+            let mut more = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut more) {
+                Poll::Ready(Ok(())) => {
+                    let data = more.filled();
+                    if data.is_empty() {
+                        // EOF mid-head: hand on what there is; hyper reports the cut message.
+                        this.ready = this.held.len();
+                        this.done = this.ready == 0;
+                        continue;
+                    }
+                    let chunk_at = this.framing.offset;
+                    let (fine, v) = this.framing.feed(data);
+                    this.held.extend_from_slice(data);
+                    let from = this.cut(v.map(|v| (fine, v)), chunk_at);
+                    let end = this.held_at + this.held.len() as u64;
+                    let upto = from.unwrap_or(end).max(this.held_at);
+                    if this.reject {
+                        this.held.truncate((upto - this.held_at) as usize);
+                    }
+                    this.ready = (upto - this.held_at) as usize;
+                    if this.held.len() > this.max_head {
+                        // Too big to be a head we would accept: hyper sees it and answers 431.
+                        this.framing = Framing::passthrough();
+                        this.ready = this.held.len();
+                    }
                 }
-                this.timer = None;
-                this.metrics.header_timeouts.inc();
-                if this.wrote {
-                    this.done = true;
-                    return Poll::Ready(Ok(()));
-                }
-                this.poll_reply(cx, 0)
+                Poll::Pending => return this.poll_timeout(cx),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             }
-            other => other,
         }
     }
 }
@@ -745,13 +893,13 @@ GET /z HTTP/1.0\r\n\r\n";
             server,
             false,
             Some(Duration::from_secs(10)),
+            65536,
             metrics.clone(),
         );
         let (mut read, mut write) = tokio::io::split(client);
         write.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
+        // An incomplete head is held back, so hyper sees nothing of it before the timeout.
         let mut buf = [0u8; 64];
-        let n = guarded.read(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\nHost:");
         let start = tokio::time::Instant::now();
         assert_eq!(guarded.read(&mut buf).await.unwrap(), 0);
         assert_eq!(start.elapsed(), Duration::from_secs(10));

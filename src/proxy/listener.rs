@@ -144,11 +144,12 @@ async fn accept_loop(
                 let (state, stop, server) = (state.clone(), stop.clone(), server.clone());
                 let tls = current.tls.as_ref().map(|(_, t)| t.clone());
                 let (metrics, timeout) = (current.metrics.clone(), current.header_read_timeout);
+                let max_head = current.limits.max_header_bytes as usize;
                 tracker.spawn(async move {
                     let guard = metrics.guard();
                     match tls {
                         None => {
-                            let io = Guarded::new(stream, false, timeout, guard);
+                            let io = Guarded::new(stream, false, timeout, max_head, guard);
                             http::serve(io, peer, Peer::default(), state, stop, server).await;
                         }
                         Some(tls) => {
@@ -157,7 +158,7 @@ async fn accept_loop(
                             else {
                                 return;
                             };
-                            let io = Guarded::new(stream, h2, timeout, guard);
+                            let io = Guarded::new(stream, h2, timeout, max_head, guard);
                             http::serve(io, peer, who, state, stop, server).await;
                         }
                     }
