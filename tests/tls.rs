@@ -360,6 +360,23 @@ clusters:
     .await;
     let addr = proxy.addr("in");
     let config = client_config(&ca.pem);
+    // A keep-alive connection from before the rotation, used again after it.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut kept, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let ask = || {
+        http::Request::get("/kept")
+            .header("host", "localhost")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(kept.send_request(ask()).await.unwrap().status(), 200);
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let new = ca.leaf(&["localhost"]);
     let new_der = der(&new.cert);
@@ -438,8 +455,14 @@ clusters:
             "outrigger_tls_cert_reloads_total{owner=\"in\",result=\"applied\"}"
         ) >= 1.0
     );
-    // The last handshake shows the new certificate.
+    // The last handshake shows the new certificate, and the old connection still works.
     assert_eq!(tls_get(addr, config).await.unwrap(), new_der);
+    let resp = kept.send_request(ask()).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "a connection from before the rotation continues"
+    );
 }
 
 #[tokio::test]
