@@ -57,23 +57,11 @@ async fn ten_thousand_idle_connections_cannot_pass_a_cap_of_one_thousand() {
     let path = dir.path().join("limits.yaml");
     std::fs::write(
         &path,
-        format!(
-            "admin:
-  address: 127.0.0.1:0
-listeners:
-  - name: in
-    address: 127.0.0.1:0
-    max_connections: 1000
-    header_read_timeout: 60s
-    routes:
-      - name: all
-        cluster: app
-clusters:
-  - name: app
-    endpoints: [\"{}\"]
-",
-            origin.addr
-        ),
+        with_test_admin(&one_listener(
+            "    max_connections: 1000\n    header_read_timeout: 60s\n",
+            "",
+            origin.addr,
+        )),
     )
     .unwrap();
     let proc = Process::start(&path);
@@ -142,20 +130,10 @@ clusters:
 #[tokio::test]
 async fn http2_stream_cap_and_rapid_reset_protection() {
     let origin = Origin::start("app").await;
-    let proxy = Proxy::start(&format!(
-        "listeners:
-  - name: in
-    address: 127.0.0.1:0
-    http2_max_concurrent_streams: 8
-    http2_max_pending_resets: 20
-    routes:
-      - name: all
-        cluster: app
-clusters:
-  - name: app
-    endpoints: [\"{}\"]
-",
-        origin.addr
+    let proxy = Proxy::start(&one_listener(
+        "    http2_max_concurrent_streams: 8\n    http2_max_pending_resets: 20\n",
+        "",
+        origin.addr,
     ))
     .await;
     let addr = proxy.addr("in");

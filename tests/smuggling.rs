@@ -98,25 +98,10 @@ fn statuses(mut raw: &[u8]) -> Vec<u16> {
 #[tokio::test]
 async fn every_malformed_request_gets_its_documented_answer() {
     let origin = Origin::start("app").await;
-    let proxy = Proxy::start(&format!(
-        "listeners:
-  - name: in
-    address: 127.0.0.1:0
-    header_read_timeout: 300ms
-    max_headers: 20
-    max_header_bytes: 8192
-    routes:
-      - name: limited
-        match: {{ prefix: /limited }}
-        max_request_body_bytes: 1000
-        cluster: app
-      - name: all
-        cluster: app
-clusters:
-  - name: app
-    endpoints: [\"{}\"]
-",
-        origin.addr
+    let proxy = Proxy::start(&one_listener(
+        "    header_read_timeout: 300ms\n    max_headers: 20\n    max_header_bytes: 8192\n",
+        "      - name: limited\n        match: { prefix: /limited }\n        max_request_body_bytes: 1000\n        cluster: app\n",
+        origin.addr,
     ))
     .await;
     let addr = proxy.addr("in");

@@ -49,19 +49,10 @@ async fn curl_reaches_a_tls_listener_over_http1_and_http2() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test root");
     let ca_file = write(dir.path(), "ca.pem", &ca.pem);
-    let proxy = Proxy::start(&format!(
-        "listeners:
-  - name: in
-    address: 127.0.0.1:0
-{}    routes:
-      - name: all
-        cluster: app
-clusters:
-  - name: app
-    endpoints: [\"{}\"]
-",
-        tls_listener(dir.path(), &ca, ""),
-        origin.addr
+    let proxy = Proxy::start(&one_listener(
+        &tls_listener(dir.path(), &ca, ""),
+        "",
+        origin.addr,
     ))
     .await;
     let ca_arg = ca_file.to_str().unwrap();
@@ -341,21 +332,14 @@ async fn rotating_the_certificate_under_load_fails_no_request() {
     let ca = Ca::new("rotation root");
     let old = ca.leaf(&["localhost"]);
     let (cert, key) = write_leaf(dir.path(), "server", &old);
-    let proxy = Proxy::start(&format!(
-        "listeners:
-  - name: in
-    address: 127.0.0.1:0
-    tls: {{ cert: {}, key: {} }}
-    routes:
-      - name: all
-        cluster: app
-clusters:
-  - name: app
-    endpoints: [\"{}\"]
-",
-        cert.display(),
-        key.display(),
-        origin.addr
+    let proxy = Proxy::start(&one_listener(
+        &format!(
+            "    tls: {{ cert: {}, key: {} }}\n",
+            cert.display(),
+            key.display()
+        ),
+        "",
+        origin.addr,
     ))
     .await;
     let addr = proxy.addr("in");

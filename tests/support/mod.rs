@@ -574,3 +574,21 @@ pub fn reason(headers: &HeaderMap) -> &str {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
 }
+
+/// A config with one HTTP listener `in` whose last route, `all`, sends everything to cluster
+/// `app` at `origin`. `listener` adds indented fields to the listener (each line starting with
+/// four spaces); `routes` adds routes before `all` (each starting with `      - `).
+pub fn one_listener(listener: &str, routes: &str, origin: SocketAddr) -> String {
+    format!(
+        "listeners:
+  - name: in
+    address: 127.0.0.1:0
+{listener}    routes:
+{routes}      - name: all
+        cluster: app
+clusters:
+  - name: app
+    endpoints: [\"{origin}\"]
+"
+    )
+}
