@@ -13,6 +13,7 @@
 //!   once, so only the layers' own cost is measured.
 //! - `config`: parsing and validating a 10,000-route file, and compiling and swapping in its
 //!   route table.
+//! - `framing`: the HTTP/1.1 framing check on a 9-header request head and a 16 KiB chunked body.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -35,6 +36,7 @@ use outrigger::proxy::balance::{hash, PickRequest, Picker};
 use outrigger::proxy::body::{ProxyBody, ReqBody};
 use outrigger::proxy::connect::Cluster;
 use outrigger::proxy::endpoint::Endpoint;
+use outrigger::proxy::framing::Framing;
 use outrigger::proxy::resilience::breaker::{BreakerLayer, CircuitBreaker};
 use outrigger::proxy::resilience::bulkhead::{Bulkhead, BulkheadLayer};
 use outrigger::proxy::resilience::fault::FaultLayer;
@@ -268,5 +270,44 @@ fn config_handling(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_match, balancer_pick, stack, config_handling);
+/// The HTTP/1.1 framing check on a typical request head (curl-like, 9 headers) and on a
+/// 16 KiB chunked body, per message.
+fn framing(c: &mut Criterion) {
+    let head = b"GET /api/v1/orders/12345?expand=items HTTP/1.1\r\nHost: orders.internal:8080\r\n\
+User-Agent: curl/8.5.0\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate\r\n\
+X-Request-Id: 5f0c6b1e-3c1a-4b7e-9a7e-2d9f1c0b8e11\r\nX-B3-TraceId: 80f198ee56343ba864fe8b2a57d3eff7\r\n\
+Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.ZRrHA1JJJW8opsbCGfG_HACGpVUMN_a9IV7pAx_Zmeo\r\n\
+Cookie: session=0123456789abcdef0123456789abcdef\r\n\r\n";
+    let mut group = c.benchmark_group("framing");
+    group.bench_function("request_head", |b| {
+        b.iter(|| {
+            let mut f = Framing::new();
+            std::hint::black_box(f.feed(std::hint::black_box(&head[..])))
+        })
+    });
+    let mut chunked =
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"1000\r\n");
+        chunked.extend_from_slice(&[b'x'; 4096]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    group.bench_function("chunked_16k", |b| {
+        b.iter(|| {
+            let mut f = Framing::new();
+            std::hint::black_box(f.feed(std::hint::black_box(&chunked[..])))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    route_match,
+    balancer_pick,
+    stack,
+    config_handling,
+    framing
+);
 criterion_main!(benches);

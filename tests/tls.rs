@@ -115,6 +115,10 @@ async fn mutual_tls_between_sidecars_authorizes_by_identity() {
         match: {{ prefix: /admin }}
         allowed_identities: [\"spiffe://mesh/ns/prod/sa/ops\"]
         cluster: app
+      - name: per-identity-limit
+        match: {{ prefix: /limited }}
+        rate_limit: {{ requests_per_second: 0.1, burst: 1, key: peer_identity }}
+        cluster: app
       - name: by-identity
         match: {{ identities: [\"spiffe://mesh/ns/prod/sa/batch\"] }}
         cluster: app
@@ -212,6 +216,32 @@ clusters:
     )
     .await;
     assert!(ok && out.ends_with("418"), "{out}");
+    // Rate-limit buckets are per identity: web (through edge) and api each get their one request.
+    let (status, _, _) = get(&h1_client(), &edge.url("outbound", "/limited"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, _, _) = get(&h1_client(), &edge.url("outbound", "/limited"))
+        .await
+        .unwrap();
+    assert_eq!(status, 429, "web's bucket is empty");
+    let (c2, k2) = client("api", &mesh_ca, "spiffe://mesh/ns/prod/sa/api");
+    let (ok, out) = curl(
+        mesh_addr,
+        "/limited",
+        &[
+            "--cacert",
+            ca_arg,
+            "--cert",
+            &c2,
+            "--key",
+            &k2,
+            "-w",
+            "%{http_code}",
+        ],
+    )
+    .await;
+    assert!(ok && out.ends_with("200"), "api has its own bucket: {out}");
     // A forged XFCC header from a client is replaced, not passed on.
     let out = tokio::process::Command::new("curl")
         .args([
