@@ -128,14 +128,68 @@ impl Default for Framing {
     }
 }
 
-/// Token characters of RFC 9110 §5.6.2.
+/// Token characters of RFC 9110 §5.6.2, as a table.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
+}
+
+/// The index of the first byte of `bytes` that may not appear in a field value (a control byte
+/// other than tab, or DEL). Eight bytes at a time: heads are mostly values.
+fn first_ctl(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES * 0x80;
+    let mut i = 0;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_ne_bytes(word);
+        // Some byte is below 0x20 (high bytes, obs-text, are excluded by `!x`)...
+        let below = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        // ...or is 0x7f.
+        let del = x ^ (ONES * 0x7f);
+        let del = del.wrapping_sub(ONES) & !del & HIGH;
+        if below | del != 0 {
+            break;
+        }
+        i += 8;
+    }
+    bytes[i..]
+        .iter()
+        .position(|&b| !is_value_byte(b))
+        .map(|p| i + p)
 }
 
 /// Field-value bytes: visible ASCII, space, tab and obs-text.
 fn is_value_byte(b: u8) -> bool {
-    b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80
+    (b >= 0x20 && b != 0x7f) || b == b'\t'
 }
 
 impl Framing {
@@ -220,6 +274,35 @@ impl Framing {
                         State::Fixed(n - take)
                     };
                     continue;
+                }
+                // A whole ordinary header line in this chunk is checked as a slice; anything
+                // unusual (the framing headers, an error) takes the byte-wise path, which is
+                // what decides the exact offset of a violation.
+                State::LineStart => {
+                    if let Some(len) = plain_header_line(&data[i..]) {
+                        i += len;
+                        continue;
+                    }
+                }
+                // Header values and targets are most of a head: skip their ordinary bytes in bulk.
+                State::Value if self.field == Field::Other => {
+                    let skip = first_ctl(&data[i..]).unwrap_or(data.len() - i);
+                    if skip > 0 {
+                        i += skip;
+                        continue;
+                    }
+                }
+                State::Target if self.word_len > 0 => {
+                    let skip = data[i..]
+                        .iter()
+                        .position(|&b| !(0x21..=0x7e).contains(&b))
+                        .unwrap_or(data.len() - i);
+                    if skip > 0 {
+                        // Only the length matters past the first byte (the `*` check).
+                        self.word_len = self.word_len.saturating_add(skip);
+                        i += skip;
+                        continue;
+                    }
                 }
                 State::ChunkData(n) => {
                     let take = n.min((data.len() - i) as u64);
@@ -512,6 +595,25 @@ impl Framing {
             }
         })
     }
+}
+
+/// The length (LF included) of the header line at the start of `rest`, if it is whole, ends in
+/// CRLF, and is an ordinary well-formed field: a token name, a colon, and value bytes, with a
+/// name other than `Content-Length`, `Transfer-Encoding` and `Host`.
+fn plain_header_line(rest: &[u8]) -> Option<usize> {
+    let colon = rest.iter().position(|&b| !is_tchar(b))?;
+    if colon == 0 || rest[colon] != b':' {
+        return None;
+    }
+    let name = &rest[..colon];
+    let special = [&b"content-length"[..], b"transfer-encoding", b"host"]
+        .iter()
+        .any(|s| name.eq_ignore_ascii_case(s));
+    if special {
+        return None;
+    }
+    let end = colon + 1 + first_ctl(&rest[colon + 1..])?;
+    (rest.get(end..end + 2) == Some(b"\r\n")).then_some(end + 2)
 }
 
 fn trim(v: &[u8]) -> &[u8] {
