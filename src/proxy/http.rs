@@ -75,6 +75,8 @@ struct Conn {
     who: Peer,
     /// The `x-forwarded-client-cert` value describing `who`, built once per connection.
     xfcc: Option<HeaderValue>,
+    /// The client's IP for `x-forwarded-for`, built once per connection.
+    ip: HeaderValue,
     drain: CancellationToken,
     /// Requests being handled now (until their response headers).
     active: AtomicUsize,
@@ -150,6 +152,7 @@ pub async fn serve<IO>(
         peer,
         who,
         xfcc,
+        ip: ip_value(peer),
         drain: drain.clone(),
         active: AtomicUsize::new(0),
         last_request: AtomicU64::new(0),
@@ -279,7 +282,7 @@ async fn forward(
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
     let (mut head, body) = req.into_parts();
-    prepare(&mut head, peer, conn.who.tls);
+    prepare(&mut head, &conn.ip, conn.who.tls);
     // A client could claim any identity in this header; only ours is passed on.
     head.headers.remove(X_FORWARDED_CLIENT_CERT);
     if let Some(v) = &conn.xfcc {
@@ -323,7 +326,7 @@ async fn forward(
 
 /// Rewrites a downstream request head for the upstream: hop-by-hop headers out, forwarding
 /// headers in. The endpoint's address and the version are set per try by the upstream layer.
-fn prepare(parts: &mut http::request::Parts, peer: SocketAddr, tls: bool) {
+fn prepare(parts: &mut http::request::Parts, ip: &HeaderValue, tls: bool) {
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST) {
         if let Some(a) = parts.uri.authority() {
@@ -332,7 +335,7 @@ fn prepare(parts: &mut http::request::Parts, peer: SocketAddr, tls: bool) {
             }
         }
     }
-    append_forwarded_for(&mut parts.headers, peer);
+    append_forwarded_for(&mut parts.headers, ip);
     if !parts.headers.contains_key(X_FORWARDED_PROTO) {
         parts.headers.insert(
             X_FORWARDED_PROTO,
@@ -347,11 +350,16 @@ const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
+/// The client's IP as a header value, made once per connection.
+fn ip_value(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.ip().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
     let mut previous = headers.get_all(X_FORWARDED_FOR).iter().peekable();
     let value = if previous.peek().is_none() {
-        HeaderValue::from_str(&ip)
+        Ok(ip.clone())
     } else {
         // Several header lines are one comma-separated list (RFC 9110 §5.3); keep them all.
         let mut buf = BytesMut::with_capacity(64);
@@ -438,12 +446,12 @@ mod tests {
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         let peer: SocketAddr = "10.0.0.9:1234".parse().unwrap();
-        append_forwarded_for(&mut h, peer);
+        append_forwarded_for(&mut h, &ip_value(peer));
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9");
-        append_forwarded_for(&mut h, "[::1]:9".parse().unwrap());
+        append_forwarded_for(&mut h, &ip_value("[::1]:9".parse().unwrap()));
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9, ::1");
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
-        append_forwarded_for(&mut h, peer);
+        append_forwarded_for(&mut h, &ip_value(peer));
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9, ::1, 10.1.1.1, 10.0.0.9");
     }
 }

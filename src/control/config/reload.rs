@@ -10,7 +10,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 /// Quiet time after the last file event before the file is read, so that a file being written
@@ -32,8 +33,25 @@ pub fn watch(path: &Path) -> notify::Result<Changes> {
 /// its key and a CA bundle, say).
 pub fn watch_all(paths: &[&Path]) -> notify::Result<Changes> {
     let (tx, rx) = mpsc::channel(1);
+    let names = relevant_names(paths);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        let Ok(event) = event else { return };
+        // Reading the file is an event too (open, access, close): only writes count, or every
+        // read after a change would cause the next one.
+        if let EventKind::Access(kind) = event.kind {
+            if kind != AccessKind::Close(AccessMode::Write) {
+                return;
+            }
+        }
+        // Other files in the same directory (a log written beside the config, say) are not
+        // changes; without this filter they would make the file be read again and again.
+        let relevant = event.paths.is_empty()
+            || event.paths.iter().any(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    names.iter().any(|w| w == n) || n.starts_with("..data")
+                })
+            });
+        if relevant {
             // A full channel already holds a pending change; dropping this one loses nothing.
             let _ = tx.try_send(());
         }
@@ -48,6 +66,22 @@ pub fn watch_all(paths: &[&Path]) -> notify::Result<Changes> {
         _watcher: watcher,
         rx,
     })
+}
+
+/// The file names whose events matter: each path's own name and, for a symlink, its target's.
+/// Kubernetes' `..data` swaps are matched separately.
+fn relevant_names(paths: &[&Path]) -> Vec<String> {
+    let mut names = Vec::new();
+    for p in paths {
+        let own = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let target = std::fs::canonicalize(p)
+            .ok()
+            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()));
+        names.extend(own.into_iter().chain(target));
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn directories(path: &Path) -> Vec<PathBuf> {
