@@ -239,7 +239,10 @@ impl App {
                 tracing::info!(version, path = %path.display(), "config reloaded");
                 ReloadOutcome::Applied(version)
             }
-            Ok(None) => ReloadOutcome::Unchanged,
+            Ok(None) => {
+                m.reload_unchanged();
+                ReloadOutcome::Unchanged
+            }
             Err(e) => {
                 m.reload(false, 0);
                 let text = e.to_string();
@@ -269,16 +272,13 @@ impl App {
             }
             Err(source) => return Err(AppError::Read { path: file, source }),
         };
-        let loaded = config::parse(&file, &text);
-        let hash = match &loaded {
-            Ok(l) => l.hash.clone(),
-            Err(_) => config::hash_text(&text),
-        };
+        // Hash first: unchanged text (a touch, an event for the same bytes) is not parsed again.
+        let hash = config::hash_text(&text);
         if !force && hash == control.last_seen_hash {
             return Ok(None);
         }
         control.last_seen_hash = hash;
-        let loaded = loaded?;
+        let loaded = config::parse(&file, &text)?;
         let version = self.shared.active.load().version + 1;
         let active = compile_and_swap(
             &self.shared.metrics,

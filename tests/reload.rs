@@ -231,3 +231,36 @@ async fn listener_moves_and_removal_close_the_old_socket() {
     let (status, _, _) = get(&h1_client(), &proxy.url("in", "/g1")).await.unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+/// After a reload the file is not read again until it changes: reading it raises inotify events
+/// of its own, and a log written beside it raises others; neither is a change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_neighbouring_files_do_not_cause_reloads() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let proxy = Proxy::start(&route_config(&a, &b, 0, false)).await;
+    proxy.write_config(&route_config(&a, &b, 1, false));
+    let url = proxy.url("in", "/g1");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            matches!(get(&h1_client(), &url).await, Ok((StatusCode::OK, _, _)))
+        })
+        .await
+    );
+    let unchanged =
+        |text: &str| metric(text, "outrigger_config_reloads_total{result=\"unchanged\"}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let settled = unchanged(&scrape(&proxy).await);
+    // A neighbour written often, as a log file would be.
+    let log = proxy.dir.path().join("outrigger.log");
+    for i in 0..20 {
+        std::fs::write(&log, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = scrape(&proxy).await;
+    assert_eq!(unchanged(&text), settled, "nothing re-read the config");
+    assert_eq!(
+        metric(&text, "outrigger_config_reloads_total{result=\"success\"}"),
+        1
+    );
+}

@@ -555,6 +555,12 @@ impl Metrics {
     }
 
     /// Counts a reload attempt and, on success, publishes the new config version.
+    /// Counts a file change that left the config's text as it was.
+    pub fn reload_unchanged(&self) {
+        self.reloads.with_label_values(&["unchanged"]).inc();
+    }
+
+    /// Counts a reload attempt; a successful one also publishes `version`.
     pub fn reload(&self, ok: bool, version: u64) {
         self.reloads
             .with_label_values(&[if ok { "success" } else { "failure" }])

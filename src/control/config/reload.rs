@@ -47,9 +47,9 @@ pub fn watch_all(paths: &[&Path]) -> notify::Result<Changes> {
         // changes; without this filter they would make the file be read again and again.
         let relevant = event.paths.is_empty()
             || event.paths.iter().any(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    names.iter().any(|w| w == n) || n.starts_with("..data")
-                })
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| names.iter().any(|w| w == n) || n.starts_with("..data"))
             });
         if relevant {
             // A full channel already holds a pending change; dropping this one loses nothing.
