@@ -30,8 +30,7 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// Worker threads; one per core when absent. A sidecar given one or two cores spends
-        /// less CPU per request on one worker (no cross-thread wakeups; see the README).
+        /// Worker threads; one per core when absent. Set it to the cores the sidecar is given.
         #[arg(long, env = "OUTRIGGER_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
         workers: Option<u16>,
     },
