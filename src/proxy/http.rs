@@ -199,10 +199,10 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut resp = match &state.kind {
         // Not an open proxy: a target naming another server, or a tunnel, is never followed.
         ListenerKind::Http(_) if req.method() == Method::CONNECT => {
-            refuse(&state, ProxyError::NotAccepted("CONNECT"))
+            refuse(&state, ProxyError::NotAccepted("CONNECT"), h1)
         }
         ListenerKind::Http(_) if h1 && req.uri().scheme().is_some() => {
-            refuse(&state, ProxyError::NotAccepted("absolute-form target"))
+            refuse(&state, ProxyError::NotAccepted("absolute-form target"), h1)
         }
         ListenerKind::Http(table) => match table.find(&req, identity) {
             Some(route) => forward(&state, route, conn, req, start).await,
@@ -229,12 +229,14 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
 }
 
 /// A local reply that also closes an HTTP/1 connection: what follows such a request cannot be
-/// trusted to be framed the way the client meant.
-fn refuse(state: &ListenerState, e: ProxyError) -> Response<ProxyBody> {
+/// trusted to be framed the way the client meant. (HTTP/2 frames each stream itself.)
+fn refuse(state: &ListenerState, e: ProxyError, h1: bool) -> Response<ProxyBody> {
     state.metrics.local_reply(e.kind());
     let mut resp = e.into_response();
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    if h1 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 
@@ -262,6 +264,7 @@ async fn forward(
     start: Instant,
 ) -> Response<ProxyBody> {
     let peer = conn.peer;
+    let h1 = req.version() <= Version::HTTP_11;
     if let Some(patterns) = &route.allowed_identities {
         let ids = conn.who.identity.as_deref().unwrap_or(&[]);
         if !allowed(patterns, ids) {
@@ -271,7 +274,7 @@ async fn forward(
     }
     if let Some(limit) = route.max_request_body {
         if req.body().size_hint().lower() > limit {
-            return refuse(state, ProxyError::BodyTooLarge(limit));
+            return refuse(state, ProxyError::BodyTooLarge(limit), h1);
         }
     }
     let Some(target) = route.pick_for(req.headers(), req.uri().path(), peer) else {
@@ -298,7 +301,7 @@ async fn forward(
     };
     let resp = match target.stack.clone().call(call).await {
         Ok(resp) => resp,
-        Err(e @ ProxyError::BodyTooLarge(_)) => refuse(state, e),
+        Err(e @ ProxyError::BodyTooLarge(_)) => refuse(state, e, h1),
         Err(e) => {
             tracing::debug!(listener = %state.name, route = %route.name, cluster = %target.cluster.name(),
                 error = %e, "local reply");
