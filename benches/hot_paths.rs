@@ -45,7 +45,9 @@ use outrigger::proxy::resilience::load_shed::{Limiter, LoadShedLayer};
 use outrigger::proxy::resilience::rate_limit::{RateLimitLayer, RateLimiter};
 use outrigger::proxy::resilience::retry::budget::RetryBudget;
 use outrigger::proxy::resilience::retry::{RetryLayer, RetryPolicy};
-use outrigger::proxy::resilience::timeout::{PerTryTimeoutLayer, RouteTimeoutLayer};
+use outrigger::proxy::resilience::timeout::{
+    PerTryTimeoutLayer, RouteDeadline, RouteTimeoutLayer, TryDeadline,
+};
 use outrigger::proxy::resilience::{Call, CallCtx, Response, ResponseFuture};
 use outrigger::proxy::router::RouteTable;
 use outrigger::telemetry::metrics::Metrics;
@@ -200,14 +202,18 @@ fn stack(c: &mut Criterion) {
             None,
         )))))
         .layer(BulkheadLayer::new(bulkhead()))
-        .layer(RouteTimeoutLayer::new(Some(Duration::from_secs(15))))
+        .layer(RouteTimeoutLayer::new(Some(Arc::new(RouteDeadline::new(
+            Some(Duration::from_secs(15)),
+        )))))
         .layer(RetryLayer::new(policy(RetryConfig::default())))
         .layer(BreakerLayer::new(Some(Arc::new(CircuitBreaker::new(
             BreakerConfig::default(),
             0,
             None,
         )))))
-        .layer(PerTryTimeoutLayer::new(Some(Duration::from_secs(5))))
+        .layer(PerTryTimeoutLayer::new(Some(Arc::new(TryDeadline::new(
+            Some(Duration::from_secs(5)),
+        )))))
         .layer(BulkheadLayer::new(bulkhead()))
         .service(Instant200);
     let off = ServiceBuilder::new()
@@ -215,13 +221,17 @@ fn stack(c: &mut Criterion) {
         .layer(RateLimitLayer::new(None))
         .layer(LoadShedLayer::new(None))
         .layer(BulkheadLayer::new(None))
-        .layer(RouteTimeoutLayer::new(None))
+        .layer(RouteTimeoutLayer::new(Some(Arc::new(RouteDeadline::new(
+            None,
+        )))))
         .layer(RetryLayer::new(policy(RetryConfig {
             attempts: 1,
             ..RetryConfig::default()
         })))
         .layer(BreakerLayer::new(None))
-        .layer(PerTryTimeoutLayer::new(None))
+        .layer(PerTryTimeoutLayer::new(Some(Arc::new(TryDeadline::new(
+            None,
+        )))))
         .layer(BulkheadLayer::new(None))
         .service(Instant200);
     let mut g = c.benchmark_group("stack");

@@ -34,6 +34,30 @@ async fn curl(addr: SocketAddr, path: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// curl with a client certificate: `(exit ok, body then status code)`.
+async fn curl_as(
+    addr: SocketAddr,
+    path: &str,
+    ca: &str,
+    (cert, key): (&str, &str),
+) -> (bool, String) {
+    curl(
+        addr,
+        path,
+        &[
+            "--cacert",
+            ca,
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "-w",
+            "%{http_code}",
+        ],
+    )
+    .await
+}
+
 fn tls_listener(dir: &Path, ca: &Ca, extra: &str) -> String {
     let (cert, key) = write_leaf(dir, "server", &ca.leaf(&["localhost", "127.0.0.1"]));
     format!(
@@ -200,21 +224,7 @@ clusters:
     };
     // Routing by identity: the batch identity takes its own route.
     let (c, k) = client("batch", &mesh_ca, "spiffe://mesh/ns/prod/sa/batch");
-    let (ok, out) = curl(
-        mesh_addr,
-        "/x",
-        &[
-            "--cacert",
-            ca_arg,
-            "--cert",
-            &c,
-            "--key",
-            &k,
-            "-w",
-            "%{http_code}",
-        ],
-    )
-    .await;
+    let (ok, out) = curl_as(mesh_addr, "/x", ca_arg, (&c, &k)).await;
     assert!(ok && out.ends_with("418"), "{out}");
     // Rate-limit buckets are per identity: web (through edge) and api each get their one request.
     let (status, _, _) = get(&h1_client(), &edge.url("outbound", "/limited"))
@@ -226,21 +236,7 @@ clusters:
         .unwrap();
     assert_eq!(status, 429, "web's bucket is empty");
     let (c2, k2) = client("api", &mesh_ca, "spiffe://mesh/ns/prod/sa/api");
-    let (ok, out) = curl(
-        mesh_addr,
-        "/limited",
-        &[
-            "--cacert",
-            ca_arg,
-            "--cert",
-            &c2,
-            "--key",
-            &k2,
-            "-w",
-            "%{http_code}",
-        ],
-    )
-    .await;
+    let (ok, out) = curl_as(mesh_addr, "/limited", ca_arg, (&c2, &k2)).await;
     assert!(ok && out.ends_with("200"), "api has its own bucket: {out}");
     // A forged XFCC header from a client is replaced, not passed on.
     let out = tokio::process::Command::new("curl")
@@ -275,12 +271,7 @@ clusters:
         ),
     ];
     for (what, (c, k), _) in &refusals {
-        let (ok, out) = curl(
-            mesh_addr,
-            "/",
-            &["--cacert", ca_arg, "--cert", c, "--key", k],
-        )
-        .await;
+        let (ok, out) = curl_as(mesh_addr, "/", ca_arg, (c, k)).await;
         assert!(!ok, "{what} must be refused, got {out}");
     }
     let (ok, out) = curl(mesh_addr, "/", &["--cacert", ca_arg]).await;

@@ -28,7 +28,7 @@ use crate::proxy::resilience::load_shed::{Limiter, LoadShed, LoadShedLayer};
 use crate::proxy::resilience::rate_limit::{RateLimit, RateLimitLayer, RateLimiter};
 use crate::proxy::resilience::retry::{Retry, RetryLayer, RetryPolicy};
 use crate::proxy::resilience::timeout::{
-    PerTryTimeout, PerTryTimeoutLayer, RouteTimeout, RouteTimeoutLayer,
+    PerTryTimeout, PerTryTimeoutLayer, RouteDeadline, RouteTimeout, RouteTimeoutLayer, TryDeadline,
 };
 use crate::telemetry::metrics::Metrics;
 
@@ -100,10 +100,14 @@ pub fn build(
         .layer(RateLimitLayer::new(shared.limiter.clone()))
         .layer(LoadShedLayer::new(shed))
         .layer(BulkheadLayer::new(shared.bulkhead.clone()))
-        .layer(RouteTimeoutLayer::new(route.timeout))
+        .layer(RouteTimeoutLayer::new(Some(Arc::new(RouteDeadline::new(
+            route.timeout,
+        )))))
         .layer(RetryLayer::new(policy))
         .layer(BreakerLayer::new(cluster.breaker.clone()))
-        .layer(PerTryTimeoutLayer::new(route.retry.per_try_timeout))
+        .layer(PerTryTimeoutLayer::new(Some(Arc::new(TryDeadline::new(
+            route.retry.per_try_timeout,
+        )))))
         .layer(BulkheadLayer::new(Some(cluster.bulkhead.clone())))
         .service(Upstream::new(cluster.clone()))
 }

@@ -119,87 +119,10 @@ pub fn parse(file: &str, text: &str) -> Result<Loaded, ConfigErrors> {
     let hash = hash_text(text);
     // Most files have the right shape: deserializing them straight from the text skips building
     // a YAML value tree and a position index (a third of a 10,000-route reload). Only a file with
-    // a shape error takes the slower path below, which locates every problem.
-    if let Ok(raw) = serde_yaml::from_str::<Option<RawConfig>>(text) {
-        let raw = raw.unwrap_or_default();
-        return match validate::validate(&raw) {
-            Ok(config) => Ok(Loaded {
-                config,
-                raw,
-                file: file.to_owned(),
-                hash,
-            }),
-            Err(problems) => {
-                let locator = Locator::new(text);
-                let mut diags: Vec<Diagnostic> = problems
-                    .into_iter()
-                    .map(|p| {
-                        let pos = locator.find(&p.path);
-                        Diagnostic {
-                            file: file.to_owned(),
-                            line: pos.line,
-                            column: pos.column,
-                            message: p.message,
-                            hint: p.hint,
-                        }
-                    })
-                    .collect();
-                diags.sort_by_key(|d| (d.line, d.column));
-                Err(ConfigErrors(diags))
-            }
-        };
-    }
-    let diag = |line, column, message, hint| Diagnostic {
-        file: file.to_owned(),
-        line,
-        column,
-        message,
-        hint,
-    };
-    let doc: serde_yaml::Value = match serde_yaml::from_str(text) {
-        Ok(serde_yaml::Value::Null) => serde_yaml::Value::Mapping(Default::default()),
-        Ok(v) => v,
-        Err(e) => {
-            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-            return Err(ConfigErrors(vec![diag(
-                line,
-                column,
-                strip_position(&e.to_string()),
-                None,
-            )]));
-        }
-    };
-    let locator = Locator::new(text);
-    let locate = |p: Problem| {
-        let pos = locator.find(&p.path);
-        diag(pos.line, pos.column, p.message, p.hint)
-    };
-
-    let raw: RawConfig = match shape::<RawConfig>("", doc.clone()) {
-        Ok(raw) => raw,
-        Err(first) => {
-            let mut problems = vec![first];
-            // Check list items one by one so that one typo does not hide the next.
-            for (section, check) in [
-                ("listeners", check::<model::RawListener> as Checker),
-                ("clusters", check::<model::RawCluster> as Checker),
-            ] {
-                if let Some(serde_yaml::Value::Sequence(items)) = doc.get(section) {
-                    for (i, item) in items.iter().enumerate() {
-                        if let Err(p) = check(&format!("{section}[{i}]"), item.clone()) {
-                            if !problems.contains(&p) {
-                                problems.push(p);
-                            }
-                        }
-                    }
-                }
-            }
-            problems.sort_by_key(|p| {
-                let pos = locator.find(&p.path);
-                (pos.line, pos.column)
-            });
-            return Err(ConfigErrors(problems.into_iter().map(locate).collect()));
-        }
+    // a shape error takes the slower path, which locates every problem.
+    let raw = match serde_yaml::from_str::<Option<RawConfig>>(text) {
+        Ok(raw) => raw.unwrap_or_default(),
+        Err(_) => shape_of(file, text)?,
     };
     match validate::validate(&raw) {
         Ok(config) => Ok(Loaded {
@@ -209,11 +132,77 @@ pub fn parse(file: &str, text: &str) -> Result<Loaded, ConfigErrors> {
             hash,
         }),
         Err(problems) => {
-            let mut diags: Vec<Diagnostic> = problems.into_iter().map(locate).collect();
+            let locator = Locator::new(text);
+            let mut diags: Vec<Diagnostic> = problems
+                .into_iter()
+                .map(|p| located(file, &locator, p))
+                .collect();
             diags.sort_by_key(|d| (d.line, d.column));
             Err(ConfigErrors(diags))
         }
     }
+}
+
+/// `p` at its line and column in `file`.
+fn located(file: &str, locator: &Locator, p: Problem) -> Diagnostic {
+    let pos = locator.find(&p.path);
+    Diagnostic {
+        file: file.to_owned(),
+        line: pos.line,
+        column: pos.column,
+        message: p.message,
+        hint: p.hint,
+    }
+}
+
+/// Reads `text` through a YAML value tree, so that every shape error (not only the first) is
+/// reported with its position.
+fn shape_of(file: &str, text: &str) -> Result<RawConfig, ConfigErrors> {
+    let doc: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(serde_yaml::Value::Null) => serde_yaml::Value::Mapping(Default::default()),
+        Ok(v) => v,
+        Err(e) => {
+            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            return Err(ConfigErrors(vec![Diagnostic {
+                file: file.to_owned(),
+                line,
+                column,
+                message: strip_position(&e.to_string()),
+                hint: None,
+            }]));
+        }
+    };
+    let first = match shape::<RawConfig>("", doc.clone()) {
+        Ok(raw) => return Ok(raw),
+        Err(first) => first,
+    };
+    let locator = Locator::new(text);
+    let mut problems = vec![first];
+    // Check list items one by one so that one typo does not hide the next.
+    for (section, check) in [
+        ("listeners", check::<model::RawListener> as Checker),
+        ("clusters", check::<model::RawCluster> as Checker),
+    ] {
+        if let Some(serde_yaml::Value::Sequence(items)) = doc.get(section) {
+            for (i, item) in items.iter().enumerate() {
+                if let Err(p) = check(&format!("{section}[{i}]"), item.clone()) {
+                    if !problems.contains(&p) {
+                        problems.push(p);
+                    }
+                }
+            }
+        }
+    }
+    problems.sort_by_key(|p| {
+        let pos = locator.find(&p.path);
+        (pos.line, pos.column)
+    });
+    Err(ConfigErrors(
+        problems
+            .into_iter()
+            .map(|p| located(file, &locator, p))
+            .collect(),
+    ))
 }
 
 type Checker = fn(&str, serde_yaml::Value) -> Result<(), Problem>;

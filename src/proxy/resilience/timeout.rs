@@ -6,64 +6,36 @@
 //! layer sends the time left onward in the same headers, so the next hop stops working when the
 //! caller has given up.
 
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::ProxyError;
+use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
-use tower::{Layer, Service};
-
-use crate::error::ProxyError;
-use crate::proxy::resilience::{Call, Response, ResponseFuture};
 
 /// The header carrying the time a caller still waits, in milliseconds.
 pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-outrigger-deadline-ms");
 /// gRPC's own deadline header.
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
-/// Applies the route timeout and computes the request's deadline.
+/// The route timeout: computes the request's deadline (the route's, or a shorter one the caller
+/// sent) and answers 504 when it passes. Always in the stack, since a caller's deadline applies
+/// even to routes without a timeout.
 #[derive(Debug, Clone)]
-pub struct RouteTimeoutLayer {
+pub struct RouteDeadline {
     timeout: Option<Duration>,
 }
 
-impl RouteTimeoutLayer {
+impl RouteDeadline {
     /// A route timeout of `timeout` (`None`: only a caller's deadline applies).
     pub fn new(timeout: Option<Duration>) -> Self {
         Self { timeout }
     }
 }
 
-impl<S> Layer<S> for RouteTimeoutLayer {
-    type Service = RouteTimeout<S>;
-    fn layer(&self, inner: S) -> RouteTimeout<S> {
-        RouteTimeout {
-            inner,
-            timeout: self.timeout,
-        }
-    }
-}
-
-/// See [`RouteTimeoutLayer`].
-#[derive(Debug, Clone)]
-pub struct RouteTimeout<S> {
-    inner: S,
-    timeout: Option<Duration>,
-}
-
-impl<S> Service<Call> for RouteTimeout<S>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>,
-{
-    type Response = Response;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut call: Call) -> ResponseFuture {
+impl Mechanism for RouteDeadline {
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, mut call: Call) -> ResponseFuture {
         // Both clocks run from the request's arrival, so time spent in the layers above (a
         // throttle delay, a queue) counts.
         let start = call.ctx.start;
@@ -76,7 +48,7 @@ where
         };
         call.ctx.deadline = deadline;
         call.ctx.caller_deadline = caller;
-        let fut = self.inner.call(call);
+        let fut = inner.call(call);
         let expired = if caller {
             ProxyError::DeadlineExceeded
         } else {
@@ -94,56 +66,34 @@ where
     }
 }
 
-/// Limits each try; never beyond the request's deadline.
+/// Puts the [`RouteDeadline`] in front of a service.
+pub type RouteTimeoutLayer = ApplyLayer<RouteDeadline>;
+/// See [`RouteTimeoutLayer`].
+pub type RouteTimeout<S> = Apply<RouteDeadline, S>;
+
+/// The per-try timeout: limits each try, never beyond the request's deadline. Always in the
+/// stack, since it also hands the request's deadline to the upstream layer as the try's.
 #[derive(Debug, Clone)]
-pub struct PerTryTimeoutLayer {
+pub struct TryDeadline {
     timeout: Option<Duration>,
 }
 
-impl PerTryTimeoutLayer {
+impl TryDeadline {
     /// A per-try timeout of `timeout` (`None`: off).
     pub fn new(timeout: Option<Duration>) -> Self {
         Self { timeout }
     }
 }
 
-impl<S> Layer<S> for PerTryTimeoutLayer {
-    type Service = PerTryTimeout<S>;
-    fn layer(&self, inner: S) -> PerTryTimeout<S> {
-        PerTryTimeout {
-            inner,
-            timeout: self.timeout,
-        }
-    }
-}
-
-/// See [`PerTryTimeoutLayer`].
-#[derive(Debug, Clone)]
-pub struct PerTryTimeout<S> {
-    inner: S,
-    timeout: Option<Duration>,
-}
-
-impl<S> Service<Call> for PerTryTimeout<S>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>,
-{
-    type Response = Response;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut call: Call) -> ResponseFuture {
+impl Mechanism for TryDeadline {
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, mut call: Call) -> ResponseFuture {
         let at = match (self.timeout.map(|t| Instant::now() + t), call.ctx.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         call.ctx.try_deadline = at;
         let expired = call.ctx.expired();
-        let fut = self.inner.call(call);
+        let fut = inner.call(call);
         match (self.timeout, at) {
             (Some(_), Some(at)) => Box::pin(async move {
                 // The upstream layer enforces the same instant itself so that the endpoint's
@@ -157,6 +107,11 @@ where
         }
     }
 }
+
+/// Puts the [`TryDeadline`] in front of a service.
+pub type PerTryTimeoutLayer = ApplyLayer<TryDeadline>;
+/// See [`PerTryTimeoutLayer`].
+pub type PerTryTimeout<S> = Apply<TryDeadline, S>;
 
 /// The time the caller still waits, from `x-outrigger-deadline-ms` or `grpc-timeout`.
 pub fn caller_budget(headers: &HeaderMap) -> Option<Duration> {
