@@ -34,7 +34,7 @@ use outrigger::control::config::{self, ListenerKind};
 use outrigger::error::ProxyError;
 use outrigger::proxy::balance::{hash, PickRequest, Picker};
 use outrigger::proxy::body::{ProxyBody, ReqBody};
-use outrigger::proxy::connect::Cluster;
+use outrigger::proxy::cluster::Cluster;
 use outrigger::proxy::endpoint::Endpoint;
 use outrigger::proxy::framing::Framing;
 use outrigger::proxy::resilience::breaker::{BreakerLayer, CircuitBreaker};
@@ -50,6 +50,7 @@ use outrigger::proxy::resilience::timeout::{
 };
 use outrigger::proxy::resilience::{Call, CallCtx, Response, ResponseFuture};
 use outrigger::proxy::router::RouteTable;
+use outrigger::rng::Rng;
 use outrigger::telemetry::metrics::Metrics;
 use tower::{Service, ServiceBuilder};
 
@@ -73,14 +74,23 @@ fn table(n: usize, metrics: &Metrics) -> RouteTable {
         .map(|c| {
             (
                 c.name.clone(),
-                Arc::new(Cluster::new(c.clone(), metrics).expect("cluster")),
+                Cluster::offline(c.clone(), metrics).expect("cluster"),
             )
         })
         .collect();
     let ListenerKind::Http { routes } = &loaded.config.listeners[0].kind else {
         unreachable!()
     };
-    RouteTable::build("in", routes, &clusters, None, None, metrics).unwrap()
+    RouteTable::build(
+        "in",
+        routes,
+        &clusters,
+        None,
+        None,
+        metrics,
+        &Rng::with_seed(1),
+    )
+    .unwrap()
 }
 
 fn route_match(c: &mut Criterion) {
@@ -104,11 +114,12 @@ fn route_match(c: &mut Criterion) {
 
 fn balancer_pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("balancer_pick");
+    let rng = Arc::new(Rng::with_seed(1));
     for n in [10, 1_000] {
         let eps: Vec<Arc<Endpoint>> = (0..n)
             .map(|i| {
                 let a = format!("10.{}.{}.{}:80", i / 65536, (i / 256) % 256, i % 256);
-                let e = Endpoint::new(a.parse().unwrap(), "static", 1, None);
+                let e = Endpoint::new(a.parse().unwrap(), "static", 1, None, rng.clone());
                 e.observe_latency(Duration::from_micros(500 + (i as u64 % 7) * 100));
                 Arc::new(e)
             })
@@ -174,6 +185,7 @@ fn stack(c: &mut Criterion) {
             Arc::new(RetryBudget::new(&BudgetConfig::default())),
             Arc::new(LatencyWindow::new()),
             None,
+            Rng::with_seed(1),
         ))
     };
     let bulkhead = || Some(Arc::new(Bulkhead::new(&BulkheadConfig::default(), None)));
@@ -187,6 +199,7 @@ fn stack(c: &mut Criterion) {
                 max_delay: None,
             },
             None,
+            1,
         )))))
         .layer(LoadShedLayer::new(Some(Arc::new(Limiter::new(
             LoadShedConfig {
@@ -264,7 +277,7 @@ fn config_handling(c: &mut Criterion) {
         .map(|c| {
             (
                 c.name.clone(),
-                Arc::new(Cluster::new(c.clone(), &metrics).expect("cluster")),
+                Cluster::offline(c.clone(), &metrics).expect("cluster"),
             )
         })
         .collect();
@@ -273,7 +286,16 @@ fn config_handling(c: &mut Criterion) {
     };
     g.bench_function("compile_and_swap_10k_routes", |b| {
         b.iter(|| {
-            let t = RouteTable::build("in", routes, &clusters, None, None, &metrics).unwrap();
+            let t = RouteTable::build(
+                "in",
+                routes,
+                &clusters,
+                None,
+                None,
+                &metrics,
+                &Rng::with_seed(1),
+            )
+            .unwrap();
             live.store(Arc::new(t));
         })
     });

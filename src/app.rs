@@ -4,28 +4,46 @@
 //! compiled and every new socket is bound before anything live changes. Only then are listener
 //! states swapped (requests in flight keep the snapshot they started with), new accept loops
 //! started and removed ones told to drain.
+//!
+//! Every task runs supervised, in one of three groups: the listeners and their connections
+//! (serving), the control tasks (discovery, health checks, certificate and config watches, each
+//! cluster's follower), and the admin server. Shutdown stops them in that order: stop accepting
+//! and drain connections within `drain_timeout`; (the mesh will hand off leadership here); stop
+//! the control tasks and wait for them; stop the admin server last, so `/ready` says `draining`
+//! throughout; (the mesh will flush its store here). The process exits after all have ended.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::control::config::{self, reload, ConfigErrors, ListenerConfig, Loaded};
+use crate::control::config::{self, ClusterConfig, ConfigErrors, ListenerConfig, Loaded};
 use crate::control::{discovery, health};
-use crate::proxy::connect::Cluster;
+use crate::proxy::cluster::Cluster;
 use crate::proxy::listener::{self, ListenerKind, ListenerState, Running};
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::{RouteTable, UnknownCluster};
-use crate::proxy::tls::{self, LoadError, ServerMaterial};
-use crate::telemetry::{admin, metrics::Metrics};
+use crate::rng::Rng;
+use crate::tasks::Tasks;
+use crate::telemetry::admin::{self, Summary, View};
+use crate::telemetry::metrics::http::NONE;
+use crate::telemetry::metrics::{ConfigMetrics, Metrics};
+use crate::tls::{self, LoadError, ServerMaterial};
+use crate::watch;
+
+/// Health verdicts a cluster's follower may have queued before the checker waits.
+const VERDICT_QUEUE: usize = 256;
+/// How long shutdown waits for the control tasks and the admin server once they are told to stop.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A failure to start or to apply a config.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +130,7 @@ struct Control {
 pub struct Shared {
     /// The metrics registry.
     pub metrics: Metrics,
+    config_metrics: ConfigMetrics,
     /// The config in force.
     pub active: ArcSwap<Active>,
     /// The error of the most recent reload, if it failed.
@@ -119,10 +138,25 @@ pub struct Shared {
     draining: AtomicBool,
     config_path: Option<PathBuf>,
     control: Mutex<Control>,
+    /// Stops the accept loops; their connections drain.
     shutdown: CancellationToken,
-    admin_stop: CancellationToken,
-    tracker: TaskTracker,
+    /// Listeners and their connections.
+    serving: TaskTracker,
+    /// Discovery, health checks, watches and cluster followers.
+    background: Tasks,
+    /// The admin server and its connections.
+    admin: Tasks,
     admin_addr: SocketAddr,
+    rng: Rng,
+}
+
+/// What compiling a config needs besides the config.
+struct Build<'a> {
+    metrics: &'a Metrics,
+    rng: &'a Rng,
+    background: &'a Tasks,
+    shutdown: &'a CancellationToken,
+    serving: &'a TaskTracker,
 }
 
 /// A running proxy.
@@ -133,50 +167,64 @@ pub struct App {
 
 impl App {
     /// Binds the admin server and every listener of `loaded`, then starts serving. With a
-    /// `config_path`, the file is watched and reloaded on change.
+    /// `config_path`, the file is watched and reloaded on change. Randomness (jitter, hedging,
+    /// faults) is seeded from the operating system.
     pub async fn start(loaded: Loaded, config_path: Option<PathBuf>) -> Result<App, AppError> {
+        Self::start_with(loaded, config_path, Rng::from_entropy()).await
+    }
+
+    /// As [`App::start`], with every random draw following from `rng`.
+    pub async fn start_with(
+        loaded: Loaded,
+        config_path: Option<PathBuf>,
+        rng: Rng,
+    ) -> Result<App, AppError> {
         let metrics = Metrics::new()?;
         let admin_addr = loaded.config.admin_address;
-        let admin_socket =
-            TcpListener::bind(admin_addr)
-                .await
-                .map_err(|source| AppError::Bind {
-                    what: "the admin server".into(),
-                    address: admin_addr,
-                    source,
-                })?;
-        let admin_addr = admin_socket.local_addr().map_err(|source| AppError::Bind {
+        let bind_error = |source| AppError::Bind {
             what: "the admin server".into(),
             address: admin_addr,
             source,
-        })?;
+        };
+        let admin_socket = TcpListener::bind(admin_addr).await.map_err(bind_error)?;
+        let admin_addr = admin_socket.local_addr().map_err(bind_error)?;
         let mut control = Control {
             listeners: HashMap::new(),
             clusters: HashMap::new(),
             last_seen_hash: loaded.hash.clone(),
         };
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let active =
-            compile_and_swap(&metrics, &mut control, loaded, 1, &shutdown, &tracker).await?;
-        metrics.set_config_version(1);
+        let (shutdown, serving) = (CancellationToken::new(), TaskTracker::new());
+        let (background, admin) = (Tasks::new(), Tasks::new());
+        let build = Build {
+            metrics: &metrics,
+            rng: &rng,
+            background: &background,
+            shutdown: &shutdown,
+            serving: &serving,
+        };
+        let active = compile_and_swap(&build, &mut control, loaded, 1).await?;
+        let config_metrics = metrics.control.config();
+        config_metrics.set_version(1);
         let shared = Arc::new(Shared {
             metrics,
+            config_metrics,
             active: ArcSwap::from_pointee(active),
             last_error: ArcSwapOption::empty(),
             draining: AtomicBool::new(false),
             config_path,
             control: Mutex::new(control),
             shutdown,
-            admin_stop: CancellationToken::new(),
-            tracker,
+            serving,
+            background,
+            admin,
             admin_addr,
+            rng,
         });
-        tokio::spawn(admin::serve(
-            admin_socket,
-            shared.clone(),
-            shared.admin_stop.clone(),
-        ));
+        let view: Arc<dyn View> = Arc::new(AdminView(shared.clone()));
+        let admin_tasks = shared.admin.clone();
+        shared
+            .admin
+            .spawn("admin", admin::serve(admin_socket, view, admin_tasks));
         let app = App { shared };
         if let Some(path) = app.shared.config_path.clone() {
             app.watch(path);
@@ -185,7 +233,7 @@ impl App {
     }
 
     fn watch(&self, path: PathBuf) {
-        let changes = match reload::watch(&path) {
+        let changes = match watch::watch(&path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e,
@@ -193,13 +241,18 @@ impl App {
                 return;
             }
         };
-        let app = self.clone();
-        let stop = self.shared.shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = reload::on_change(changes, || app.reload(false)) => {}
-            }
+        // A weak reference: the watch must not keep the proxy alive, and ends with it.
+        let app = Arc::downgrade(&self.shared);
+        self.shared.background.spawn("config_watch", async move {
+            watch::on_change(changes, || {
+                let app = app.upgrade().map(|shared| App { shared });
+                async move {
+                    if let Some(app) = app {
+                        app.reload(false).await;
+                    }
+                }
+            })
+            .await;
         });
     }
 
@@ -219,7 +272,7 @@ impl App {
             .map(|l| l.bound)
     }
 
-    /// The shared state, for the admin server and tests.
+    /// The shared state, for tests.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
@@ -231,7 +284,7 @@ impl App {
         };
         let mut control = self.shared.control.lock().await;
         let result = self.reload_locked(path, &mut control, force).await;
-        let m = &self.shared.metrics;
+        let m = &self.shared.config_metrics;
         match result {
             Ok(Some(version)) => {
                 m.reload(true, version);
@@ -240,7 +293,7 @@ impl App {
                 ReloadOutcome::Applied(version)
             }
             Ok(None) => {
-                m.reload_unchanged();
+                m.unchanged();
                 ReloadOutcome::Unchanged
             }
             Err(e) => {
@@ -280,15 +333,15 @@ impl App {
         control.last_seen_hash = hash;
         let loaded = config::parse(&file, &text)?;
         let version = self.shared.active.load().version + 1;
-        let active = compile_and_swap(
-            &self.shared.metrics,
-            control,
-            loaded,
-            version,
-            &self.shared.shutdown,
-            &self.shared.tracker,
-        )
-        .await?;
+        let s = &self.shared;
+        let build = Build {
+            metrics: &s.metrics,
+            rng: &s.rng,
+            background: &s.background,
+            shutdown: &s.shutdown,
+            serving: &s.serving,
+        };
+        let active = compile_and_swap(&build, control, loaded, version).await?;
         self.shared.active.store(Arc::new(active));
         Ok(Some(version))
     }
@@ -299,22 +352,47 @@ impl App {
         self.shared.is_ready()
     }
 
-    /// Stops accepting, lets in-flight requests finish for up to `drain_timeout`, then stops the
-    /// admin server. Returns whether everything finished in time.
+    /// Shuts down in order: stop accepting and let in-flight requests finish for up to
+    /// `drain_timeout`; stop the control tasks and wait for them; stop the admin server and wait
+    /// for it. Returns whether the connections drained in time.
     pub async fn shutdown(&self) -> bool {
-        let drain = self.shared.active.load().loaded.config.drain_timeout;
-        self.shared.draining.store(true, Ordering::SeqCst);
+        let s = &self.shared;
+        let drain = s.active.load().loaded.config.drain_timeout;
+        s.draining.store(true, Ordering::SeqCst);
         tracing::info!(?drain, "draining");
-        self.shared.shutdown.cancel();
-        self.shared.tracker.close();
-        let drained = tokio::time::timeout(drain, self.shared.tracker.wait())
-            .await
-            .is_ok();
+        s.shutdown.cancel();
+        s.serving.close();
+        let drained = tokio::time::timeout(drain, s.serving.wait()).await.is_ok();
         if !drained {
-            tracing::warn!("drain timeout reached with work still in flight");
+            tracing::warn!(
+                left = s.serving.len(),
+                "drain timeout reached with connections still open"
+            );
         }
-        self.shared.admin_stop.cancel();
+        // The mesh group will hand off its leadership here, before its transport stops.
+        for (group, tasks) in [("control", &s.background), ("admin", &s.admin)] {
+            let before = tasks.running();
+            tasks.cancel();
+            if tokio::time::timeout(STOP_TIMEOUT, tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(group, left = tasks.running(), "tasks did not stop in time");
+            }
+            tracing::info!(
+                group,
+                ended = before,
+                left = tasks.running(),
+                "background tasks ended"
+            );
+        }
         drained
+    }
+
+    /// Tasks still running: (listeners and connections, control tasks, admin server).
+    pub fn running_tasks(&self) -> (usize, usize, usize) {
+        let s = &self.shared;
+        (s.serving.len(), s.background.running(), s.admin.running())
     }
 }
 
@@ -323,6 +401,95 @@ impl Shared {
     pub fn is_ready(&self) -> bool {
         !self.draining.load(Ordering::SeqCst)
     }
+
+    /// The active config, its version and hash, the bound listeners and the last reload error.
+    fn config_json(&self) -> serde_json::Value {
+        let active = self.active.load();
+        let applied = active
+            .applied_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        json!({
+            "version": active.version,
+            "hash": active.loaded.hash,
+            "file": active.loaded.file,
+            "applied_at_unix": applied,
+            "last_reload_error": self.last_error.load().as_deref(),
+            "listeners": active.listeners.iter().map(|l| json!({
+                "name": l.name,
+                "protocol": l.protocol,
+                "address": l.configured.to_string(),
+                "bound_address": l.bound.to_string(),
+            })).collect::<Vec<_>>(),
+            "config": active.loaded.raw,
+        })
+    }
+}
+
+/// The admin server's narrow, read-only view of the proxy.
+struct AdminView(Arc<Shared>);
+
+impl View for AdminView {
+    fn ready(&self) -> bool {
+        self.0.is_ready()
+    }
+
+    fn metrics(&self) -> Vec<u8> {
+        self.0.metrics.encode()
+    }
+
+    fn config(&self) -> serde_json::Value {
+        self.0.config_json()
+    }
+
+    fn clusters(&self) -> serde_json::Value {
+        let active = self.0.active.load();
+        let clusters: Vec<_> = active.clusters.iter().map(|c| c.status()).collect();
+        json!({ "clusters": clusters })
+    }
+
+    fn summary(&self) -> Summary {
+        let active = self.0.active.load();
+        Summary {
+            version: active.version,
+            file: active.loaded.file.clone(),
+            hash: active.loaded.hash.clone(),
+            listeners: active
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.protocol, l.bound))
+                .collect(),
+            last_error: self.0.last_error.load().as_deref().cloned(),
+        }
+    }
+}
+
+/// Builds cluster `c` and starts what feeds it: its discovery source, its health checks (if
+/// configured) and the follower that applies both. All of them end when the cluster is dropped.
+fn start_cluster(c: &ClusterConfig, b: &Build<'_>) -> Result<Arc<Cluster>, LoadError> {
+    let cluster = Arc::new(Cluster::new(
+        c.clone(),
+        b.metrics,
+        b.rng.fork(),
+        b.background.child(),
+    )?);
+    let own = cluster.tasks();
+    let endpoints = discovery::start(&c.name, &c.upstream.discovery, b.metrics, b.rng, own);
+    let (verdicts, verdicts_rx) = mpsc::channel(VERDICT_QUEUE);
+    if let Some(cfg) = &c.upstream.health_check {
+        let target = health::Target {
+            cluster: c.name.as_str().into(),
+            endpoints: endpoints.clone(),
+            verdicts,
+            tls: cluster.client.tls.clone(),
+            metrics: b.metrics.control.health(&c.name),
+            rng: b.rng.fork(),
+        };
+        health::start(cfg.clone(), target, own);
+    }
+    cluster.follow(endpoints, verdicts_rx);
+    Ok(cluster)
 }
 
 /// Where a listener of the new config gets its socket from.
@@ -335,12 +502,10 @@ enum Socket {
 
 /// Compiles `loaded`, binds what it needs, and only then swaps it into the running listeners.
 async fn compile_and_swap(
-    metrics: &Metrics,
+    b: &Build<'_>,
     control: &mut Control,
     loaded: Loaded,
     version: u64,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
 ) -> Result<Active, AppError> {
     let cfg = &loaded.config;
     let clusters: HashMap<String, Arc<Cluster>> = cfg
@@ -349,12 +514,7 @@ async fn compile_and_swap(
         .map(|c| {
             let cluster = match control.clusters.get(&c.name) {
                 Some(old) if old.config == *c => old.clone(),
-                _ => {
-                    let cluster = Arc::new(Cluster::new(c.clone(), metrics)?);
-                    discovery::spawn(&cluster);
-                    health::spawn(&cluster);
-                    cluster
-                }
+                _ => start_cluster(c, b)?,
             };
             Ok((c.name.clone(), cluster))
         })
@@ -365,7 +525,7 @@ async fn compile_and_swap(
         states.push(listener_state(
             l,
             &clusters,
-            metrics,
+            b,
             cfg.access_log,
             previous.as_deref(),
         )?);
@@ -420,7 +580,13 @@ async fn compile_and_swap(
                 None => continue,
             },
             Socket::Fresh(socket) => {
-                match listener::spawn(socket, l.address, state, shutdown.child_token(), tracker) {
+                match listener::spawn(
+                    socket,
+                    l.address,
+                    state,
+                    b.shutdown.child_token(),
+                    b.serving,
+                ) {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(listener = %l.name, error = %e, "listener lost its socket");
@@ -464,7 +630,7 @@ async fn compile_and_swap(
 fn listener_state(
     l: &ListenerConfig,
     clusters: &HashMap<String, Arc<Cluster>>,
-    metrics: &Metrics,
+    b: &Build<'_>,
     access_log: bool,
     previous: Option<&ListenerState>,
 ) -> Result<ListenerState, AppError> {
@@ -474,8 +640,12 @@ fn listener_state(
             .and_then(|p| p.shed.as_ref())
             .filter(|(old, _)| old == c)
             .map(|(_, limiter)| limiter.clone());
-        let limiter = kept
-            .unwrap_or_else(|| Arc::new(Limiter::new(c.clone(), Some(metrics.load_shed(&l.name)))));
+        let limiter = kept.unwrap_or_else(|| {
+            Arc::new(Limiter::new(
+                c.clone(),
+                Some(b.metrics.resilience.load_shed(&l.name)),
+            ))
+        });
         (c.clone(), limiter)
     });
     let kind = match &l.kind {
@@ -490,7 +660,8 @@ fn listener_state(
                 clusters,
                 shed.as_ref().map(|(_, limiter)| limiter),
                 previous_routes,
-                metrics,
+                b.metrics,
+                b.rng,
             )?)
         }
         config::ListenerKind::Tcp { cluster } => ListenerKind::Tcp(
@@ -500,7 +671,12 @@ fn listener_state(
                 .ok_or_else(|| UnknownCluster::new(&l.name, cluster))?,
         ),
     };
-    let listener_metrics = metrics.listener(&l.name);
+    let m = b.metrics;
+    let listener_metrics = m.listener.resolve(
+        &l.name,
+        m.http.local_replies(&l.name),
+        m.control.listener_cert(&l.name),
+    );
     // Unchanged TLS settings keep their material and file watch; a rotation is not a reload.
     let tls = match &l.tls {
         Some(c) => {
@@ -514,8 +690,8 @@ fn listener_state(
                     c.clone(),
                     ServerMaterial::load(c)?,
                     &l.name,
-                    metrics.cert_reloads(&l.name),
-                    listener_metrics.cert_expiry.clone(),
+                    listener_metrics.cert.clone(),
+                    b.background,
                 )),
             };
             Some((c.clone(), tls))
@@ -526,6 +702,7 @@ fn listener_state(
         name: l.name.as_str().into(),
         kind,
         metrics: listener_metrics,
+        unmatched: m.http.route(&l.name, NONE, NONE),
         access_log,
         header_read_timeout: l.header_read_timeout,
         idle_timeout: l.idle_timeout,

@@ -1,12 +1,12 @@
 //! The one error type of the data path and the one place errors become HTTP responses.
 //!
 //! Every local reply the proxy makes is a [`ProxyError`]; its [`ErrorKind`] decides the status code,
-//! the `x-outrigger-error` reason header and the metric label, so the three never disagree.
+//! the `x-outrigger-error` reason header and the metric label, so the three never disagree. The
+//! response is generic over its body (anything made from bytes), so this module depends on no
+//! other module of the crate and every layer can use it.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-
-use crate::proxy::body::ProxyBody;
 
 /// Boxed error from a library we call.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -188,20 +188,8 @@ impl ProxyError {
         }
     }
 
-    /// Whether the request certainly never reached the upstream, so sending it again is safe.
-    pub fn nothing_sent(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::UpstreamConnect(_)
-                | ProxyError::RefusedStream(_)
-                | ProxyError::NoRoute
-                | ProxyError::CircuitOpen
-                | ProxyError::BulkheadFull
-        )
-    }
-
     /// The well-formed local reply for this error.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
         let mut resp = local_reply(self.kind());
         match self {
             ProxyError::Fault(status) => *resp.status_mut() = status,
@@ -228,7 +216,7 @@ pub const RATELIMIT_REMAINING: http::HeaderName =
 pub const RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
 
 /// Builds the response for `kind`: its status, the reason header, and the reason as a text body.
-pub fn local_reply(kind: ErrorKind) -> Response<ProxyBody> {
+pub fn local_reply<B: From<Bytes>>(kind: ErrorKind) -> Response<B> {
     let body = Bytes::from_static(match kind {
         ErrorKind::NoRoute => b"no_route\n",
         ErrorKind::UpstreamConnect => b"upstream_connect\n",
@@ -245,7 +233,7 @@ pub fn local_reply(kind: ErrorKind) -> Response<ProxyBody> {
         ErrorKind::Forbidden => b"forbidden\n",
         ErrorKind::NotAccepted => b"not_accepted\n",
     });
-    let mut resp = Response::new(ProxyBody::full(body));
+    let mut resp = Response::new(B::from(body));
     *resp.status_mut() = kind.status();
     let headers = resp.headers_mut();
     headers.insert(REASON_HEADER, HeaderValue::from_static(kind.reason()));
@@ -269,7 +257,7 @@ mod tests {
 
     #[test]
     fn local_reply_carries_status_and_reason() {
-        let r = local_reply(ErrorKind::Timeout);
+        let r: Response<Bytes> = local_reply(ErrorKind::Timeout);
         assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(r.headers()[REASON_HEADER], "timeout");
     }

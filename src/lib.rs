@@ -1,7 +1,15 @@
 //! Outrigger: a service-mesh sidecar proxy focused on resiliency.
+//!
+//! Modules import one way: [`app`] (the composition root) → [`proxy`] (the data path) →
+//! [`control`] (config, discovery, health) → the neutral [`tls`] and [`watch`] → [`telemetry`]
+//! → [`error`], [`tasks`] and [`rng`]. `tests/architecture.rs` checks it.
 
 pub mod app;
 pub mod control;
 pub mod error;
 pub mod proxy;
+pub mod rng;
+pub mod tasks;
 pub mod telemetry;
+pub mod tls;
+pub mod watch;

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use outrigger::control::config;
 use outrigger::proxy::router::RouteTable;
+use outrigger::rng::Rng;
 use outrigger::telemetry::metrics::Metrics;
 
 const CONFIG: &str = include_str!("../seeds/route_table.yaml");
@@ -20,14 +21,14 @@ fn table() -> &'static RouteTable {
             .clusters
             .iter()
             .map(|c| {
-                let cluster = outrigger::proxy::connect::Cluster::new(c.clone(), &metrics);
-                (c.name.clone(), std::sync::Arc::new(cluster.expect("cluster")))
+                let cluster = outrigger::proxy::cluster::Cluster::offline(c.clone(), &metrics);
+                (c.name.clone(), cluster.expect("cluster"))
             })
             .collect();
         let config::ListenerKind::Http { routes } = &loaded.config.listeners[0].kind else {
             panic!("http listener expected")
         };
-        RouteTable::build("fuzz", routes, &clusters, None, None, &metrics).expect("table")
+        RouteTable::build("fuzz", routes, &clusters, None, None, &metrics, &Rng::with_seed(1)).expect("table")
     })
 }
 

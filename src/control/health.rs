@@ -8,65 +8,129 @@
 //! distribution of past heartbeat intervals: it adapts to how regular an endpoint's answers are,
 //! trading detection time against false positives through one threshold.
 //!
-//! Checks run in tasks that hold only weak references, so they end with their cluster. An
-//! unhealthy endpoint leaves the balancer; when too many are unhealthy the cluster panics and
-//! balances over all of them (see [`crate::proxy::connect`]).
+//! Health is published, not applied: each endpoint's checker sends a [`Verdict`] when its health
+//! changes, on a channel the data path's cluster consumes (an unhealthy endpoint leaves the
+//! balancer; when too many are unhealthy the cluster panics and balances over all of them). The
+//! endpoints to check come from the same discovery subscription the cluster follows. Checks run
+//! on supervised tasks: one supervisor per cluster, one task per endpoint, each ended when its
+//! endpoint leaves the set, when the cluster goes (its verdict channel closes) or at shutdown.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use http::uri::Authority;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::control::config::upstream::{CheckKind, Detector, HealthCheckConfig};
-use crate::proxy::connect::Cluster;
-use crate::proxy::endpoint::{Endpoint, Health};
-use crate::proxy::tls::{ClientTls, UpstreamConnector};
+use crate::control::discovery::Subscription;
+use crate::rng::Rng;
+use crate::tasks::{Scope, Tasks};
+use crate::telemetry::metrics::HealthMetrics;
+use crate::tls::{ClientTls, UpstreamConnector};
 
-/// How often the supervisor looks for endpoints added or removed by discovery.
-const RECONCILE: Duration = Duration::from_secs(1);
 /// Heartbeat intervals the phi detector remembers.
 const PHI_WINDOW: usize = 100;
 
-/// Starts checking `cluster`'s endpoints if its config asks for it.
-pub fn spawn(cluster: &Arc<Cluster>) {
-    let Some(cfg) = cluster.config.upstream.health_check.clone() else {
-        return;
-    };
-    let checker = Arc::new(Checker::new(cfg, cluster.tls.clone()));
-    tokio::spawn(supervise(Arc::downgrade(cluster), checker));
+/// Active health of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// No active check configured, or none has finished yet.
+    Unchecked = 0,
+    /// Passing its checks.
+    Healthy = 1,
+    /// Failing its checks; out of the balancer (unless the cluster panics).
+    Unhealthy = 2,
 }
 
-async fn supervise(cluster: Weak<Cluster>, checker: Arc<Checker>) {
-    let mut tasks: HashMap<String, JoinHandle<()>> = HashMap::new();
+impl Health {
+    /// The name shown on `/clusters`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Unchecked => "unchecked",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// A change of one endpoint's health, as its checker decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The endpoint.
+    pub authority: Authority,
+    /// Its health now.
+    pub health: Health,
+}
+
+/// What a cluster's checker needs besides its settings.
+pub struct Target {
+    /// The cluster's name, for logs.
+    pub cluster: Arc<str>,
+    /// The endpoint sets to check.
+    pub endpoints: Subscription,
+    /// Where verdicts go.
+    pub verdicts: mpsc::Sender<Verdict>,
+    /// TLS to the endpoints, if the cluster speaks it.
+    pub tls: Option<Arc<ClientTls>>,
+    /// Check counters.
+    pub metrics: HealthMetrics,
+    /// Jitter source.
+    pub rng: Rng,
+}
+
+/// Starts checking the endpoints of `target` on `tasks`, as `cfg` says.
+pub fn start(cfg: HealthCheckConfig, target: Target, tasks: &Tasks) {
+    let checker = Arc::new(Checker::new(cfg, target.tls.clone()));
+    let group = tasks.clone();
+    tasks.spawn("health_supervisor", supervise(target, checker, group));
+}
+
+async fn supervise(mut target: Target, checker: Arc<Checker>, tasks: Tasks) {
+    let shared = Arc::new(Shared {
+        cluster: target.cluster.clone(),
+        verdicts: target.verdicts.clone(),
+        metrics: target.metrics.clone(),
+        rng: target.rng.fork(),
+    });
+    let mut checks: HashMap<Authority, Scope> = HashMap::new();
     loop {
-        let Some(c) = cluster.upgrade() else { break };
-        let endpoints = c.endpoints();
-        drop(c);
-        tasks.retain(|addr, task| {
-            let keep = endpoints.iter().any(|e| e.authority.as_str() == addr);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
-        for e in &endpoints {
-            tasks.entry(e.authority.to_string()).or_insert_with(|| {
-                tokio::spawn(watch(cluster.clone(), Arc::downgrade(e), checker.clone()))
+        let list = target.endpoints.borrow_and_update().list.clone();
+        checks.retain(|a, _| list.iter().any(|(b, _)| a == b));
+        for (authority, _) in list.iter() {
+            checks.entry(authority.clone()).or_insert_with(|| {
+                let scope = tasks.child();
+                scope.tasks().spawn(
+                    "health_check",
+                    watch(authority.clone(), checker.clone(), shared.clone()),
+                );
+                scope
             });
         }
-        tokio::time::sleep(RECONCILE).await;
+        tokio::select! {
+            changed = target.endpoints.changed() => if changed.is_err() {
+                // The source is gone: keep checking what it last gave until the cluster goes.
+                target.verdicts.closed().await;
+                return;
+            },
+            () = target.verdicts.closed() => return,
+        }
     }
-    for (_, t) in tasks {
-        t.abort();
-    }
+}
+
+/// What every endpoint task of one cluster shares.
+struct Shared {
+    cluster: Arc<str>,
+    verdicts: mpsc::Sender<Verdict>,
+    metrics: HealthMetrics,
+    rng: Rng,
 }
 
 /// What a cluster's checks share: settings and clients.
@@ -103,10 +167,10 @@ impl Checker {
     }
 
     /// One check of `endpoint`: true if it passed within the timeout.
-    async fn check(&self, endpoint: &Endpoint) -> bool {
+    async fn check(&self, authority: &Authority) -> bool {
         let run = async {
             match &self.cfg.kind {
-                CheckKind::Tcp => tokio::net::TcpStream::connect(endpoint.authority.as_str())
+                CheckKind::Tcp => tokio::net::TcpStream::connect(authority.as_str())
                     .await
                     .is_ok(),
                 CheckKind::Http {
@@ -117,7 +181,7 @@ impl Checker {
                 } => {
                     let mut req = Request::builder()
                         .method(method.clone())
-                        .uri(format!("{}://{}{}", self.scheme, endpoint.authority, path));
+                        .uri(format!("{}://{}{}", self.scheme, authority, path));
                     if let Some(h) = host {
                         req = req.header(http::header::HOST, h.as_str());
                     }
@@ -134,7 +198,7 @@ impl Checker {
                         Err(_) => false,
                     }
                 }
-                CheckKind::Grpc { service } => self.grpc(endpoint, service).await,
+                CheckKind::Grpc { service } => self.grpc(authority, service).await,
             }
         };
         tokio::time::timeout(self.cfg.timeout, run)
@@ -143,7 +207,7 @@ impl Checker {
     }
 
     /// `grpc.health.v1.Health/Check`: passes when the answer is SERVING with status OK.
-    async fn grpc(&self, endpoint: &Endpoint, service: &str) -> bool {
+    async fn grpc(&self, authority: &Authority, service: &str) -> bool {
         // HealthCheckRequest { string service = 1; } in a gRPC frame.
         let mut msg = Vec::with_capacity(service.len() + 2);
         if !service.is_empty() {
@@ -157,7 +221,7 @@ impl Checker {
         frame.extend_from_slice(&msg);
         let req = Request::post(format!(
             "{}://{}/grpc.health.v1.Health/Check",
-            self.scheme, endpoint.authority
+            self.scheme, authority
         ))
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
@@ -203,34 +267,38 @@ fn serving(mut msg: &[u8]) -> bool {
     false
 }
 
-/// Checks one endpoint until it leaves the cluster.
-async fn watch(cluster: Weak<Cluster>, endpoint: Weak<Endpoint>, checker: Arc<Checker>) {
+/// Checks one endpoint until it leaves the set or its cluster goes, publishing each change.
+async fn watch(authority: Authority, checker: Arc<Checker>, shared: Arc<Shared>) {
     let cfg = &checker.cfg;
     let mut state = Detection::new(cfg.detector, cfg.timeout);
+    let mut health = Health::Unchecked;
+    let publish = |health: Health| {
+        shared.verdicts.send(Verdict {
+            authority: authority.clone(),
+            health,
+        })
+    };
     // Spread the first checks of a fleet over one jitter period.
-    tokio::time::sleep(jitter(cfg.jitter)).await;
+    tokio::time::sleep(jitter(cfg.jitter, &shared.rng)).await;
     loop {
-        let Some(ep) = endpoint.upgrade() else { return };
-        let passed = checker.check(&ep).await;
-        let before = ep.health();
-        let after = state.observe(passed, Instant::now(), before, cfg);
-        if let Some(c) = cluster.upgrade() {
-            c.metrics.checks[usize::from(!passed)].inc();
-            if after != before {
-                ep.set_health(after);
-                tracing::info!(cluster = %c.name(), endpoint = %ep.authority, health = after.name(), "health changed");
-                c.recount();
+        let passed = checker.check(&authority).await;
+        shared.metrics.count(passed);
+        let after = state.observe(passed, Instant::now(), health, cfg);
+        if after != health {
+            health = after;
+            tracing::info!(cluster = %shared.cluster, endpoint = %authority, health = health.name(), "health changed");
+            if publish(health).await.is_err() {
+                return;
             }
         }
-        let base = if ep.health() == Health::Unhealthy {
+        let base = if health == Health::Unhealthy {
             cfg.unhealthy_interval
         } else {
             cfg.interval
         };
-        drop(ep);
         // The phi detector also wakes between checks, so suspicion that grows while a check
         // hangs is noticed before the timeout.
-        let wake = Instant::now() + base + jitter(cfg.jitter);
+        let wake = Instant::now() + base + jitter(cfg.jitter, &shared.rng);
         while let Detector::Phi(_) = cfg.detector {
             let step = (base / 4).max(Duration::from_millis(5));
             let next = (Instant::now() + step).min(wake);
@@ -238,24 +306,23 @@ async fn watch(cluster: Weak<Cluster>, endpoint: Weak<Endpoint>, checker: Arc<Ch
             if next >= wake {
                 break;
             }
-            let (Some(ep), Some(c)) = (endpoint.upgrade(), cluster.upgrade()) else {
-                return;
-            };
-            if ep.health() != Health::Unhealthy && state.suspect(Instant::now()) {
-                ep.set_health(Health::Unhealthy);
-                tracing::info!(cluster = %c.name(), endpoint = %ep.authority, "health changed (phi)");
-                c.recount();
+            if health != Health::Unhealthy && state.suspect(Instant::now()) {
+                health = Health::Unhealthy;
+                tracing::info!(cluster = %shared.cluster, endpoint = %authority, "health changed (phi)");
+                if publish(health).await.is_err() {
+                    return;
+                }
             }
         }
         tokio::time::sleep_until(wake).await;
     }
 }
 
-fn jitter(max: Duration) -> Duration {
+fn jitter(max: Duration, rng: &Rng) -> Duration {
     if max.is_zero() {
         return Duration::ZERO;
     }
-    max.mul_f64(fastrand::f64())
+    max.mul_f64(rng.f64())
 }
 
 /// The failure detector's memory for one endpoint.

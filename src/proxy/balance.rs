@@ -387,6 +387,7 @@ mod tests {
                     "static",
                     1,
                     None,
+                    Arc::new(crate::rng::Rng::with_seed(1)),
                 ))
             })
             .collect()
@@ -483,6 +484,7 @@ mod tests {
                     "static",
                     *w,
                     None,
+                    Arc::new(crate::rng::Rng::with_seed(1)),
                 ))
             })
             .collect();

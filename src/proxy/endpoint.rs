@@ -1,4 +1,5 @@
-//! Upstream endpoints and what the proxy knows about each: load, latency, health and ejection.
+//! Upstream endpoints and what the proxy knows about each: load, latency, health, ejection and
+//! reconnect backoff.
 //!
 //! An endpoint's object lives as long as discovery keeps returning its address, so its counters,
 //! latency estimate, health and ejection history survive endpoint-set changes and config reloads
@@ -11,10 +12,10 @@ use std::time::Duration;
 use http::uri::Authority;
 use tokio::time::Instant;
 
-use crate::control::config::upstream::OutlierConfig;
-use crate::error::ProxyError;
+use crate::control::health::Health;
+use crate::proxy::outlier::Outlier;
 use crate::proxy::resilience::breaker::CircuitBreaker;
-use crate::proxy::resilience::Response;
+use crate::rng::Rng;
 
 /// How quickly the latency estimate forgets a peak.
 const EWMA_DECAY: Duration = Duration::from_secs(2);
@@ -23,28 +24,6 @@ const EWMA_DECAY: Duration = Duration::from_secs(2);
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 /// Longest reconnect backoff.
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
-
-/// Active health of an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// No active check configured, or none has finished yet.
-    Unchecked = 0,
-    /// Passing its checks.
-    Healthy = 1,
-    /// Failing its checks; out of the balancer (unless the cluster panics).
-    Unhealthy = 2,
-}
-
-impl Health {
-    /// The name shown on `/clusters`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Health::Unchecked => "unchecked",
-            Health::Healthy => "healthy",
-            Health::Unhealthy => "unhealthy",
-        }
-    }
-}
 
 /// One upstream endpoint and its live state.
 #[derive(Debug)]
@@ -69,51 +48,15 @@ pub struct Endpoint {
     /// When `ewma` was last updated, nanoseconds since `epoch`.
     ewma_at: AtomicU64,
     health: AtomicU8,
-    consecutive_5xx: AtomicU32,
-    consecutive_gateway: AtomicU32,
-    consecutive_connect: AtomicU32,
-    /// Nanoseconds since `epoch` until which the endpoint is ejected.
-    ejected_until: AtomicU64,
-    /// Times the endpoint was ejected.
-    pub ejections: AtomicU32,
+    /// Outlier detection's streaks and ejection.
+    pub outlier: Outlier,
+    /// Jitter for the reconnect backoff, shared by the cluster's endpoints.
+    rng: Arc<Rng>,
     /// Failed connection attempts in a row.
     connect_streak: AtomicU32,
     /// Nanoseconds since `epoch` before which new connections are not tried while other
     /// endpoints are ready.
     reconnect_at: AtomicU64,
-}
-
-/// What a try's result says about the endpoint, for outlier detection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    /// A good answer.
-    Success,
-    /// A 5xx that is not a gateway error.
-    ServerError,
-    /// 502, 503, 504, a reset or a timeout.
-    GatewayError,
-    /// No connection could be made.
-    ConnectFailure,
-    /// Nothing to learn.
-    None,
-}
-
-impl Signal {
-    /// Reads the signal of a try's result.
-    pub fn of(result: &Result<Response, ProxyError>) -> Self {
-        match result {
-            Ok(r) => match r.status().as_u16() {
-                502..=504 => Signal::GatewayError,
-                500..=599 => Signal::ServerError,
-                _ => Signal::Success,
-            },
-            Err(ProxyError::UpstreamConnect(_)) => Signal::ConnectFailure,
-            Err(
-                ProxyError::UpstreamReset(_) | ProxyError::RefusedStream(_) | ProxyError::Timeout,
-            ) => Signal::GatewayError,
-            Err(_) => Signal::None,
-        }
-    }
 }
 
 impl Endpoint {
@@ -123,6 +66,7 @@ impl Endpoint {
         source: &'static str,
         weight: u32,
         breaker: Option<Arc<CircuitBreaker>>,
+        rng: Arc<Rng>,
     ) -> Self {
         Self {
             authority,
@@ -136,17 +80,15 @@ impl Endpoint {
             ewma: AtomicU64::new(0),
             ewma_at: AtomicU64::new(0),
             health: AtomicU8::new(Health::Unchecked as u8),
-            consecutive_5xx: AtomicU32::new(0),
-            consecutive_gateway: AtomicU32::new(0),
-            consecutive_connect: AtomicU32::new(0),
-            ejected_until: AtomicU64::new(0),
-            ejections: AtomicU32::new(0),
+            outlier: Outlier::default(),
+            rng,
             connect_streak: AtomicU32::new(0),
             reconnect_at: AtomicU64::new(0),
         }
     }
 
-    fn now(&self) -> u64 {
+    /// Nanoseconds since the endpoint was created: the clock of its atomics.
+    pub fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
 
@@ -214,9 +156,7 @@ impl Endpoint {
 
     /// Time left in the current ejection.
     pub fn ejected_for(&self) -> Option<Duration> {
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        let now = self.now();
-        (until > now).then(|| Duration::from_nanos(until - now))
+        self.outlier.ejected_for(self.now())
     }
 
     /// Whether the balancer may pick the endpoint (breakers are asked separately).
@@ -247,54 +187,9 @@ impl Endpoint {
         }
         let n = self.connect_streak.fetch_add(1, Ordering::Relaxed).min(16);
         let cap = RECONNECT_BASE.saturating_mul(1 << n).min(RECONNECT_MAX);
-        let wait = cap.mul_f64(0.5 + 0.5 * fastrand::f64());
+        let wait = cap.mul_f64(0.5 + 0.5 * self.rng.f64());
         self.reconnect_at
             .store(self.now() + wait.as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    /// Counts a try's signal; returns true when the endpoint crossed an ejection threshold.
-    pub fn record(&self, signal: Signal, cfg: &OutlierConfig) -> bool {
-        let bump =
-            |c: &AtomicU32, limit: u32| limit > 0 && c.fetch_add(1, Ordering::AcqRel) + 1 >= limit;
-        match signal {
-            Signal::None => false,
-            Signal::Success => {
-                self.consecutive_5xx.store(0, Ordering::Relaxed);
-                self.consecutive_gateway.store(0, Ordering::Relaxed);
-                self.consecutive_connect.store(0, Ordering::Relaxed);
-                false
-            }
-            Signal::ServerError => {
-                self.consecutive_gateway.store(0, Ordering::Relaxed);
-                self.consecutive_connect.store(0, Ordering::Relaxed);
-                bump(&self.consecutive_5xx, cfg.consecutive_5xx)
-            }
-            Signal::GatewayError => {
-                self.consecutive_connect.store(0, Ordering::Relaxed);
-                let a = bump(&self.consecutive_5xx, cfg.consecutive_5xx);
-                bump(&self.consecutive_gateway, cfg.consecutive_gateway_errors) || a
-            }
-            Signal::ConnectFailure => {
-                let a = bump(&self.consecutive_5xx, cfg.consecutive_5xx);
-                let b = bump(&self.consecutive_gateway, cfg.consecutive_gateway_errors);
-                bump(&self.consecutive_connect, cfg.consecutive_connect_failures) || a || b
-            }
-        }
-    }
-
-    /// Ejects the endpoint for `base × ejections` (capped) and clears its failure counts.
-    pub fn eject(&self, cfg: &OutlierConfig) -> Duration {
-        let n = self.ejections.fetch_add(1, Ordering::AcqRel) + 1;
-        let period = cfg
-            .base_ejection_time
-            .saturating_mul(n)
-            .min(cfg.max_ejection_time);
-        self.ejected_until
-            .store(self.now() + period.as_nanos() as u64, Ordering::Relaxed);
-        self.consecutive_5xx.store(0, Ordering::Relaxed);
-        self.consecutive_gateway.store(0, Ordering::Relaxed);
-        self.consecutive_connect.store(0, Ordering::Relaxed);
-        period
     }
 }
 
@@ -313,7 +208,13 @@ mod tests {
     use super::*;
 
     fn ep() -> Endpoint {
-        Endpoint::new("127.0.0.1:1".parse().unwrap(), "static", 1, None)
+        Endpoint::new(
+            "127.0.0.1:1".parse().unwrap(),
+            "static",
+            1,
+            None,
+            Arc::new(Rng::with_seed(1)),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -352,32 +253,5 @@ mod tests {
         e.connected(false);
         e.connected(true);
         assert!(e.ready(), "a connection resets the backoff");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn consecutive_failures_trigger_ejection_that_grows() {
-        let e = ep();
-        let cfg = OutlierConfig {
-            consecutive_5xx: 3,
-            consecutive_gateway_errors: 0,
-            consecutive_connect_failures: 0,
-            base_ejection_time: Duration::from_secs(10),
-            max_ejection_time: Duration::from_secs(25),
-            max_ejection_percent: 100,
-        };
-        assert!(!e.record(Signal::ServerError, &cfg));
-        assert!(
-            !e.record(Signal::Success, &cfg),
-            "a success resets the count"
-        );
-        assert!(!e.record(Signal::ServerError, &cfg));
-        assert!(!e.record(Signal::GatewayError, &cfg));
-        assert!(e.record(Signal::ServerError, &cfg));
-        assert_eq!(e.eject(&cfg), Duration::from_secs(10));
-        assert!(!e.available());
-        tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(e.available());
-        assert_eq!(e.eject(&cfg), Duration::from_secs(20));
-        assert_eq!(e.eject(&cfg), Duration::from_secs(25), "capped");
     }
 }

@@ -22,9 +22,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
+
+use crate::telemetry::metrics::GuardMetrics;
 
 /// The answer to a client that did not finish sending its request head in time.
 const TIMEOUT_REPLY: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\
@@ -624,15 +625,6 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[..end]
 }
 
-/// Counters of refused downstream requests.
-#[derive(Clone)]
-pub struct GuardMetrics {
-    /// Requests refused by the framing check.
-    pub malformed: IntCounter,
-    /// Request heads not finished within the header-read timeout.
-    pub header_timeouts: IntCounter,
-}
-
 /// A downstream connection under the framing check and the header-read timeout.
 pub struct Guarded<IO> {
     io: IO,
@@ -988,8 +980,8 @@ GET /z HTTP/1.0\r\n\r\n";
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (client, server) = tokio::io::duplex(1024);
         let metrics = GuardMetrics {
-            malformed: IntCounter::new("m", "m").unwrap(),
-            header_timeouts: IntCounter::new("t", "t").unwrap(),
+            malformed: prometheus::IntCounter::new("m", "m").unwrap(),
+            header_timeouts: prometheus::IntCounter::new("t", "t").unwrap(),
         };
         let mut guarded = Guarded::new(
             server,

@@ -1,7 +1,9 @@
 //! The L7 server: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, each request routed and relayed.
 //!
 //! Bodies stream in both directions and are never buffered; trailers (gRPC status) pass through as
-//! frames. Every failure becomes a local reply built by [`crate::error`], never a dropped connection.
+//! frames. Every failure becomes a local reply built by [`crate::error`], never a dropped connection,
+//! and every answer, relayed or local (`no_route` and `forbidden` included), is counted in
+//! `outrigger_requests_total` and written to the access log in one place ([`finish`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,13 +25,15 @@ use tokio_util::sync::CancellationToken;
 
 use tower::Service;
 
-use crate::control::config::tls::allowed;
 use crate::control::config::Limits;
-use crate::error::{local_reply, ErrorKind, ProxyError};
+use crate::error::{ProxyError, REASON_HEADER};
 use crate::proxy::body::{ProxyBody, ReqBody};
 use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::{Call, CallCtx};
 use crate::proxy::router::Route;
+use crate::telemetry::metrics::http::NONE;
+use crate::telemetry::metrics::RouteMetrics;
+use crate::tls::allowed;
 
 /// How long busy HTTP/1 connections get, once draining starts, to receive a response carrying
 /// `connection: close` before idle ones are closed. Closing an idle keep-alive connection at the
@@ -196,29 +200,64 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     let state = conn.state.load_full();
     let h1 = req.version() <= Version::HTTP_11;
     let identity = conn.who.identity.as_deref().unwrap_or(&[]);
+    let unmatched = Counted {
+        metrics: &state.unmatched,
+        route: NONE,
+        cluster: NONE,
+    };
     let mut resp = match &state.kind {
         // Not an open proxy: a target naming another server, or a tunnel, is never followed.
         ListenerKind::Http(_) if req.method() == Method::CONNECT => {
-            refuse(&state, ProxyError::NotAccepted("CONNECT"), h1)
+            let resp = local(&state, ProxyError::NotAccepted("CONNECT"), h1);
+            finish(
+                &state,
+                conn,
+                &unmatched,
+                req.method(),
+                req.uri(),
+                resp,
+                start,
+            )
         }
         ListenerKind::Http(_) if h1 && req.uri().scheme().is_some() => {
-            refuse(&state, ProxyError::NotAccepted("absolute-form target"), h1)
+            let resp = local(&state, ProxyError::NotAccepted("absolute-form target"), h1);
+            finish(
+                &state,
+                conn,
+                &unmatched,
+                req.method(),
+                req.uri(),
+                resp,
+                start,
+            )
         }
         ListenerKind::Http(table) => match table.find(&req, identity) {
             Some(route) => forward(&state, route, conn, req, start).await,
             None => {
-                state.metrics.local_reply(ErrorKind::NoRoute);
-                if state.access_log {
-                    tracing::info!(target: "access", listener = %state.name, method = %req.method(),
-                        uri = %req.uri(), status = 404, reason = "no_route");
-                }
-                local_reply(ErrorKind::NoRoute)
+                let resp = local(&state, ProxyError::NoRoute, h1);
+                finish(
+                    &state,
+                    conn,
+                    &unmatched,
+                    req.method(),
+                    req.uri(),
+                    resp,
+                    start,
+                )
             }
         },
         // The listener became a TCP listener by reload while this connection was open.
         ListenerKind::Tcp(_) => {
-            state.metrics.local_reply(ErrorKind::NoRoute);
-            local_reply(ErrorKind::NoRoute)
+            let resp = local(&state, ProxyError::NoRoute, h1);
+            finish(
+                &state,
+                conn,
+                &unmatched,
+                req.method(),
+                req.uri(),
+                resp,
+                start,
+            )
         }
     };
     if h1 && conn.drain.is_cancelled() {
@@ -228,14 +267,53 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     resp
 }
 
-/// A local reply that also closes an HTTP/1 connection: what follows such a request cannot be
-/// trusted to be framed the way the client meant. (HTTP/2 frames each stream itself.)
-fn refuse(state: &ListenerState, e: ProxyError, h1: bool) -> Response<ProxyBody> {
-    state.metrics.local_reply(e.kind());
+/// Where an answer is counted and logged: its request metrics and the route and cluster names
+/// of its access-log line ([`NONE`] before one was chosen).
+struct Counted<'a> {
+    metrics: &'a RouteMetrics,
+    route: &'a str,
+    cluster: &'a str,
+}
+
+/// The one way the proxy answers by itself: the error's well-formed reply, counted in
+/// `outrigger_local_replies_total`. A refusal of the request's form also closes an HTTP/1
+/// connection: what follows such a request cannot be trusted to be framed the way the client
+/// meant (HTTP/2 frames each stream itself).
+fn local(state: &ListenerState, e: ProxyError, h1: bool) -> Response<ProxyBody> {
+    state.metrics.local_replies.count(e.kind());
+    let close = h1 && matches!(e, ProxyError::NotAccepted(_) | ProxyError::BodyTooLarge(_));
     let mut resp = e.into_response();
-    if h1 {
+    if close {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Counts and logs one answer, relayed or local: every answer a listener gives passes here once.
+fn finish(
+    state: &ListenerState,
+    conn: &Conn,
+    at: &Counted<'_>,
+    method: &Method,
+    uri: &http::Uri,
+    resp: Response<ProxyBody>,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let elapsed = start.elapsed();
+    at.metrics.observe(resp.status(), elapsed);
+    if state.access_log {
+        let identity = conn
+            .who
+            .identity
+            .as_deref()
+            .and_then(|ids| ids.first())
+            .map_or("-", String::as_str);
+        tracing::info!(target: "access", listener = %state.name, route = at.route,
+            cluster = at.cluster, %method, %uri, peer_identity = identity,
+            status = resp.status().as_u16(),
+            reason = resp.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            duration_ms = elapsed.as_secs_f64() * 1000.0);
     }
     resp
 }
@@ -265,22 +343,29 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let peer = conn.peer;
     let h1 = req.version() <= Version::HTTP_11;
+    let unrouted = Counted {
+        metrics: &route.unrouted,
+        route: &route.name,
+        cluster: NONE,
+    };
     if let Some(patterns) = &route.allowed_identities {
         let ids = conn.who.identity.as_deref().unwrap_or(&[]);
         if !allowed(patterns, ids) {
-            state.metrics.local_reply(ErrorKind::Forbidden);
-            return local_reply(ErrorKind::Forbidden);
+            let resp = local(state, ProxyError::Forbidden, h1);
+            return finish(state, conn, &unrouted, req.method(), req.uri(), resp, start);
         }
     }
     if let Some(limit) = route.max_request_body {
         if req.body().size_hint().lower() > limit {
-            return refuse(state, ProxyError::BodyTooLarge(limit), h1);
+            let resp = local(state, ProxyError::BodyTooLarge(limit), h1);
+            return finish(state, conn, &unrouted, req.method(), req.uri(), resp, start);
         }
     }
     let Some(target) = route.pick_for(req.headers(), req.uri().path(), peer) else {
-        state.metrics.local_reply(ErrorKind::NoRoute);
-        return local_reply(ErrorKind::NoRoute);
+        let resp = local(state, ProxyError::NoRoute, h1);
+        return finish(state, conn, &unrouted, req.method(), req.uri(), resp, start);
     };
+    // The request is consumed by the stack; its method and target are kept only for the log.
     let logged = state
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
@@ -301,30 +386,25 @@ async fn forward(
     };
     let resp = match target.stack.clone().call(call).await {
         Ok(resp) => resp,
-        Err(e @ ProxyError::BodyTooLarge(_)) => refuse(state, e, h1),
         Err(e) => {
             tracing::debug!(listener = %state.name, route = %route.name, cluster = %target.cluster.name(),
                 error = %e, "local reply");
-            state.metrics.local_reply(e.kind());
-            e.into_response()
+            local(state, e, h1)
         }
     };
-    let elapsed = start.elapsed();
-    target.metrics.observe(resp.status(), elapsed);
-    if let Some((method, uri)) = logged {
-        let identity = conn
-            .who
-            .identity
-            .as_deref()
-            .and_then(|ids| ids.first())
-            .map_or("-", String::as_str);
-        tracing::info!(target: "access", listener = %state.name, route = %route.name,
-            cluster = %target.cluster.name(), %method, %uri, peer_identity = identity,
-            status = resp.status().as_u16(),
-            reason = resp.headers().get(crate::error::REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-            duration_ms = elapsed.as_secs_f64() * 1000.0);
+    let at = Counted {
+        metrics: &target.metrics,
+        route: &route.name,
+        cluster: target.cluster.name(),
+    };
+    match logged {
+        Some((method, uri)) => finish(state, conn, &at, &method, &uri, resp, start),
+        // Without an access log only the metrics are wanted; no method or URI is cloned.
+        None => {
+            at.metrics.observe(resp.status(), start.elapsed());
+            resp
+        }
     }
-    resp
 }
 
 /// Rewrites a downstream request head for the upstream: hop-by-hop headers out, forwarding

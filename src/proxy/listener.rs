@@ -18,16 +18,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::config::resilience::LoadShedConfig;
-use crate::control::config::tls::ServerTlsConfig;
 use crate::control::config::Limits;
-use crate::proxy::connect::Cluster;
+use crate::proxy::cluster::Cluster;
 use crate::proxy::framing::Guarded;
 use crate::proxy::http::{self, Peer};
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::RouteTable;
 use crate::proxy::tcp;
-use crate::proxy::tls::{self, ServerTls};
-use crate::telemetry::metrics::ListenerMetrics;
+use crate::telemetry::metrics::{Handshake, ListenerMetrics, RouteMetrics};
+use crate::tls::{self, ServerTls, ServerTlsConfig};
 
 /// Pause after an accept error (such as running out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
@@ -40,6 +39,8 @@ pub struct ListenerState {
     pub kind: ListenerKind,
     /// Resolved metric handles.
     pub metrics: ListenerMetrics,
+    /// Request metrics of answers given before any route matched (`route="-"`).
+    pub unmatched: RouteMetrics,
     /// Whether requests and connections are logged.
     pub access_log: bool,
     /// Time an HTTP/1 client gets to send a request's headers.
@@ -146,7 +147,7 @@ async fn accept_loop(
                 let (metrics, timeout) = (current.metrics.clone(), current.header_read_timeout);
                 let max_head = current.limits.max_header_bytes as usize;
                 tracker.spawn(async move {
-                    let guard = metrics.guard();
+                    let guard = metrics.guard.clone();
                     match tls {
                         None => {
                             let io = Guarded::new(stream, false, timeout, max_head, guard);
@@ -194,7 +195,7 @@ async fn handshake(
     };
     let label = match result {
         Ok(Ok(stream)) => {
-            metrics.handshake("ok");
+            metrics.handshake(Handshake::Ok);
             let (_, session) = stream.get_ref();
             let h2 = session.alpn_protocol() == Some(b"h2");
             let identity = session
@@ -214,7 +215,7 @@ async fn handshake(
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             tls::handshake_failure(&e)
         }
-        Err(_) => "timeout",
+        Err(_) => Handshake::Timeout,
     };
     metrics.handshake(label);
     None

@@ -1,15 +1,21 @@
 //! The data path, in request order: accept ([`listener`]), serve ([`http`] or [`tcp`]), route
-//! ([`router`]), pick an endpoint ([`balance`]) and reach it through a pooled client ([`connect`]).
+//! ([`router`]), run the resilience stack ([`stack`]), pick an endpoint of the [`cluster`]
+//! ([`balance`], with [`outlier`] detection) and reach it through its pooled client
+//! ([`connect`]).
+//!
+//! The data path reads control state only as immutable snapshots (route tables, endpoint sets)
+//! and is never imported by the control side or by telemetry.
 
 pub mod balance;
 pub mod body;
+pub mod cluster;
 pub mod connect;
 pub mod endpoint;
 pub mod framing;
 pub mod http;
 pub mod listener;
+pub mod outlier;
 pub mod resilience;
 pub mod router;
 pub mod stack;
 pub mod tcp;
-pub mod tls;

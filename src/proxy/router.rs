@@ -12,13 +12,15 @@ use http::{header, HeaderMap, Method, Request};
 use crate::control::config::{HeaderValueMatch, PathMatch, RouteConfig, RouteMatch};
 use std::net::SocketAddr;
 
-use crate::control::config::tls::{allowed, IdentityPattern};
 use crate::control::config::validate::{PartitionConfig, PartitionMode};
 use crate::proxy::balance::{self, Weighted};
-use crate::proxy::connect::Cluster;
+use crate::proxy::cluster::Cluster;
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::stack::{self, RouteShared, RouteStack};
+use crate::rng::Rng;
+use crate::telemetry::metrics::http::NONE;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
+use crate::tls::{allowed, IdentityPattern};
 
 /// A listener's compiled routes.
 pub struct RouteTable {
@@ -117,6 +119,8 @@ pub struct Route {
     pub idle_timeout: Option<Duration>,
     /// For a partitioned route: how a key picks one of `targets`.
     partition: Option<PartitionConfig>,
+    /// Metrics for answers given before a cluster was chosen (refused, or no shard key).
+    pub unrouted: RouteMetrics,
     /// Rate limiter, route bulkhead and faults, kept across reloads while their config holds.
     shared: Arc<RouteShared>,
     /// The config `shared` was built from.
@@ -160,6 +164,7 @@ impl RouteTable {
         shed: Option<&Arc<Limiter>>,
         previous: Option<&RouteTable>,
         metrics: &Metrics,
+        rng: &Rng,
     ) -> Result<Self, UnknownCluster> {
         let routes = routes
             .iter()
@@ -174,7 +179,7 @@ impl RouteTable {
                         .map(|p| p.shared.clone())
                 });
                 let shared =
-                    kept.unwrap_or_else(|| Arc::new(RouteShared::new(listener, r, metrics)));
+                    kept.unwrap_or_else(|| Arc::new(RouteShared::new(listener, r, metrics, rng)));
                 let targets = r
                     .targets
                     .iter()
@@ -184,7 +189,7 @@ impl RouteTable {
                             .cloned()
                             .ok_or_else(|| UnknownCluster::new(&r.name, name))?;
                         Ok(Target {
-                            metrics: metrics.route(listener, &r.name, name),
+                            metrics: metrics.http.route(listener, &r.name, name),
                             stack: stack::build(
                                 listener,
                                 r,
@@ -192,6 +197,7 @@ impl RouteTable {
                                 &cluster,
                                 shed.cloned(),
                                 metrics,
+                                rng,
                             ),
                             cluster,
                         })
@@ -208,6 +214,7 @@ impl RouteTable {
                     allowed_identities: r.allowed_identities.clone(),
                     idle_timeout: r.idle_timeout,
                     partition: r.partition.clone(),
+                    unrouted: metrics.http.route(listener, &r.name, NONE),
                     shared,
                     shared_config: r.clone(),
                 })
@@ -355,7 +362,7 @@ mod tests {
             .map(|c| {
                 (
                     c.name.clone(),
-                    Arc::new(Cluster::new(c.clone(), &metrics).unwrap()),
+                    Cluster::offline(c.clone(), &metrics).unwrap(),
                 )
             })
             .collect();
@@ -363,7 +370,16 @@ mod tests {
             panic!("http listener expected")
         };
         (
-            RouteTable::build("l", routes, &clusters, None, None, &metrics).unwrap(),
+            RouteTable::build(
+                "l",
+                routes,
+                &clusters,
+                None,
+                None,
+                &metrics,
+                &Rng::with_seed(1),
+            )
+            .unwrap(),
             metrics,
         )
     }

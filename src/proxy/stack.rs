@@ -20,7 +20,8 @@ use std::sync::Arc;
 use tower::ServiceBuilder;
 
 use crate::control::config::RouteConfig;
-use crate::proxy::connect::{Cluster, Upstream};
+use crate::proxy::cluster::Cluster;
+use crate::proxy::connect::Upstream;
 use crate::proxy::resilience::breaker::{Breaker, BreakerLayer};
 use crate::proxy::resilience::bulkhead::{Bulkhead, BulkheadLayer, BulkheadService};
 use crate::proxy::resilience::fault::{Fault, FaultLayer, Faults};
@@ -30,6 +31,7 @@ use crate::proxy::resilience::retry::{Retry, RetryLayer, RetryPolicy};
 use crate::proxy::resilience::timeout::{
     PerTryTimeout, PerTryTimeoutLayer, RouteDeadline, RouteTimeout, RouteTimeoutLayer, TryDeadline,
 };
+use crate::rng::Rng;
 use crate::telemetry::metrics::Metrics;
 
 /// The full stack of one route target, as a concrete type: no boxing of services.
@@ -57,23 +59,29 @@ impl RouteShared {
         a.rate_limit == b.rate_limit && a.bulkhead == b.bulkhead && a.fault == b.fault
     }
 
-    /// Builds the route-level state of `route` on `listener`.
-    pub fn new(listener: &str, route: &RouteConfig, metrics: &Metrics) -> Self {
+    /// Builds the route-level state of `route` on `listener`; faults and rate-limit hashing
+    /// draw from `rng`.
+    pub fn new(listener: &str, route: &RouteConfig, metrics: &Metrics, rng: &Rng) -> Self {
+        let m = &metrics.resilience;
         Self {
-            faults: route
-                .fault
-                .clone()
-                .map(|f| Arc::new(Faults::new(f, Some(metrics.fault(listener, &route.name))))),
+            faults: route.fault.clone().map(|f| {
+                Arc::new(Faults::new(
+                    f,
+                    Some(m.fault(listener, &route.name)),
+                    rng.fork(),
+                ))
+            }),
             limiter: route.rate_limit.as_ref().map(|r| {
                 Arc::new(RateLimiter::new(
                     r,
-                    Some(metrics.rate_limit(listener, &route.name)),
+                    Some(m.rate_limit(listener, &route.name)),
+                    rng.u64(),
                 ))
             }),
             bulkhead: route.bulkhead.as_ref().map(|b| {
                 Arc::new(Bulkhead::new(
                     b,
-                    Some(metrics.bulkhead("route", &route.name)),
+                    Some(metrics.resilience.route_bulkhead(&route.name)),
                 ))
             }),
         }
@@ -88,12 +96,18 @@ pub fn build(
     cluster: &Arc<Cluster>,
     shed: Option<Arc<Limiter>>,
     metrics: &Metrics,
+    rng: &Rng,
 ) -> RouteStack {
     let policy = Arc::new(RetryPolicy::new(
         route.retry.clone(),
         cluster.budget.clone(),
         cluster.latency.clone(),
-        Some(metrics.retry(listener, &route.name, cluster.name())),
+        Some(
+            metrics
+                .resilience
+                .retry(listener, &route.name, cluster.name()),
+        ),
+        rng.fork(),
     ));
     ServiceBuilder::new()
         .layer(FaultLayer::new(shared.faults.clone()))

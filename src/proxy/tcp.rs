@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 /// Buffer size of each direction of a TCP splice.
 const SPLICE_BUFFER: usize = 64 * 1024;
 
-use crate::proxy::connect::Cluster;
+use crate::proxy::cluster::Cluster;
 use crate::telemetry::metrics::ListenerMetrics;
 
 /// Splices `downstream` to an endpoint of `cluster` until both directions are finished.

@@ -6,7 +6,6 @@
 
 pub mod locate;
 pub mod model;
-pub mod reload;
 pub mod resilience;
 pub mod tls;
 pub mod upstream;

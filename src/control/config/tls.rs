@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::validate::Validator;
-use crate::proxy::tls;
+use crate::tls;
+pub use crate::tls::{allowed, ClientTlsConfig, IdentityPattern, ServerTlsConfig};
 
 /// A listener's `tls:` section, as written.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -45,64 +46,6 @@ pub struct RawClientTls {
     /// PEM private key of `cert`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
-}
-
-/// One allowed identity: an exact SAN URI or DNS name, or a prefix of one (written `prefix*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdentityPattern {
-    /// The identity equals this.
-    Exact(String),
-    /// The identity starts with this.
-    Prefix(String),
-}
-
-impl IdentityPattern {
-    /// Parses `spiffe://mesh/ns/prod/*` as a prefix and anything else as an exact identity.
-    pub fn parse(text: &str) -> Self {
-        match text.strip_suffix('*') {
-            Some(prefix) => Self::Prefix(prefix.to_owned()),
-            None => Self::Exact(text.to_owned()),
-        }
-    }
-
-    /// Whether `identity` is allowed by this pattern.
-    pub fn matches(&self, identity: &str) -> bool {
-        match self {
-            Self::Exact(e) => e == identity,
-            Self::Prefix(p) => identity.starts_with(p.as_str()),
-        }
-    }
-}
-
-/// Whether any of `identities` (a peer's SAN URIs and DNS names) is allowed by `patterns`.
-pub fn allowed(patterns: &[IdentityPattern], identities: &[String]) -> bool {
-    identities
-        .iter()
-        .any(|id| patterns.iter().any(|p| p.matches(id)))
-}
-
-/// A validated listener `tls:` section; the files were readable and consistent when checked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerTlsConfig {
-    /// Certificate chain file.
-    pub cert: PathBuf,
-    /// Private key file.
-    pub key: PathBuf,
-    /// Client CA bundle; `Some` means client certificates are required.
-    pub client_ca: Option<PathBuf>,
-    /// Allowed client identities; empty allows any certificate the CA signed.
-    pub allowed_identities: Vec<IdentityPattern>,
-}
-
-/// A validated cluster `tls:` section.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClientTlsConfig {
-    /// CA bundle; `None` uses the system's roots.
-    pub ca: Option<PathBuf>,
-    /// SNI and verified name; `None` uses the endpoint's host.
-    pub server_name: Option<String>,
-    /// Client certificate chain and key, for mTLS to the upstream.
-    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl Validator {
@@ -173,24 +116,5 @@ impl Validator {
             }
         }
         list.iter().map(|s| IdentityPattern::parse(s)).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn patterns_match_exactly_or_by_prefix() {
-        let p = [
-            IdentityPattern::parse("spiffe://mesh/ns/prod/*"),
-            IdentityPattern::parse("web.internal"),
-        ];
-        let ok = |ids: &[&str]| allowed(&p, &ids.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert!(ok(&["spiffe://mesh/ns/prod/sa/web"]));
-        assert!(ok(&["other", "web.internal"]));
-        assert!(!ok(&["spiffe://mesh/ns/dev/sa/web"]));
-        assert!(!ok(&["web.internal.evil"]));
-        assert!(!ok(&[]));
     }
 }

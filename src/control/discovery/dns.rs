@@ -19,6 +19,8 @@ use tokio::time::Instant;
 
 use super::{Discovery, Update};
 use crate::control::config::upstream::{DnsConfig, DnsQuery};
+use crate::rng::Rng;
+use crate::telemetry::metrics::{DnsMetrics, Lookup};
 
 /// Time allowed for one DNS query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -28,16 +30,21 @@ pub struct DnsDiscovery {
     cfg: DnsConfig,
     resolver: Result<TokioResolver, String>,
     due: Instant,
+    rng: Rng,
+    metrics: DnsMetrics,
 }
 
 impl DnsDiscovery {
-    /// A source for `cfg`; the first lookup is due at once.
-    pub fn new(cfg: DnsConfig) -> Self {
+    /// A source for `cfg`, jittering its refreshes with `rng` and counting its lookups in
+    /// `metrics`; the first lookup is due at once.
+    pub fn new(cfg: DnsConfig, rng: Rng, metrics: DnsMetrics) -> Self {
         let resolver = build_resolver(cfg.resolver);
         Self {
             cfg,
             resolver,
             due: Instant::now(),
+            rng,
+            metrics,
         }
     }
 
@@ -115,21 +122,31 @@ impl DnsDiscovery {
             (true, None) => self.cfg.max_refresh,
             (false, _) => self.cfg.min_refresh,
         };
-        Instant::now() + base.mul_f64(0.9 + 0.2 * fastrand::f64())
+        Instant::now() + base.mul_f64(0.9 + 0.2 * self.rng.f64())
     }
 }
 
 impl Discovery for DnsDiscovery {
+    fn kind(&self) -> &'static str {
+        "dns"
+    }
+
     async fn next(&mut self) -> Option<Update> {
         tokio::time::sleep_until(self.due).await;
         let resolver = match &self.resolver {
             Ok(r) => r,
             Err(e) => {
                 self.due = self.next_due(None, false);
+                self.metrics.count(Lookup::Failed);
                 return Some(Update::Failed(e.clone()));
             }
         };
         let (update, ttl) = self.lookup(resolver).await;
+        self.metrics.count(match &update {
+            Update::Endpoints(_) => Lookup::Ok,
+            Update::Empty => Lookup::Empty,
+            Update::Failed(_) => Lookup::Failed,
+        });
         self.due = self.next_due(ttl, matches!(update, Update::Endpoints(_)));
         Some(update)
     }

@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{IntCounter, IntGauge};
 use tokio::time::Instant;
 
 use crate::control::config::resilience::{BreakerConfig, Window};
 use crate::error::ProxyError;
 use crate::proxy::resilience::classify::{self, Outcome};
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
+use crate::telemetry::metrics::BreakerMetrics;
 
 /// Breaker states; the gauge label and the `/clusters` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,15 +52,6 @@ impl State {
             _ => State::Closed,
         }
     }
-}
-
-/// Metric handles of one breaker: a gauge per state (1 for the current one) and an open counter.
-#[derive(Clone)]
-pub struct BreakerMetrics {
-    /// Gauges for closed, open and half-open (cluster breakers only).
-    pub states: Option<[IntGauge; 3]>,
-    /// Times the breaker opened.
-    pub opened: IntCounter,
 }
 
 /// One circuit breaker.
@@ -273,7 +264,7 @@ impl CircuitBreaker {
             return;
         }
         let slow = self.cfg.slow_call_rate > 0 && elapsed >= self.cfg.slow_call_duration;
-        let failed = outcome == Outcome::Failure;
+        let failed = outcome.is_failure();
         if probe {
             if failed || slow {
                 self.open();
@@ -516,10 +507,10 @@ mod tests {
     async fn opens_on_failure_rate_then_probes_and_closes() {
         let b = Arc::new(CircuitBreaker::new(cfg(), 0, None));
         assert!(call(&b, Outcome::Success));
-        assert!(call(&b, Outcome::Failure));
+        assert!(call(&b, Outcome::ServerError));
         assert!(call(&b, Outcome::Success));
         assert_eq!(b.state(), State::Closed, "2 of 3 is below minimum_calls");
-        assert!(call(&b, Outcome::Failure));
+        assert!(call(&b, Outcome::ServerError));
         assert_eq!(b.state(), State::Open, "2 of 4 failed: 50%");
         assert!(!call(&b, Outcome::Success), "open fails fast");
         tokio::time::advance(Duration::from_millis(1250)).await;
@@ -537,13 +528,13 @@ mod tests {
     async fn failed_probe_reopens_for_longer_with_jitter() {
         let b = Arc::new(CircuitBreaker::new(cfg(), 3, None));
         for _ in 0..3 {
-            call(&b, Outcome::Failure);
+            call(&b, Outcome::ServerError);
         }
         assert_eq!(b.state(), State::Open, "3 consecutive failures");
         let first = b.open_for().unwrap();
         assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200));
         tokio::time::advance(first).await;
-        assert!(call(&b, Outcome::Failure), "probe admitted");
+        assert!(call(&b, Outcome::ServerError), "probe admitted");
         let second = b.open_for().unwrap();
         assert!(
             second >= Duration::from_millis(1600) && second <= Duration::from_millis(2400),
@@ -554,7 +545,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cancelled_probe_returns_its_slot_and_ignored_outcomes_do_not_count() {
         let b = Arc::new(CircuitBreaker::new(cfg(), 1, None));
-        call(&b, Outcome::Failure);
+        call(&b, Outcome::ServerError);
         tokio::time::advance(Duration::from_secs(2)).await;
         drop(b.try_acquire().unwrap());
         drop(b.try_acquire().unwrap());
@@ -570,14 +561,14 @@ mod tests {
         let mut c = cfg();
         c.window = Window::Time(Duration::from_secs(10));
         let b = Arc::new(CircuitBreaker::new(c, 0, None));
-        call(&b, Outcome::Failure);
-        call(&b, Outcome::Failure);
+        call(&b, Outcome::ServerError);
+        call(&b, Outcome::ServerError);
         tokio::time::advance(Duration::from_secs(11)).await;
         call(&b, Outcome::Success);
         call(&b, Outcome::Success);
-        call(&b, Outcome::Failure);
+        call(&b, Outcome::ServerError);
         assert_eq!(b.state(), State::Closed, "old failures left the window");
-        call(&b, Outcome::Failure);
+        call(&b, Outcome::ServerError);
         assert_eq!(b.state(), State::Open);
     }
 

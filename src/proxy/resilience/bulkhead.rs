@@ -10,21 +10,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::IntGauge;
 use tokio::sync::Semaphore;
 
 use crate::control::config::resilience::BulkheadConfig;
 use crate::error::ProxyError;
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
-
-/// Gauges of one bulkhead.
-#[derive(Clone)]
-pub struct BulkheadMetrics {
-    /// Requests holding a slot.
-    pub active: IntGauge,
-    /// Requests waiting for one.
-    pub queued: IntGauge,
-}
+use crate::telemetry::metrics::BulkheadMetrics;
 
 /// The shared state of one bulkhead.
 pub struct Bulkhead {

@@ -1,11 +1,13 @@
-//! The one place that decides what an upstream answer means: success or failure (for circuit
-//! breakers, outlier detection and metrics) and whether a try is worth repeating (for retries and
-//! hedges).
+//! The one place that decides what an upstream answer means: success or which kind of failure
+//! (one [`Outcome`], computed once per try and fed to the circuit breakers, outlier detection and
+//! load shedding alike) and whether a try is worth repeating (for retries and hedges).
 //!
 //! Failures are connect errors, resets, timeouts, 5xx answers and the gRPC codes that signal a
-//! sick server (`unknown`, `deadline-exceeded`, `internal`, `unavailable`, `data-loss`). The
-//! proxy's own refusals (open circuit, full bulkhead, rate limit, shedding) say nothing about the
-//! upstream's health and are ignored.
+//! sick server, read from headers or from trailers the upstream layer read ahead. A gateway-like
+//! failure (502/503/504, a reset, a timeout, gRPC `unavailable` or `deadline-exceeded`) is told
+//! apart from other server errors (500, gRPC `unknown`, `internal`, `data-loss`) because outlier
+//! detection counts the two in separate streaks. The proxy's own refusals (open circuit, full
+//! bulkhead, rate limit, shedding) say nothing about the upstream's health and are ignored.
 
 use http::{HeaderMap, Method, StatusCode};
 
@@ -18,14 +20,32 @@ use crate::proxy::resilience::Response;
 pub enum Outcome {
     /// The upstream answered well.
     Success,
-    /// The upstream failed.
-    Failure,
+    /// A server error that is not a gateway error: 5xx other than 502–504, gRPC `unknown`,
+    /// `internal` or `data-loss`.
+    ServerError,
+    /// 502, 503, 504, a reset, a refused stream, a timeout, gRPC `unavailable` or
+    /// `deadline-exceeded`: the endpoint could not serve.
+    GatewayError,
+    /// No connection could be made.
+    ConnectFailure,
     /// Nothing was learnt (the proxy itself refused, or the try was cancelled).
     Ignore,
 }
 
-/// gRPC codes that count as failures of the server.
-const GRPC_FAILURES: u32 = 1 << 2 | 1 << 4 | 1 << 13 | 1 << 14 | 1 << 15;
+impl Outcome {
+    /// Whether the try failed because of the upstream.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Outcome::ServerError | Outcome::GatewayError | Outcome::ConnectFailure
+        )
+    }
+}
+
+/// gRPC codes that count as server errors (`unknown`, `internal`, `data-loss`).
+const GRPC_SERVER_ERRORS: u32 = 1 << 2 | 1 << 13 | 1 << 15;
+/// gRPC codes that count as gateway errors (`deadline-exceeded`, `unavailable`).
+const GRPC_GATEWAY_ERRORS: u32 = 1 << 4 | 1 << 14;
 
 /// A gRPC status read from trailers by the upstream layer, kept on the response.
 #[derive(Debug, Clone, Copy)]
@@ -51,21 +71,19 @@ pub enum RetryReason {
 /// The health signal of a try's result.
 pub fn outcome(result: &Result<Response, ProxyError>) -> Outcome {
     match result {
-        Ok(resp) => {
-            if resp.status().is_server_error() {
-                return Outcome::Failure;
-            }
-            match grpc_code(resp) {
-                Some(c) if c < 32 && GRPC_FAILURES & (1 << c) != 0 => Outcome::Failure,
+        Ok(resp) => match resp.status().as_u16() {
+            502..=504 => Outcome::GatewayError,
+            500..=599 => Outcome::ServerError,
+            _ => match grpc_code(resp) {
+                Some(c) if c < 32 && GRPC_GATEWAY_ERRORS & (1 << c) != 0 => Outcome::GatewayError,
+                Some(c) if c < 32 && GRPC_SERVER_ERRORS & (1 << c) != 0 => Outcome::ServerError,
                 _ => Outcome::Success,
-            }
+            },
+        },
+        Err(ProxyError::UpstreamConnect(_)) => Outcome::ConnectFailure,
+        Err(ProxyError::RefusedStream(_) | ProxyError::UpstreamReset(_) | ProxyError::Timeout) => {
+            Outcome::GatewayError
         }
-        Err(
-            ProxyError::UpstreamConnect(_)
-            | ProxyError::RefusedStream(_)
-            | ProxyError::UpstreamReset(_)
-            | ProxyError::Timeout,
-        ) => Outcome::Failure,
         Err(_) => Outcome::Ignore,
     }
 }
@@ -157,6 +175,12 @@ mod tests {
         Ok(r)
     }
 
+    fn r_trailer_unavailable() -> Response {
+        let mut r = resp(200, None).unwrap();
+        r.extensions_mut().insert(TrailerStatus(14));
+        r
+    }
+
     #[test]
     fn default_policy_retries_gateway_errors_of_idempotent_requests_only() {
         let on = RetryConfig::default().on;
@@ -191,9 +215,16 @@ mod tests {
         let mut r = resp(200, None).unwrap();
         r.extensions_mut().insert(TrailerStatus(14));
         assert_eq!(retry_reason(&on, &Ok(r), true), Some(RetryReason::Grpc));
-        assert_eq!(outcome(&resp(200, Some("14"))), Outcome::Failure);
+        assert_eq!(outcome(&resp(200, Some("14"))), Outcome::GatewayError);
+        assert_eq!(outcome(&Ok(r_trailer_unavailable())), Outcome::GatewayError);
+        assert_eq!(outcome(&resp(200, Some("13"))), Outcome::ServerError);
         assert_eq!(outcome(&resp(200, Some("5"))), Outcome::Success);
-        assert_eq!(outcome(&resp(503, None)), Outcome::Failure);
+        assert_eq!(outcome(&resp(503, None)), Outcome::GatewayError);
+        assert_eq!(outcome(&resp(500, None)), Outcome::ServerError);
+        assert_eq!(
+            outcome(&Err(ProxyError::UpstreamConnect("x".into()))),
+            Outcome::ConnectFailure
+        );
         assert_eq!(outcome(&Err(ProxyError::CircuitOpen)), Outcome::Ignore);
     }
 }

@@ -4,31 +4,23 @@
 
 use std::sync::Arc;
 
-use prometheus::IntCounter;
-
 use crate::control::config::resilience::FaultConfig;
 use crate::error::ProxyError;
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
-
-/// Counters of one route's injected faults.
-#[derive(Clone)]
-pub struct FaultMetrics {
-    /// Requests delayed.
-    pub delayed: IntCounter,
-    /// Requests aborted.
-    pub aborted: IntCounter,
-}
+use crate::rng::Rng;
+use crate::telemetry::metrics::FaultMetrics;
 
 /// A route's faults with their counters.
 pub struct Faults {
     cfg: FaultConfig,
     metrics: Option<FaultMetrics>,
+    rng: Rng,
 }
 
 impl Faults {
     /// Faults as configured.
-    pub fn new(cfg: FaultConfig, metrics: Option<FaultMetrics>) -> Self {
-        Self { cfg, metrics }
+    pub fn new(cfg: FaultConfig, metrics: Option<FaultMetrics>, rng: Rng) -> Self {
+        Self { cfg, metrics, rng }
     }
 }
 
@@ -41,7 +33,7 @@ impl Mechanism for Faults {
     fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
         let f = self;
         if let Some((share, status)) = f.cfg.abort {
-            if fastrand::f64() < share {
+            if f.rng.f64() < share {
                 if let Some(m) = &f.metrics {
                     m.aborted.inc();
                 }
@@ -49,7 +41,7 @@ impl Mechanism for Faults {
             }
         }
         match f.cfg.delay {
-            Some((share, delay)) if fastrand::f64() < share => {
+            Some((share, delay)) if f.rng.f64() < share => {
                 if let Some(m) = &f.metrics {
                     m.delayed.inc();
                 }

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{IntCounter, IntGauge};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -27,23 +26,11 @@ use crate::control::config::resilience::{LoadShedConfig, ShedAlgorithm};
 use crate::error::ProxyError;
 use crate::proxy::resilience::classify::{self, Outcome};
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
+use crate::telemetry::metrics::ShedMetrics;
 
 /// Priority of a request without the header.
 const DEFAULT_PRIORITY: usize = 5;
 const PRIORITIES: usize = 10;
-
-/// Gauges and counters of one listener's limiter.
-#[derive(Clone)]
-pub struct ShedMetrics {
-    /// The current concurrency limit.
-    pub limit: IntGauge,
-    /// Requests admitted and not yet answered.
-    pub in_flight: IntGauge,
-    /// Requests waiting.
-    pub queued: IntGauge,
-    /// Requests shed.
-    pub shed: IntCounter,
-}
 
 /// The adaptive limiter of a listener.
 pub struct Limiter {
@@ -324,7 +311,7 @@ impl Admitted {
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;
         let rtt = self.start.elapsed();
-        let dropped = matches!(outcome, Outcome::Failure);
+        let dropped = outcome.is_failure();
         self.limiter.release(Some(rtt), dropped);
     }
 }

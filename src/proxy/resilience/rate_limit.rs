@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
-use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::control::config::resilience::{RateKey, RateLimitConfig};
 use crate::error::{ProxyError, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
+use crate::telemetry::metrics::RateLimitMetrics;
 
 const SHARDS: usize = 16;
 
@@ -41,15 +41,6 @@ struct Buckets {
 const MAX_KEYS_PER_SHARD: usize = 65_536;
 /// Keys kept per shard before idle ones (whose bucket is full again) are dropped.
 const PRUNE_AT: usize = 4096;
-
-/// Counters of one route's limiter.
-#[derive(Clone)]
-pub struct RateLimitMetrics {
-    /// Requests refused.
-    pub rejected: IntCounter,
-    /// Requests delayed (throttle mode).
-    pub delayed: IntCounter,
-}
 
 /// The verdict on one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +75,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// A limiter for `cfg`.
-    pub fn new(cfg: &RateLimitConfig, metrics: Option<RateLimitMetrics>) -> Self {
+    pub fn new(cfg: &RateLimitConfig, metrics: Option<RateLimitMetrics>, seed: u64) -> Self {
         let interval = (1e9 / cfg.rate).max(1.0) as u64;
         Self {
             interval,
@@ -100,7 +91,7 @@ impl RateLimiter {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(Buckets::default()))
                 .collect(),
-            seed: fastrand::u64(..),
+            seed,
             metrics,
         }
     }
@@ -261,6 +252,7 @@ mod tests {
                 max_delay,
             },
             None,
+            7,
         )
     }
 

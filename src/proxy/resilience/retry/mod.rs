@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::StatusCode;
-use prometheus::IntCounter;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -31,56 +30,10 @@ use crate::proxy::body::ReqBody;
 use crate::proxy::resilience::classify::{self, RetryReason};
 use crate::proxy::resilience::latency::LatencyWindow;
 use crate::proxy::resilience::{Call, Response, ResponseFuture};
+use crate::rng::Rng;
+use crate::telemetry::metrics::{RetryMetrics, Skip};
 use backoff::Backoff;
 use budget::RetryBudget;
-
-/// Why a retry that was wanted was not sent; the label of `outrigger_retries_skipped_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
-    /// The cluster's retry budget was spent.
-    Budget,
-    /// The request used all its attempts.
-    Attempts,
-    /// The body was too large to keep.
-    Body,
-    /// The wait would pass the request's deadline.
-    Deadline,
-    /// The upstream asked to wait longer than `retry_after_max`.
-    RetryAfter,
-}
-
-impl Skip {
-    /// Every reason, in metric-handle order.
-    pub const ALL: [Skip; 5] = [
-        Skip::Budget,
-        Skip::Attempts,
-        Skip::Body,
-        Skip::Deadline,
-        Skip::RetryAfter,
-    ];
-
-    /// The metric label.
-    pub fn name(self) -> &'static str {
-        match self {
-            Skip::Budget => "budget",
-            Skip::Attempts => "attempts",
-            Skip::Body => "body",
-            Skip::Deadline => "deadline",
-            Skip::RetryAfter => "retry_after",
-        }
-    }
-}
-
-/// Metric handles of one route target.
-#[derive(Clone)]
-pub struct RetryMetrics {
-    /// Retries sent.
-    pub retries: IntCounter,
-    /// Hedges sent.
-    pub hedges: IntCounter,
-    /// Retries wanted but not sent, by [`Skip`].
-    pub skipped: [IntCounter; 5],
-}
 
 /// Everything a route target's retries need, built when the config is compiled.
 pub struct RetryPolicy {
@@ -90,6 +43,8 @@ pub struct RetryPolicy {
     latency: Arc<LatencyWindow>,
     metrics: Option<RetryMetrics>,
     next_base: AtomicUsize,
+    /// Backoff jitter.
+    rng: Rng,
 }
 
 impl RetryPolicy {
@@ -99,6 +54,7 @@ impl RetryPolicy {
         budget: Arc<RetryBudget>,
         latency: Arc<LatencyWindow>,
         metrics: Option<RetryMetrics>,
+        rng: Rng,
     ) -> Self {
         // Validation rejects max < base; clamping keeps this constructor total anyway.
         let backoff = Backoff::clamped(cfg.backoff_base, cfg.backoff_max);
@@ -108,13 +64,14 @@ impl RetryPolicy {
             budget,
             latency,
             metrics,
-            next_base: AtomicUsize::new(fastrand::usize(..1024)),
+            next_base: AtomicUsize::new(rng.below(1024) as usize),
+            rng,
         }
     }
 
     fn skip(&self, why: Skip) {
         if let Some(m) = &self.metrics {
-            m.skipped[why as usize].inc();
+            m.skipped(why);
         }
     }
 
@@ -248,7 +205,7 @@ where
                 return result;
             }
             Some(ra) => ra,
-            None => policy.backoff.delay(tries, fastrand::f64()),
+            None => policy.backoff.delay(tries, policy.rng.f64()),
         };
         if deadline.is_some_and(|d| Instant::now() + wait >= d) {
             policy.skip(Skip::Deadline);

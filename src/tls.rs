@@ -1,6 +1,10 @@
 //! TLS with rustls: termination on listeners (optionally requiring client certificates and
 //! authorizing their identity), origination to upstream clusters, and certificate rotation.
 //!
+//! A neutral module: the data path terminates and originates TLS with it, config validation loads
+//! the files with it (so a bad file is an error at its `FILE:LINE:COLUMN`), and the health checks
+//! and the future mesh transport connect with it. It depends on no module of either side.
+//!
 //! The same pieces serve any connection the sidecar makes or takes, the cluster's own peer
 //! traffic included: [`ServerMaterial`] builds a server config from files, [`client_config`] a
 //! client one, and [`Rotating`] keeps either fresh as its files change. A changed file is read
@@ -21,7 +25,6 @@ use arc_swap::ArcSwap;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use prometheus::{IntCounter, IntGauge};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -34,14 +37,72 @@ use rustls::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::control::config::reload;
-use crate::control::config::tls::{allowed, ClientTlsConfig, IdentityPattern, ServerTlsConfig};
 use crate::error::BoxError;
+use crate::tasks::{Scope, Tasks};
+use crate::telemetry::metrics::{CertMetrics, Handshake};
+use crate::watch;
 
 /// ALPN protocols a listener offers, preferred first.
 const SERVER_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// One allowed identity: an exact SAN URI or DNS name, or a prefix of one (written `prefix*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityPattern {
+    /// The identity equals this.
+    Exact(String),
+    /// The identity starts with this.
+    Prefix(String),
+}
+
+impl IdentityPattern {
+    /// Parses `spiffe://mesh/ns/prod/*` as a prefix and anything else as an exact identity.
+    pub fn parse(text: &str) -> Self {
+        match text.strip_suffix('*') {
+            Some(prefix) => Self::Prefix(prefix.to_owned()),
+            None => Self::Exact(text.to_owned()),
+        }
+    }
+
+    /// Whether `identity` is allowed by this pattern.
+    pub fn matches(&self, identity: &str) -> bool {
+        match self {
+            Self::Exact(e) => e == identity,
+            Self::Prefix(p) => identity.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// Whether any of `identities` (a peer's SAN URIs and DNS names) is allowed by `patterns`.
+pub fn allowed(patterns: &[IdentityPattern], identities: &[String]) -> bool {
+    identities
+        .iter()
+        .any(|id| patterns.iter().any(|p| p.matches(id)))
+}
+
+/// A validated listener `tls:` section; the files were readable and consistent when checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerTlsConfig {
+    /// Certificate chain file.
+    pub cert: PathBuf,
+    /// Private key file.
+    pub key: PathBuf,
+    /// Client CA bundle; `Some` means client certificates are required.
+    pub client_ca: Option<PathBuf>,
+    /// Allowed client identities; empty allows any certificate the CA signed.
+    pub allowed_identities: Vec<IdentityPattern>,
+}
+
+/// A validated cluster `tls:` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientTlsConfig {
+    /// CA bundle; `None` uses the system's roots.
+    pub ca: Option<PathBuf>,
+    /// SNI and verified name; `None` uses the endpoint's host.
+    pub server_name: Option<String>,
+    /// Client certificate chain and key, for mTLS to the upstream.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
 
 /// The crypto provider every config is built with; passed explicitly, never installed globally.
 fn provider() -> Arc<CryptoProvider> {
@@ -268,21 +329,21 @@ impl ClientCertVerifier for IdentityVerifier {
     }
 }
 
-/// The `result` label of a failed handshake (see [`crate::telemetry::metrics::HANDSHAKE_RESULTS`]).
-pub fn handshake_failure(e: &io::Error) -> &'static str {
+/// Why a handshake failed, as counted in `outrigger_tls_handshakes_total`.
+pub fn handshake_failure(e: &io::Error) -> Handshake {
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
-        return "failed";
+        return Handshake::Failed;
     };
     match tls {
-        rustls::Error::NoCertificatesPresented => "no_client_cert",
+        rustls::Error::NoCertificatesPresented => Handshake::NoClientCert,
         rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
-            "identity_denied"
+            Handshake::IdentityDenied
         }
         rustls::Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        ) => "expired_cert",
-        rustls::Error::InvalidCertificate(_) => "untrusted_cert",
-        _ => "failed",
+        ) => Handshake::ExpiredCert,
+        rustls::Error::InvalidCertificate(_) => Handshake::UntrustedCert,
+        _ => Handshake::Failed,
     }
 }
 
@@ -370,7 +431,7 @@ fn system_roots() -> Result<RootCertStore, LoadError> {
 /// TLS material that is re-read when its files change, for as long as this value lives.
 pub struct Rotating<T> {
     current: Arc<ArcSwap<T>>,
-    _stop: DropGuard,
+    _watch: Scope,
 }
 
 impl<T: Send + Sync + 'static> Rotating<T> {
@@ -379,45 +440,42 @@ impl<T: Send + Sync + 'static> Rotating<T> {
         self.current.load_full()
     }
 
-    /// Watches `paths` and rebuilds with `rebuild` after each change; `rebuild` gets the files'
-    /// bytes and returns `None` when they are unchanged. `counters` are (applied, failed).
+    /// Watches `paths` on a task of `tasks` and rebuilds with `rebuild` after each change;
+    /// `rebuild` gets the files' bytes and returns `None` when they are unchanged.
     fn start<F>(
         initial: T,
         owner: &str,
         paths: Vec<PathBuf>,
-        counters: [IntCounter; 2],
+        metrics: CertMetrics,
+        tasks: &Tasks,
         mut rebuild: F,
     ) -> Self
     where
         F: FnMut() -> Result<Option<T>, LoadError> + Send + 'static,
     {
         let current = Arc::new(ArcSwap::from_pointee(initial));
-        let stop = CancellationToken::new();
+        let scope = tasks.child();
         let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-        match reload::watch_all(&refs) {
+        match watch::watch_all(&refs) {
             Ok(changes) => {
-                let (target, owner, token) = (current.clone(), owner.to_owned(), stop.clone());
-                let [applied, failed] = counters;
-                tokio::spawn(async move {
-                    let watch = reload::on_change(changes, || {
+                let (target, owner) = (current.clone(), owner.to_owned());
+                scope.tasks().spawn("tls_watch", async move {
+                    watch::on_change(changes, || {
                         match rebuild() {
                             Ok(Some(next)) => {
                                 target.store(Arc::new(next));
-                                applied.inc();
+                                metrics.applied.inc();
                                 tracing::info!(%owner, "TLS certificate files reloaded");
                             }
                             Ok(None) => {}
                             Err(e) => {
-                                failed.inc();
+                                metrics.failed.inc();
                                 tracing::error!(%owner, error = %e, "TLS files rejected; keeping the previous ones");
                             }
                         }
                         std::future::ready(())
-                    });
-                    tokio::select! {
-                        () = watch => {}
-                        () = token.cancelled() => {}
-                    }
+                    })
+                    .await;
                 });
             }
             Err(e) => {
@@ -426,7 +484,7 @@ impl<T: Send + Sync + 'static> Rotating<T> {
         }
         Self {
             current,
-            _stop: stop.drop_guard(),
+            _watch: scope,
         }
     }
 }
@@ -434,21 +492,25 @@ impl<T: Send + Sync + 'static> Rotating<T> {
 /// A listener's server config, rotated as its files change.
 pub type ServerTls = Rotating<ServerMaterial>;
 
-/// Starts serving `material` for the listener `owner` and watching its files.
+/// Starts serving `material` for the listener `owner` and watching its files on `tasks`.
 pub fn rotating_server(
     cfg: ServerTlsConfig,
     material: ServerMaterial,
     owner: &str,
-    counters: [IntCounter; 2],
-    expiry: IntGauge,
+    metrics: CertMetrics,
+    tasks: &Tasks,
 ) -> ServerTls {
     let mut paths = vec![cfg.cert.clone(), cfg.key.clone()];
     paths.extend(cfg.client_ca.clone());
     let mut last = material.files.clone();
-    if let Some(t) = material.not_after {
-        expiry.set(t);
-    }
-    Rotating::start(material, owner, paths, counters, move || {
+    let expiry = metrics.expiry.clone();
+    let publish = move |t: Option<i64>| {
+        if let (Some(g), Some(t)) = (&expiry, t) {
+            g.set(t);
+        }
+    };
+    publish(material.not_after);
+    Rotating::start(material, owner, paths, metrics, tasks, move || {
         let mut files = vec![read("cert", &cfg.cert)?, read("key", &cfg.key)?];
         if let Some(ca) = &cfg.client_ca {
             files.push(read("client_ca", ca)?);
@@ -458,9 +520,7 @@ pub fn rotating_server(
         }
         let next = ServerMaterial::build(&cfg, files)?;
         last = next.files.clone();
-        if let Some(t) = next.not_after {
-            expiry.set(t);
-        }
+        publish(next.not_after);
         Ok(Some(next))
     })
 }
@@ -479,7 +539,8 @@ impl ClientTls {
         default_name: Option<&str>,
         h2: bool,
         owner: &str,
-        counters: [IntCounter; 2],
+        metrics: CertMetrics,
+        tasks: &Tasks,
     ) -> Result<Self, LoadError> {
         let (config, files) = client_material(cfg, h2)?;
         let server_name = cfg
@@ -496,7 +557,8 @@ impl ClientTls {
             Arc::unwrap_or_clone(config),
             owner,
             paths,
-            counters,
+            metrics,
+            tasks,
             move || {
                 let files = client_files(&cfg)?;
                 if files == last {
@@ -641,5 +703,24 @@ impl AsyncWrite for UpstreamStream {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_exactly_or_by_prefix() {
+        let p = [
+            IdentityPattern::parse("spiffe://mesh/ns/prod/*"),
+            IdentityPattern::parse("web.internal"),
+        ];
+        let ok = |ids: &[&str]| allowed(&p, &ids.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(ok(&["spiffe://mesh/ns/prod/sa/web"]));
+        assert!(ok(&["other", "web.internal"]));
+        assert!(!ok(&["spiffe://mesh/ns/dev/sa/web"]));
+        assert!(!ok(&["web.internal.evil"]));
+        assert!(!ok(&[]));
     }
 }

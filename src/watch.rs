@@ -1,7 +1,8 @@
-//! Noticing that the config file changed.
+//! Noticing that a file changed: the config file, and the certificate files of listeners and
+//! clusters.
 //!
 //! The file's directory is watched rather than the file, because the common ways of replacing a
-//! config all change the directory: an editor's atomic rename, and the Kubernetes ConfigMap swap
+//! config or a certificate all change the directory: an editor's atomic rename, and the Kubernetes ConfigMap swap
 //! of the `..data` symlink. In-place writes show up there too. If the path is a symlink, the
 //! directory of its target is watched as well. Bursts of events are coalesced and the reader
 //! compares content hashes, so a change is applied once however many events it caused.
