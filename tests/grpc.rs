@@ -109,3 +109,59 @@ async fn grpc_error_status_in_trailers_only_response_passes() {
     assert!(msgs.is_empty());
     assert_eq!(trailers["grpc-status"], "12");
 }
+
+/// An endpoint that answers every call with 200 and `grpc-status: 14` (UNAVAILABLE) in its
+/// trailers is ejected by outlier detection, as one answering 503 would be: the same
+/// classification feeds the breakers and the ejection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_unavailable_in_trailers_is_ejected() {
+    let sick = Origin::start("sick").await;
+    sick.control
+        .grpc_status
+        .store(14, std::sync::atomic::Ordering::SeqCst);
+    let well = Origin::start("well").await;
+    let proxy = Proxy::start(&format!(
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: grpc\n        match: {{ prefix: /test.Echo/ }}\n        cluster: grpc\n        retry: {{ grpc_codes: [unavailable], attempts: 2 }}\nclusters:\n  - name: grpc\n    endpoints: [{}, {}]\n    protocol: http2\n    load_balancer: round_robin\n    outlier_detection: {{ consecutive_gateway_errors: 3, consecutive_5xx: 0, max_ejection_percent: 50 }}\n    circuit_breaker: {{ enabled: false }}\n",
+        sick.addr, well.addr
+    ))
+    .await;
+    let client = h2_client();
+    let mut ok = 0;
+    for _ in 0..12 {
+        let req = grpc_request(proxy.url("in", "/test.Echo/Unary"), body(grpc_frame(b"hi")));
+        let resp = client.request(req).await.unwrap();
+        let (_, trailers) = finish(resp.into_body()).await;
+        if trailers["grpc-status"] == "0" {
+            ok += 1;
+        }
+    }
+    // gRPC calls are POSTs, which are not retried: the sick endpoint fails the calls of its
+    // streak (every other one, round robin), then is out.
+    assert_eq!(ok, 9, "three failed calls, then only the well endpoint answers");
+    let (_, _, clusters) = get(&h1_client(), &proxy.admin_url("/clusters"))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let endpoints = v["clusters"][0]["endpoints"].as_array().unwrap();
+    let by_addr = |a: std::net::SocketAddr| {
+        endpoints
+            .iter()
+            .find(|e| e["address"] == a.to_string())
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_addr(sick.addr)["ejected"], true, "{clusters}");
+    assert_eq!(by_addr(well.addr)["ejected"], false, "{clusters}");
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        metric(&m, "outrigger_outlier_ejections_total{cluster=\"grpc\"}"),
+        1.0
+    );
+    let sick_hits = sick.hits();
+    for _ in 0..6 {
+        let req = grpc_request(proxy.url("in", "/test.Echo/Unary"), body(grpc_frame(b"hi")));
+        let resp = client.request(req).await.unwrap();
+        finish(resp.into_body()).await;
+    }
+    assert_eq!(sick.hits(), sick_hits, "an ejected endpoint gets no tries");
+}

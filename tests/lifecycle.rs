@@ -246,3 +246,223 @@ async fn live_metrics_scrape_passes_promtool() {
         "promtool: {report}"
     );
 }
+
+/// Names of the tasks the process reported as started and ended (debug logs of `tasks.rs`), in
+/// log order, and the position of the last line.
+fn task_events(logs: &[String]) -> Vec<(String, String)> {
+    logs.iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let what = v["message"].as_str()?.to_owned();
+            let task = v["task"].as_str()?.to_owned();
+            what.starts_with("task ").then_some((what, task))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_every_background_task_before_the_process_exits() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new("test ca");
+    let (cert, key) = pki::write_leaf(dir.path(), "server", &ca.leaf(&["127.0.0.1"]));
+    // A DNS server that never answers: the DNS source keeps retrying until it is stopped.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let path = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "admin:\n  address: 127.0.0.1:0\ndrain_timeout: 2s\nlisteners:\n  - name: in\n    address: 127.0.0.1:0\n    tls: {{ cert: {}, key: {} }}\n    routes:\n      - name: all\n        cluster: app\nclusters:\n  - name: app\n    endpoints: [{}]\n    health_check: {{ protocol: tcp, interval: 50ms, timeout: 50ms, jitter: 0s }}\n  - name: names\n    dns: {{ name: app.test.internal, port: 80, resolver: \"{}\", min_refresh: 50ms }}\n",
+            cert.display(),
+            key.display(),
+            origin.addr,
+            silent.local_addr().unwrap(),
+        ),
+    )
+    .unwrap();
+    let mut proc = Process::start_with(
+        Command::new(env!("CARGO_BIN_EXE_outrigger"))
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info,outrigger::tasks=debug"),
+    );
+    // Let the health check pass once and the admin server take a connection.
+    let health = proc.admin_url("/metrics");
+    let checked = eventually(Duration::from_secs(5), || async {
+        let m = get(&h1_client(), &health)
+            .await
+            .map(|r| r.2)
+            .unwrap_or_default();
+        m.contains("outrigger_health_checks_total{cluster=\"app\",result=\"passed\"}")
+    })
+    .await;
+    assert!(checked, "the health check ran");
+
+    proc.signal("TERM");
+    assert_eq!(
+        proc.wait_exit(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    // The reader thread may still be draining stderr for a moment after the exit.
+    let mut logs = Vec::new();
+    for _ in 0..50 {
+        logs = proc.logs.lock().unwrap().clone();
+        if logs.iter().any(|l| l.contains("outrigger stopped")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let events = task_events(&logs);
+    let started: Vec<&str> = events
+        .iter()
+        .filter(|(w, _)| w == "task started")
+        .map(|(_, t)| t.as_str())
+        .collect();
+    for kind in [
+        "admin",
+        "admin_connection",
+        "config_watch",
+        "tls_watch",
+        "discovery",
+        "health_supervisor",
+        "health_check",
+        "cluster_follow",
+    ] {
+        assert!(
+            started.contains(&kind),
+            "no `{kind}` task started: {events:?}"
+        );
+    }
+    for kind in started.iter().collect::<std::collections::BTreeSet<_>>() {
+        let count = |what: &str| {
+            events
+                .iter()
+                .filter(|(w, t)| w == what && t == *kind)
+                .count()
+        };
+        assert_eq!(
+            count("task started"),
+            count("task ended"),
+            "every `{kind}` task ended: {events:?}"
+        );
+    }
+    let stopped = logs
+        .iter()
+        .position(|l| l.contains("outrigger stopped"))
+        .expect("the process logs its stop");
+    let last_end = logs
+        .iter()
+        .rposition(|l| l.contains("\"task ended\""))
+        .unwrap();
+    assert!(
+        last_end < stopped,
+        "tasks end before the process says it stopped"
+    );
+    let summaries: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "background tasks ended")
+        .collect();
+    assert_eq!(summaries.len(), 2, "control, then admin: {summaries:?}");
+    assert_eq!(summaries[0]["group"], "control");
+    assert_eq!(summaries[1]["group"], "admin");
+    assert!(summaries.iter().all(|s| s["left"] == 0), "{summaries:?}");
+}
+
+/// Every answer the proxy gives is one access-log line and one count in
+/// `outrigger_requests_total`, its own refusals included: no route, a rate limit, an open circuit,
+/// a forbidden identity-free route and a refused request form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_replies_are_logged_and_counted_like_relayed_answers() {
+    let origin = Origin::start("app").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "admin:\n  address: 127.0.0.1:0\naccess_log: true\nlisteners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: limited\n        match: {{ prefix: /limited }}\n        cluster: app\n        rate_limit: {{ requests_per_second: 0.1, burst: 1 }}\n      - name: broken\n        match: {{ prefix: /broken }}\n        cluster: dead\n        retry: {{ attempts: 1 }}\n      - name: app\n        match: {{ prefix: /app }}\n        cluster: app\nclusters:\n  - name: app\n    endpoints: [{}]\n  - name: dead\n    endpoints: [{dead}]\n    circuit_breaker: {{ consecutive_failures: 2 }}\n    outlier_detection: {{ enabled: false }}\n",
+            origin.addr
+        ),
+    )
+    .unwrap();
+    let proc = Process::start(&path);
+    let addr = proc.listener("in").await.unwrap();
+    let client = h1_client();
+    let url = |p: &str| format!("http://{addr}{p}");
+    let reason = |h: &http::HeaderMap| {
+        h.get("x-outrigger-error")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let (s, h, _) = get(&client, &url("/nowhere")).await.unwrap();
+    assert_eq!((s.as_u16(), reason(&h).as_str()), (404, "no_route"));
+    assert_eq!(get(&client, &url("/limited")).await.unwrap().0, 200);
+    let (s, h, _) = get(&client, &url("/limited")).await.unwrap();
+    assert_eq!((s.as_u16(), reason(&h).as_str()), (429, "rate_limited"));
+    let mut broken = Vec::new();
+    for _ in 0..3 {
+        let (s, h, _) = get(&client, &url("/broken")).await.unwrap();
+        broken.push((s.as_u16(), reason(&h)));
+    }
+    assert_eq!(broken[2], (503, "circuit_open".to_owned()), "{broken:?}");
+    assert_eq!(get(&client, &url("/app")).await.unwrap().0, 200);
+
+    let m = get(&client, &proc.admin_url("/metrics")).await.unwrap().2;
+    for (series, n) in [
+        (
+            "{class=\"4xx\",cluster=\"-\",listener=\"in\",route=\"-\"}",
+            1.0,
+        ),
+        (
+            "{class=\"2xx\",cluster=\"app\",listener=\"in\",route=\"limited\"}",
+            1.0,
+        ),
+        (
+            "{class=\"4xx\",cluster=\"app\",listener=\"in\",route=\"limited\"}",
+            1.0,
+        ),
+        (
+            "{class=\"5xx\",cluster=\"dead\",listener=\"in\",route=\"broken\"}",
+            3.0,
+        ),
+        (
+            "{class=\"2xx\",cluster=\"app\",listener=\"in\",route=\"app\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(
+            metric(&m, &format!("outrigger_requests_total{series}")),
+            n,
+            "{series}"
+        );
+    }
+    // Every answer has its access line, with the route, cluster and reason.
+    let access = |route: &str, status: u64, why: &str| {
+        let logs = proc.logs.lock().unwrap().clone();
+        logs.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["target"] == "access"
+                    && v["route"] == route
+                    && v["status"] == status
+                    && v["reason"] == why
+            })
+            .count()
+    };
+    let logged = eventually(Duration::from_secs(5), || async {
+        access("-", 404, "no_route") == 1
+            && access("limited", 429, "rate_limited") == 1
+            && access("limited", 200, "-") == 1
+            && access("broken", 503, "circuit_open") >= 1
+            && access("broken", 503, "upstream_connect") >= 1
+            && access("app", 200, "-") == 1
+    })
+    .await;
+    assert!(logged, "{:#?}", proc.logs.lock().unwrap());
+}
