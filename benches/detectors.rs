@@ -14,6 +14,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use outrigger::control::config::upstream::{CheckKind, Detector, HealthCheckConfig};
 use outrigger::control::health::{Detection, Health};
+use outrigger::rng::Rng;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -37,21 +39,26 @@ const TICK: Duration = Duration::from_millis(10);
 async fn origin(port: u16) -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // Seeded, so that both detectors face the same latencies run after run.
+    let rng = Arc::new(Rng::with_seed(u64::from(port)));
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let rng = rng.clone();
             conns.spawn(async move {
-                let svc = service_fn(|_req| async {
-                    let ms = if fastrand::u32(..100) < 3 {
-                        fastrand::u64(150..300)
+                let svc = service_fn(move |_req| {
+                    let ms = if rng.below(100) < 3 {
+                        150 + rng.below(150)
                     } else {
-                        fastrand::u64(5..20)
+                        5 + rng.below(15)
                     };
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)

@@ -66,6 +66,13 @@ impl Rng {
     }
 }
 
+/// A generator with the fixed seed 0: reproducible, for tests and tools.
+impl Default for Rng {
+    fn default() -> Self {
+        Self::with_seed(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

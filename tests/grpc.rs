@@ -137,7 +137,10 @@ async fn an_endpoint_answering_unavailable_in_trailers_is_ejected() {
     }
     // gRPC calls are POSTs, which are not retried: the sick endpoint fails the calls of its
     // streak (every other one, round robin), then is out.
-    assert_eq!(ok, 9, "three failed calls, then only the well endpoint answers");
+    assert_eq!(
+        ok, 9,
+        "three failed calls, then only the well endpoint answers"
+    );
     let (_, _, clusters) = get(&h1_client(), &proxy.admin_url("/clusters"))
         .await
         .unwrap();

@@ -72,7 +72,7 @@ async fn sigterm_under_load_fails_no_in_flight_request_and_exits_zero() {
         .await
     );
 
-    let signalled = std::time::Instant::now();
+    let signalled = tokio::time::Instant::now();
     proc.signal("TERM");
     let ready_url = proc.admin_url("/ready");
     let draining = eventually(Duration::from_secs(2), || async {

@@ -53,6 +53,8 @@ pub struct Control {
     pub capacity: std::sync::OnceLock<tokio::sync::Semaphore>,
     /// Headers of the latest request.
     pub last_headers: std::sync::Mutex<Option<HeaderMap>>,
+    /// Draws for `fail_permille` and `slow_permille`; seeded, so a run can be repeated.
+    pub rng: outrigger::rng::Rng,
 }
 
 impl Control {
@@ -148,7 +150,7 @@ async fn misbehave(
         None => None,
     };
     let slow = c.slow_permille.load(Ordering::SeqCst);
-    let delay = if slow > 0 && fastrand::u32(..1000) < slow {
+    let delay = if slow > 0 && c.rng.below(1000) < u64::from(slow) {
         c.slow_ms.load(Ordering::SeqCst)
     } else {
         c.delay_ms.load(Ordering::SeqCst)
@@ -160,7 +162,7 @@ async fn misbehave(
     let fail = c.fail_permille.load(Ordering::SeqCst);
     let status = if forced != 0 {
         Some(forced)
-    } else if fail > 0 && fastrand::u32(..1000) < fail {
+    } else if fail > 0 && c.rng.below(1000) < u64::from(fail) {
         Some(503)
     } else {
         None
@@ -461,12 +463,12 @@ impl Process {
     }
 
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + within;
-        while std::time::Instant::now() < deadline {
+        let step = Duration::from_millis(20);
+        for _ in 0..=within.as_millis() / step.as_millis() {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(step);
         }
         None
     }
