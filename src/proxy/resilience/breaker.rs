@@ -573,6 +573,53 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_jittered_open_period_never_exceeds_max_open_duration() {
+        let mut c = cfg();
+        c.open_duration = Duration::from_millis(300);
+        c.max_open_duration = Duration::from_millis(300);
+        let b = Arc::new(CircuitBreaker::new(c, 1, None));
+        // Ten openings in a row: every period is jittered, then capped (and never doubled past it).
+        for round in 0..10 {
+            // Round 0: closed, one failure opens it; later: the half-open probe fails.
+            assert!(call(&b, Outcome::GatewayError), "round {round}: admitted");
+            assert_eq!(b.state(), State::Open, "round {round}");
+            let period = b.open_for().unwrap();
+            assert!(
+                period >= Duration::from_millis(240) && period <= Duration::from_millis(300),
+                "round {round}: {period:?}"
+            );
+            tokio::time::advance(period - Duration::from_millis(1)).await;
+            assert!(b.try_acquire().is_none(), "still open 1 ms before its end");
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        // Then the probes succeed and it closes.
+        assert!(call(&b, Outcome::Success));
+        assert!(call(&b, Outcome::Success));
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_answers_at_once_without_calling_the_upstream() {
+        use crate::proxy::resilience::tests::{answer, call, Script};
+        use tower::{Layer, Service};
+        let b = Arc::new(CircuitBreaker::new(cfg(), 2, None));
+        let inner = Script::new(|_, _| answer(503, &[]));
+        let mut svc = BreakerLayer::new(Some(b.clone())).layer(inner.clone());
+        for _ in 0..2 {
+            let resp = svc.call(call(http::Method::GET, &[])).await.unwrap();
+            assert_eq!(resp.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        }
+        assert_eq!(b.state(), State::Open, "two 503s in a row");
+        let start = Instant::now();
+        for _ in 0..100 {
+            let result = svc.call(call(http::Method::GET, &[])).await;
+            assert!(matches!(result, Err(ProxyError::CircuitOpen)));
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(inner.seen().len(), 2, "no call passed the open breaker");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn slow_calls_trip_the_breaker() {
         let mut c = cfg();
         c.failure_rate = 0;

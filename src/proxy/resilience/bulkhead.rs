@@ -146,6 +146,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_queued_request_is_refused_when_its_queue_timeout_passes() {
+        let b = Bulkhead::new(
+            &BulkheadConfig {
+                max_concurrent: 1,
+                max_pending: 1,
+                queue_timeout: Duration::from_millis(100),
+            },
+            None,
+        );
+        let _held = b.acquire().await.unwrap();
+        let start = tokio::time::Instant::now();
+        assert!(matches!(b.acquire().await, Err(ProxyError::BulkheadFull)));
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        // With no queue, the refusal is immediate.
+        let b = Bulkhead::new(
+            &BulkheadConfig {
+                max_concurrent: 1,
+                max_pending: 0,
+                queue_timeout: Duration::from_secs(1),
+            },
+            None,
+        );
+        let _held = b.acquire().await.unwrap();
+        assert!(matches!(b.acquire().await, Err(ProxyError::BulkheadFull)));
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn queued_request_gets_the_freed_slot() {
         let b = Arc::new(Bulkhead::new(
             &BulkheadConfig {

@@ -147,4 +147,21 @@ mod tests {
         tokio::time::advance(PERIOD * 2).await;
         assert_eq!(w.percentile(95.0), None);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_percentile_before_twenty_samples_and_the_previous_period_still_counts() {
+        let w = LatencyWindow::new();
+        for _ in 0..19 {
+            w.record(Duration::from_millis(5));
+        }
+        assert_eq!(w.percentile(50.0), None, "19 samples");
+        // One period later the earlier samples still count, with the new one they are 20.
+        tokio::time::advance(PERIOD).await;
+        w.record(Duration::from_millis(5));
+        let p50 = w.percentile(50.0).unwrap();
+        assert!(
+            p50 >= Duration::from_millis(5) && p50 < Duration::from_millis(6),
+            "{p50:?}"
+        );
+    }
 }

@@ -210,3 +210,157 @@ impl<M: Mechanism, S: Inner> Service<Call> for Apply<M, S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Helpers shared by the layers' paused-time tests (a request as the layers see it, and a
+    //! scripted inner service that notes when each try reached it), and the fault layer's tests.
+
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use http::{Method, StatusCode};
+
+    use crate::control::config::resilience::FaultConfig;
+    use crate::proxy::body::ProxyBody;
+    use crate::proxy::resilience::fault::Faults;
+    use crate::rng::Rng;
+
+    /// A request without a body, with these headers, as the layers see it.
+    pub(crate) fn call(method: Method, headers: &[(&str, &str)]) -> Call {
+        let mut req = http::Request::builder().method(method).uri("/x");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let (head, ()) = req.body(()).unwrap().into_parts();
+        Call {
+            head,
+            body: ReqBody::Empty,
+            ctx: CallCtx::new(SocketAddr::from(([127, 0, 0, 1], 1))),
+        }
+    }
+
+    /// An answer with `status` and these headers, at once.
+    pub(crate) fn answer(status: u16, headers: &[(&str, &str)]) -> ResponseFuture {
+        let mut r = http::Response::new(ProxyBody::full(bytes::Bytes::from_static(b"ok")));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (k, v) in headers {
+            r.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        Box::pin(std::future::ready(Ok(r)))
+    }
+
+    /// A try that never answers.
+    pub(crate) fn hang() -> ResponseFuture {
+        Box::pin(std::future::pending())
+    }
+
+    /// One try as the scripted service saw it.
+    #[derive(Debug, Clone)]
+    pub(crate) struct Seen {
+        /// When it arrived.
+        pub at: Instant,
+        /// Its method.
+        pub method: Method,
+        /// The try's number (1 for the first), as the retry layer set it.
+        pub attempt: u32,
+        /// The try's deadline, as the layers above set it.
+        pub try_deadline: Option<Instant>,
+    }
+
+    type Answer = dyn Fn(usize, &Call) -> ResponseFuture + Send + Sync;
+
+    /// An inner service that answers the n-th try it sees (from 0) with `answer(n, try)` and
+    /// notes each try.
+    #[derive(Clone)]
+    pub(crate) struct Script {
+        seen: Arc<Mutex<Vec<Seen>>>,
+        answer: Arc<Answer>,
+    }
+
+    impl Script {
+        pub(crate) fn new(
+            answer: impl Fn(usize, &Call) -> ResponseFuture + Send + Sync + 'static,
+        ) -> Self {
+            Self {
+                seen: Arc::default(),
+                answer: Arc::new(answer),
+            }
+        }
+
+        /// The tries so far.
+        pub(crate) fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    impl Service<Call> for Script {
+        type Response = Response;
+        type Error = ProxyError;
+        type Future = ResponseFuture;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, call: Call) -> ResponseFuture {
+            let n = {
+                let mut seen = self.seen.lock().unwrap();
+                seen.push(Seen {
+                    at: Instant::now(),
+                    method: call.head.method.clone(),
+                    attempt: call.ctx.attempt,
+                    try_deadline: call.ctx.try_deadline,
+                });
+                seen.len() - 1
+            };
+            (self.answer)(n, &call)
+        }
+    }
+
+    fn faults(cfg: FaultConfig) -> ApplyLayer<Faults> {
+        ApplyLayer::new(Some(Arc::new(Faults::new(cfg, None, Rng::with_seed(1)))))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fault_delay_holds_the_call_back_for_exactly_its_duration() {
+        let inner = Script::new(|_, _| answer(200, &[]));
+        let mut svc = faults(FaultConfig {
+            delay: Some((1.0, Duration::from_millis(120))),
+            abort: None,
+        })
+        .layer(inner.clone());
+        let start = Instant::now();
+        let fut = svc.call(call(Method::GET, &[]));
+        tokio::pin!(fut);
+        // Nothing reaches the upstream before the delay is over.
+        assert!(tokio::time::timeout(Duration::from_millis(119), &mut fut)
+            .await
+            .is_err());
+        assert!(inner.seen().is_empty());
+        let resp = fut.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let seen = inner.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].at - start, Duration::from_millis(120));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_aborted_call_never_reaches_the_upstream_and_takes_no_time() {
+        let inner = Script::new(|_, _| answer(200, &[]));
+        let mut svc = faults(FaultConfig {
+            delay: Some((1.0, Duration::from_secs(5))),
+            abort: Some((1.0, StatusCode::IM_A_TEAPOT)),
+        })
+        .layer(inner.clone());
+        let start = Instant::now();
+        let result = svc.call(call(Method::GET, &[])).await;
+        assert!(matches!(result, Err(ProxyError::Fault(s)) if s == StatusCode::IM_A_TEAPOT));
+        assert_eq!(start.elapsed(), Duration::ZERO, "abort is decided first");
+        assert!(inner.seen().is_empty());
+    }
+}

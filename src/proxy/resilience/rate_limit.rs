@@ -291,6 +291,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_throttled_call_reaches_the_upstream_when_its_slot_comes() {
+        use crate::proxy::resilience::tests::{answer, call, Script};
+        use tower::{Layer, Service};
+        let l = Arc::new(limiter(20.0, 1, Some(Duration::from_secs(1))));
+        let inner = Script::new(|_, _| answer(200, &[]));
+        let svc = RateLimitLayer::new(Some(l)).layer(inner.clone());
+        let start = Instant::now();
+        // Ten at once at 20/s: the first at once, then one every 50 ms; the last after 450 ms.
+        let answers = futures_util::future::join_all((0..10).map(|_| {
+            let mut svc = svc.clone();
+            async move { svc.call(call(http::Method::GET, &[])).await }
+        }))
+        .await;
+        assert!(answers
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|r| r.status() == 200)));
+        let at: Vec<Duration> = inner.seen().iter().map(|t| t.at - start).collect();
+        assert_eq!(
+            at,
+            (0..10)
+                .map(|i| Duration::from_millis(50 * i))
+                .collect::<Vec<_>>()
+        );
+        // The 11th would wait 500 ms more: still within max_delay, it waits its turn too.
+        let mut svc = svc.clone();
+        svc.call(call(http::Method::GET, &[])).await.unwrap();
+        assert_eq!(inner.seen()[10].at - start, Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn keys_have_their_own_buckets() {
         let l = limiter(1.0, 1, None);
         assert!(matches!(l.check(Some(b"a")), Decision::Admit { .. }));

@@ -185,6 +185,129 @@ mod tests {
         assert_eq!(caller_budget(&h), Some(Duration::from_millis(200)));
     }
 
+    use crate::proxy::resilience::tests::{call, hang, Script};
+    use crate::proxy::resilience::Call;
+    use http::Method;
+    use tower::{Layer, Service};
+
+    /// Sends `c` through a route timeout of `route` to an upstream that never answers; returns
+    /// the result and the time from the request's arrival to it (paused time: exact).
+    async fn through_route_timeout(
+        route: Option<Duration>,
+        c: Call,
+    ) -> (
+        Result<crate::proxy::resilience::Response, ProxyError>,
+        Duration,
+    ) {
+        let start = c.ctx.start;
+        let mut svc = RouteTimeoutLayer::new(Some(Arc::new(RouteDeadline::new(route))))
+            .layer(Script::new(|_, _| hang()));
+        let result = svc.call(c).await;
+        (result, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_route_timeout_answers_timeout_at_its_deadline() {
+        let (result, took) =
+            through_route_timeout(Some(Duration::from_millis(300)), call(Method::GET, &[])).await;
+        assert!(matches!(result, Err(ProxyError::Timeout)), "{result:?}");
+        assert_eq!(took, Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_starts_when_the_request_arrived() {
+        let c = call(Method::GET, &[]);
+        // Time spent above the route timeout (a throttle delay, a queue) counts.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let (result, took) = through_route_timeout(Some(Duration::from_millis(300)), c).await;
+        assert!(matches!(result, Err(ProxyError::Timeout)));
+        assert_eq!(took, Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_shorter_deadline_wins_and_is_its_own_error() {
+        let route = Some(Duration::from_millis(300));
+        for (headers, at) in [
+            (&[("x-outrigger-deadline-ms", "100")][..], 100),
+            (&[("grpc-timeout", "50m")][..], 50),
+            (
+                &[("x-outrigger-deadline-ms", "200"), ("grpc-timeout", "80m")][..],
+                80,
+            ),
+        ] {
+            let (result, took) = through_route_timeout(route, call(Method::GET, headers)).await;
+            assert!(
+                matches!(result, Err(ProxyError::DeadlineExceeded)),
+                "{headers:?}: {result:?}"
+            );
+            assert_eq!(took, Duration::from_millis(at), "{headers:?}");
+        }
+        // A longer one cannot lengthen the route's.
+        let (result, took) = through_route_timeout(
+            route,
+            call(Method::GET, &[("x-outrigger-deadline-ms", "500")]),
+        )
+        .await;
+        assert!(matches!(result, Err(ProxyError::Timeout)));
+        assert_eq!(took, Duration::from_millis(300));
+        // With the route timeout off, only the caller's applies.
+        let (result, took) =
+            through_route_timeout(None, call(Method::GET, &[("grpc-timeout", "2S")])).await;
+        assert!(matches!(result, Err(ProxyError::DeadlineExceeded)));
+        assert_eq!(took, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_per_try_timeout_cuts_the_try_and_never_outlives_the_deadline() {
+        let per_try = |t: Option<u64>| {
+            PerTryTimeoutLayer::new(Some(Arc::new(TryDeadline::new(
+                t.map(Duration::from_millis),
+            ))))
+        };
+        // The try ends after its own timeout, well before the request's deadline.
+        let inner = Script::new(|_, _| hang());
+        let mut svc = per_try(Some(150)).layer(inner.clone());
+        let mut c = call(Method::GET, &[]);
+        let start = Instant::now();
+        c.ctx.deadline = Some(start + Duration::from_secs(1));
+        let result = svc.call(c).await;
+        assert!(matches!(result, Err(ProxyError::Timeout)), "{result:?}");
+        assert_eq!(start.elapsed(), Duration::from_millis(150));
+        assert_eq!(
+            inner.seen()[0].try_deadline,
+            Some(start + Duration::from_millis(150)),
+            "the upstream layer gets the same instant"
+        );
+
+        // A caller's deadline sooner than the per-try timeout ends the try as the caller's.
+        let inner = Script::new(|_, _| hang());
+        let mut svc = per_try(Some(150)).layer(inner.clone());
+        let mut c = call(Method::GET, &[]);
+        let start = Instant::now();
+        c.ctx.deadline = Some(start + Duration::from_millis(100));
+        c.ctx.caller_deadline = true;
+        let result = svc.call(c).await;
+        assert!(
+            matches!(result, Err(ProxyError::DeadlineExceeded)),
+            "{result:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert_eq!(
+            inner.seen()[0].try_deadline,
+            Some(start + Duration::from_millis(100))
+        );
+
+        // Without a per-try timeout the try carries the request's deadline and no timer of its own.
+        let inner = Script::new(|_, _| hang());
+        let mut svc = per_try(None).layer(inner.clone());
+        let mut c = call(Method::GET, &[]);
+        let deadline = Instant::now() + Duration::from_millis(700);
+        c.ctx.deadline = Some(deadline);
+        let waited = tokio::time::timeout(Duration::from_secs(10), svc.call(c)).await;
+        assert!(waited.is_err(), "only the route timeout above ends it");
+        assert_eq!(inner.seen()[0].try_deadline, Some(deadline));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn propagated_deadline_is_the_time_left() {
         let deadline = Instant::now() + Duration::from_millis(500);

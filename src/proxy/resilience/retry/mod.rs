@@ -301,3 +301,383 @@ fn retry_after(result: &Result<Response, ProxyError>) -> Option<Duration> {
         .ok()?;
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::config::resilience::{BudgetConfig, HedgeConfig, RetryOn};
+    use crate::proxy::resilience::tests::{answer, call, hang, Script};
+    use crate::proxy::resilience::timeout::{
+        PerTryTimeoutLayer, RouteDeadline, RouteTimeoutLayer, TryDeadline,
+    };
+    use crate::telemetry::metrics::Metrics;
+    use http::Method;
+
+    /// A policy for route `r` of listener `in` to cluster `c`, with its own metrics.
+    struct Setup {
+        metrics: Metrics,
+        latency: Arc<LatencyWindow>,
+        policy: Arc<RetryPolicy>,
+    }
+
+    impl Setup {
+        fn new(cfg: RetryConfig, budget: BudgetConfig) -> Self {
+            let metrics = Metrics::new().unwrap();
+            let latency = Arc::new(LatencyWindow::new());
+            let policy = Arc::new(RetryPolicy::new(
+                cfg,
+                Arc::new(RetryBudget::new(&budget)),
+                latency.clone(),
+                Some(metrics.resilience.retry("in", "r", "c")),
+                Rng::with_seed(7),
+            ));
+            Self {
+                metrics,
+                latency,
+                policy,
+            }
+        }
+
+        fn retry(&self, inner: Script) -> Retry<Script> {
+            RetryLayer::new(self.policy.clone()).layer(inner)
+        }
+
+        /// A counter of this route target: `retries`, `hedges` or a skip reason.
+        fn count(&self, what: &str) -> u64 {
+            let series = match what {
+                "retries" | "hedges" => format!(
+                    "outrigger_{what}_total{{cluster=\"c\",listener=\"in\",route=\"r\"}} "
+                ),
+                reason => format!(
+                    "outrigger_retries_skipped_total{{cluster=\"c\",listener=\"in\",reason=\"{reason}\",route=\"r\"}} "
+                ),
+            };
+            let text = String::from_utf8(self.metrics.encode()).unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .map_or(0, |v| v.trim().parse().unwrap())
+        }
+    }
+
+    /// A budget that never runs out during a test.
+    fn plenty() -> BudgetConfig {
+        BudgetConfig {
+            ratio: 10.0,
+            min_per_sec: 1000,
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn hedge(after: HedgeAfter, max: u32) -> RetryConfig {
+        RetryConfig {
+            hedge: Some(HedgeConfig { after, max }),
+            ..RetryConfig::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_for_the_retry_after_it_was_asked_for() {
+        let s = Setup::new(RetryConfig::default(), plenty());
+        let inner = Script::new(|n, _| match n {
+            0 => answer(503, &[("retry-after", "1")]),
+            _ => answer(200, &[]),
+        });
+        let start = Instant::now();
+        let resp = s.retry(inner.clone()).call(call(Method::GET, &[])).await;
+        assert_eq!(resp.unwrap().status(), StatusCode::OK);
+        let seen = inner.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].at, start);
+        assert_eq!(seen[1].at - seen[0].at, Duration::from_secs(1));
+        assert_eq!((seen[0].attempt, seen[1].attempt), (1, 2));
+        assert_eq!(s.count("retries"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_beyond_the_cap_is_answered_at_once() {
+        let s = Setup::new(
+            RetryConfig {
+                retry_after_max: Duration::from_millis(500),
+                ..RetryConfig::default()
+            },
+            plenty(),
+        );
+        let inner = Script::new(|_, _| answer(503, &[("retry-after", "1")]));
+        let start = Instant::now();
+        let resp = s.retry(inner.clone()).call(call(Method::GET, &[])).await;
+        assert_eq!(resp.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(inner.seen().len(), 1);
+        assert_eq!((s.count("retry_after"), s.count("retries")), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_whose_wait_ends_at_the_deadline_is_not_sent() {
+        for (deadline_ms, retried) in [(1000, false), (1001, true)] {
+            let s = Setup::new(RetryConfig::default(), plenty());
+            let inner = Script::new(|n, _| match n {
+                0 => answer(503, &[("retry-after", "1")]),
+                _ => answer(200, &[]),
+            });
+            let mut c = call(Method::GET, &[]);
+            let start = Instant::now();
+            c.ctx.deadline = Some(start + Duration::from_millis(deadline_ms));
+            let resp = s.retry(inner.clone()).call(c).await.unwrap();
+            if retried {
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(start.elapsed(), Duration::from_secs(1));
+                assert_eq!((s.count("deadline"), s.count("retries")), (0, 1));
+            } else {
+                assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+                assert_eq!(start.elapsed(), Duration::ZERO, "answered at once");
+                assert_eq!((s.count("deadline"), s.count("retries")), (1, 0));
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_waits_are_jittered_under_a_doubling_cap_until_the_attempts_run_out() {
+        let s = Setup::new(
+            RetryConfig {
+                attempts: 4,
+                backoff_base: Duration::from_millis(100),
+                backoff_max: Duration::from_millis(150),
+                ..RetryConfig::default()
+            },
+            plenty(),
+        );
+        let inner = Script::new(|_, _| answer(503, &[]));
+        let resp = s.retry(inner.clone()).call(call(Method::GET, &[])).await;
+        assert_eq!(resp.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+        let seen = inner.seen();
+        assert_eq!(seen.len(), 4);
+        let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
+        assert!(gaps[0] <= Duration::from_millis(100), "{gaps:?}");
+        assert!(gaps[1] <= Duration::from_millis(150), "{gaps:?}");
+        assert!(gaps[2] <= Duration::from_millis(150), "{gaps:?}");
+        assert!(gaps.iter().any(|g| !g.is_zero()), "jitter draws: {gaps:?}");
+        assert_eq!((s.count("retries"), s.count("attempts")), (3, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_try_timeouts_are_retried_within_the_route_timeout() {
+        let cfg = RetryConfig {
+            attempts: 2,
+            on: RetryOn {
+                timeout: true,
+                ..RetryOn::default()
+            },
+            per_try_timeout: Some(Duration::from_millis(150)),
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            ..RetryConfig::default()
+        };
+        for (route_ms, tries_end_ms) in [(1000, None), (200, Some(200))] {
+            let s = Setup::new(cfg.clone(), plenty());
+            let inner = Script::new(|_, _| hang());
+            let mut svc = RouteTimeoutLayer::new(Some(Arc::new(RouteDeadline::new(Some(
+                Duration::from_millis(route_ms),
+            )))))
+            .layer(
+                RetryLayer::new(s.policy.clone()).layer(
+                    PerTryTimeoutLayer::new(Some(Arc::new(TryDeadline::new(cfg.per_try_timeout))))
+                        .layer(inner.clone()),
+                ),
+            );
+            let start = Instant::now();
+            let result = svc.call(call(Method::GET, &[])).await;
+            assert!(matches!(result, Err(ProxyError::Timeout)), "{result:?}");
+            let seen = inner.seen();
+            assert_eq!(seen.len(), 2, "two tries");
+            let second = seen[1].at - start;
+            assert!(
+                second >= Duration::from_millis(150) && second <= Duration::from_millis(151),
+                "the retry follows the first try's timeout and a backoff of at most 1 ms: {second:?}"
+            );
+            assert_eq!(s.count("retries"), 1);
+            match tries_end_ms {
+                // Both tries ran out: 150 ms, a backoff, 150 ms.
+                None => {
+                    assert_eq!(start.elapsed(), second + Duration::from_millis(150));
+                    assert_eq!(s.count("attempts"), 1);
+                }
+                // The route timeout ends the second try early, and is not retried.
+                Some(end) => {
+                    assert_eq!(
+                        seen[1].try_deadline,
+                        Some(start + Duration::from_millis(end)),
+                        "a try never outlives the request"
+                    );
+                    assert_eq!(start.elapsed(), Duration::from_millis(end));
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hedges_go_out_one_delay_apart_and_the_first_good_answer_wins() {
+        let s = Setup::new(
+            hedge(HedgeAfter::Delay(Duration::from_millis(50)), 2),
+            plenty(),
+        );
+        let inner = Script::new(|n, _| if n < 2 { hang() } else { answer(200, &[]) });
+        let start = Instant::now();
+        let resp = s.retry(inner.clone()).call(call(Method::GET, &[])).await;
+        assert_eq!(resp.unwrap().status(), StatusCode::OK);
+        let at: Vec<Duration> = inner.seen().iter().map(|t| t.at - start).collect();
+        assert_eq!(
+            at,
+            [0, 50, 100].map(Duration::from_millis),
+            "each hedge one delay after the previous try"
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert_eq!((s.count("hedges"), s.count("retries")), (2, 0));
+
+        // With attempts: 1 too, and never more than `max` hedges.
+        let s = Setup::new(
+            RetryConfig {
+                attempts: 1,
+                ..hedge(HedgeAfter::Delay(Duration::from_millis(50)), 1)
+            },
+            plenty(),
+        );
+        let inner = Script::new(|_, _| hang());
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            s.retry(inner.clone()).call(call(Method::GET, &[])),
+        )
+        .await;
+        assert!(waited.is_err());
+        let at: Vec<Duration> = inner.seen().iter().map(|t| t.at - start).collect();
+        assert_eq!(at.len(), 2, "one hedge at most: {at:?}");
+        assert_eq!(at[1] - at[0], Duration::from_millis(50));
+        assert_eq!(s.count("hedges"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_percentile_hedge_waits_for_twenty_samples_then_uses_the_percentile() {
+        let s = Setup::new(hedge(HedgeAfter::Percentile(50.0), 1), plenty());
+        let first_hangs = || {
+            Script::new(|_, c: &Call| {
+                if c.ctx.attempt == 1 {
+                    hang()
+                } else {
+                    answer(200, &[])
+                }
+            })
+        };
+        for _ in 0..19 {
+            s.latency.record(Duration::from_millis(10));
+        }
+        let inner = first_hangs();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            s.retry(inner.clone()).call(call(Method::GET, &[])),
+        )
+        .await;
+        assert!(waited.is_err(), "19 samples: no hedge");
+        assert_eq!(inner.seen().len(), 1);
+        assert_eq!(s.count("hedges"), 0);
+
+        s.latency.record(Duration::from_millis(10));
+        let p50 = s.latency.percentile(50.0).unwrap();
+        assert!(
+            p50 >= Duration::from_millis(10) && p50 < Duration::from_millis(13),
+            "{p50:?}"
+        );
+        let inner = first_hangs();
+        let resp = s.retry(inner.clone()).call(call(Method::GET, &[])).await;
+        assert_eq!(resp.unwrap().status(), StatusCode::OK);
+        let seen = inner.seen();
+        assert_eq!(seen.len(), 2);
+        // Tokio's timers tick in whole milliseconds.
+        let gap = seen[1].at - seen[0].at;
+        assert!(
+            gap >= p50 && gap <= p50 + Duration::from_millis(1),
+            "hedged after the cluster's p50 ({p50:?}): {gap:?}"
+        );
+        assert_eq!(s.count("hedges"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hedges_take_tokens_from_the_retry_budget() {
+        // 20% and no floor: one token per five requests.
+        let s = Setup::new(
+            hedge(HedgeAfter::Delay(Duration::from_millis(20)), 1),
+            BudgetConfig {
+                ratio: 0.2,
+                min_per_sec: 0,
+                ttl: Duration::from_secs(60),
+            },
+        );
+        let inner = Script::new(|_, c: &Call| {
+            if c.ctx.attempt == 1 {
+                hang()
+            } else {
+                answer(200, &[])
+            }
+        });
+        let mut answered = Vec::new();
+        for _ in 0..10 {
+            let r = tokio::time::timeout(
+                Duration::from_secs(1),
+                s.retry(inner.clone()).call(call(Method::GET, &[])),
+            )
+            .await;
+            answered.push(r.is_ok());
+        }
+        let hedged: Vec<usize> = (0..10).filter(|&i| answered[i]).map(|i| i + 1).collect();
+        assert_eq!(hedged, [5, 10], "the 5th and 10th requests found a token");
+        assert_eq!((s.count("hedges"), s.count("budget")), (2, 8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_idempotent_requests_are_hedged() {
+        let s = Setup::new(
+            RetryConfig {
+                non_idempotent: true,
+                ..hedge(HedgeAfter::Delay(Duration::from_millis(20)), 1)
+            },
+            plenty(),
+        );
+        let inner = Script::new(|_, c: &Call| {
+            if c.ctx.attempt == 1 {
+                hang()
+            } else {
+                answer(200, &[])
+            }
+        });
+        for method in [Method::POST, Method::PATCH] {
+            let waited = tokio::time::timeout(
+                Duration::from_secs(1),
+                s.retry(inner.clone()).call(call(method.clone(), &[])),
+            )
+            .await;
+            assert!(waited.is_err(), "{method} is not hedged");
+        }
+        assert_eq!(s.count("hedges"), 0);
+        for method in [Method::GET, Method::PUT, Method::DELETE] {
+            let resp = s
+                .retry(inner.clone())
+                .call(call(method.clone(), &[]))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{method}");
+        }
+        assert_eq!(s.count("hedges"), 3);
+        let methods: Vec<Method> = inner.seen().into_iter().map(|t| t.method).collect();
+        assert_eq!(
+            methods,
+            [
+                Method::POST,
+                Method::PATCH,
+                Method::GET,
+                Method::GET,
+                Method::PUT,
+                Method::PUT,
+                Method::DELETE,
+                Method::DELETE
+            ]
+        );
+    }
+}
