@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use http::Request;
 use support::*;
-use tokio::time::Instant;
 
 fn cluster_json(body: &str) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(body).unwrap()["clusters"][0].clone()
@@ -29,8 +28,11 @@ fn endpoint_field(cluster: &serde_json::Value, addr: SocketAddr, field: &str) ->
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// A generous deadline for an event the test waits for: CI runs on a loaded 2-core machine.
+const WAIT: Duration = Duration::from_secs(30);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peak_ewma_starves_a_ten_times_slower_endpoint() {
+async fn peak_ewma_starves_a_much_slower_endpoint() {
     let origins = [
         Origin::start("a").await,
         Origin::start("b").await,
@@ -38,7 +40,9 @@ async fn peak_ewma_starves_a_ten_times_slower_endpoint() {
     ];
     origins[0].control.set_delay(5);
     origins[1].control.set_delay(5);
-    origins[2].control.set_delay(50);
+    // A hundred times slower: a scheduling hiccup on a loaded machine cannot make a fast
+    // endpoint look as slow as this one.
+    origins[2].control.set_delay(500);
     let eps: Vec<String> = origins.iter().map(|o| o.addr.to_string()).collect();
     let proxy = Proxy::start(&format!(
         "listeners:
@@ -56,30 +60,35 @@ clusters:
     .await;
     let url = proxy.url("in", "/");
     let client = h1_client();
-    let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..8 {
-        let (client, url, stop, total) = (client.clone(), url.clone(), stop.clone(), total.clone());
-        workers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((s, _, _)) = get(&client, &url).await {
-                    assert_eq!(s, 200);
-                    total.fetch_add(1, Ordering::Relaxed);
-                }
+    // A fixed number of requests from 8 workers (closed loop): the share is a count, not a
+    // rate over a wall-clock window.
+    let (workers, each) = (8, 60);
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..each {
+                let (s, _, _) = get(&client, &url).await.unwrap();
+                assert_eq!(s, 200);
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
     }
-    let total = total.load(Ordering::Relaxed);
+    let total = workers * each;
+    let hits: usize = origins.iter().map(Origin::hits).sum();
+    assert_eq!(hits, total, "one try per request");
     let slow = origins[2].hits();
     let share = slow as f64 / total as f64;
-    println!("peak_ewma: {total} requests in 5 s over 5/5/50 ms endpoints; the slow one got {slow} ({:.1}%)", share * 100.0);
-    assert!(share < 0.10, "{share}");
+    println!(
+        "peak_ewma: {total} requests over 5/5/500 ms endpoints; the slow one got {slow} ({:.1}%)",
+        share * 100.0
+    );
+    // It gets a few requests while it is unmeasured (an unmeasured endpoint costs as if it
+    // answered in 1 ms), then almost none.
+    assert!(slow >= 1, "an unmeasured endpoint gets tried");
+    assert!(share < 0.10, "{slow} of {total}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,6 +161,7 @@ async fn outliers_are_ejected_within_the_percentage_and_panic_mode_engages() {
     origins[0].control.set_status(503);
     origins[1].control.set_status(503);
     let eps: Vec<String> = origins.iter().map(|o| o.addr.to_string()).collect();
+    // Ejections last 300 s: none can end while the test runs, however loaded the machine.
     let proxy = Proxy::start(&format!(
         "listeners:
   - name: in
@@ -169,12 +179,12 @@ clusters:
     endpoints: [{}]
     load_balancer: round_robin
     circuit_breaker: {{ enabled: false }}
-    outlier_detection: {{ consecutive_5xx: 3, max_ejection_percent: 25, base_ejection_time: 10s }}
+    outlier_detection: {{ consecutive_5xx: 3, max_ejection_percent: 25, base_ejection_time: 300s }}
   - name: app2
     endpoints: [{}, {}, {}]
     load_balancer: round_robin
     circuit_breaker: {{ enabled: false }}
-    outlier_detection: {{ consecutive_5xx: 3, max_ejection_percent: 100, base_ejection_time: 10s }}
+    outlier_detection: {{ consecutive_5xx: 3, max_ejection_percent: 100, base_ejection_time: 300s }}
 ",
         eps.join(", "),
         eps[0],
@@ -193,7 +203,8 @@ clusters:
         ejected, 1.0,
         "25% of 4 endpoints: one may be ejected, not two"
     );
-    let c = cluster_json(&get(&client, &proxy.admin_url("/clusters")).await.unwrap().2);
+    let body = get(&client, &proxy.admin_url("/clusters")).await.unwrap().2;
+    let c = cluster_json(&body);
     let flags: Vec<bool> = [origins[0].addr, origins[1].addr]
         .iter()
         .map(|a| endpoint_field(&c, *a, "ejected") == true)
@@ -214,13 +225,42 @@ clusters:
         2.0
     );
     assert_eq!(metric(&m, "outrigger_cluster_panic{cluster=\"app2\"}"), 1.0);
-    let before = origins[0].hits();
-    for _ in 0..30 {
-        get(&client, &proxy.url("in", "/panic")).await.unwrap();
+    let app2 = |body: &str| {
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "app2")
+            .unwrap()
+            .clone()
+    };
+    let c2 = app2(&get(&client, &proxy.admin_url("/clusters")).await.unwrap().2);
+    assert_eq!(c2["panic"], true, "{c2}");
+    for o in &origins[..2] {
+        assert_eq!(endpoint_field(&c2, o.addr, "ejected"), true, "{c2}");
     }
-    assert!(
-        origins[0].hits() > before,
-        "in panic mode ejected endpoints get traffic again"
+    // In panic mode every endpoint is a candidate again, the ejected ones included: round robin
+    // gives each of the three exactly a third of the requests.
+    let before: Vec<usize> = origins[..3].iter().map(Origin::hits).collect();
+    let mut statuses = HashMap::new();
+    for _ in 0..30 {
+        let (status, _, _) = get(&client, &proxy.url("in", "/panic")).await.unwrap();
+        *statuses.entry(status.as_u16()).or_insert(0) += 1;
+    }
+    let got: Vec<usize> = origins[..3]
+        .iter()
+        .zip(&before)
+        .map(|(o, b)| o.hits() - b)
+        .collect();
+    assert_eq!(
+        got,
+        [10, 10, 10],
+        "panic mode balances over all endpoints, ejected or not"
+    );
+    assert_eq!(
+        statuses,
+        HashMap::from([(503, 20), (200, 10)]),
+        "the two ejected endpoints still answer 503"
     );
 }
 
@@ -237,6 +277,18 @@ fn python_origin(port: u16, dir: &std::path::Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("python3 is installed by .ci/run")
+}
+
+/// Endpoint processes, killed when dropped (also when a test fails half-way).
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -264,14 +316,20 @@ async fn a_killed_endpoint_process_leaves_and_rejoins_with_no_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.html"), "hello from python\n").unwrap();
     let ports = [free_port(), free_port(), free_port()];
-    let mut children: Vec<Child> = ports
-        .iter()
-        .map(|p| python_origin(*p, dir.path()))
-        .collect();
+    let mut children = Children(
+        ports
+            .iter()
+            .map(|p| python_origin(*p, dir.path()))
+            .collect(),
+    );
     for p in ports {
         wait_listening(p).await;
     }
-    let (interval, unhealthy, healthy, timeout) = (200u64, 2u64, 2u64, 100u64);
+    // How soon the checks notice (interval × thresholds) is the checker's timing, covered with
+    // paused time in src/control/health.rs; here only the order of events is asserted. The
+    // timeout is generous so that a slow answer on a loaded machine is not a failed check.
+    // Outlier detection is off: the tries that hit the dead process before the checks notice
+    // would otherwise eject it for 30 s, and the health checks alone are under test here.
     let proxy = Proxy::start(&format!(
         "listeners:
   - name: in
@@ -284,11 +342,12 @@ clusters:
     endpoints: [127.0.0.1:{}, 127.0.0.1:{}, 127.0.0.1:{}]
     health_check:
       path: /
-      interval: {interval}ms
-      timeout: {timeout}ms
+      interval: 200ms
+      timeout: 5s
       jitter: 0s
-      unhealthy_threshold: {unhealthy}
-      healthy_threshold: {healthy}
+      unhealthy_threshold: 2
+      healthy_threshold: 2
+    outlier_detection: {{ enabled: false }}
 ",
         ports[0], ports[1], ports[2]
     ))
@@ -296,17 +355,21 @@ clusters:
     let url = proxy.url("in", "/");
     let admin = proxy.admin_url("/clusters");
     let victim: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
-    let health = |admin: String| async move {
+    let field = |admin: String, name: &'static str| async move {
         let body = get(&h1_client(), &admin).await.unwrap().2;
-        endpoint_field(&cluster_json(&body), victim, "health")
+        endpoint_field(&cluster_json(&body), victim, name)
     };
-    assert!(
-        eventually(Duration::from_secs(3), || {
-            let a = admin.clone();
-            async move { health(a).await == "healthy" }
-        })
-        .await
-    );
+    let health_is = |want: &'static str| {
+        let admin = admin.clone();
+        async move {
+            eventually(WAIT, || {
+                let a = admin.clone();
+                async move { field(a, "health").await == want }
+            })
+            .await
+        }
+    };
+    assert!(health_is("healthy").await, "the victim passes its checks");
 
     // Load throughout: every GET must succeed.
     let stop = Arc::new(AtomicBool::new(false));
@@ -330,61 +393,46 @@ clusters:
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    children[1].kill().unwrap();
-    children[1].wait().unwrap();
-    let killed = Instant::now();
+    // The victim takes part in the load before it is killed.
     assert!(
-        eventually(Duration::from_secs(5), || {
+        eventually(WAIT, || {
             let a = admin.clone();
-            async move { health(a).await == "unhealthy" }
+            async move { field(a, "requests").await.as_u64().unwrap_or(0) >= 5 }
         })
-        .await
+        .await,
+        "the victim gets traffic"
     );
-    let out_after = killed.elapsed();
 
-    children[1] = python_origin(ports[1], dir.path());
+    children.0[1].kill().unwrap();
+    children.0[1].wait().unwrap();
+    assert!(health_is("unhealthy").await, "the checks notice the kill");
+
+    children.0[1] = python_origin(ports[1], dir.path());
     wait_listening(ports[1]).await;
-    let restarted = Instant::now();
+    assert!(health_is("healthy").await, "and the restart");
+    // Back in the balancer: the restarted process serves some of the load again.
+    let rejoined = field(admin.clone(), "requests").await.as_u64().unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || {
+        eventually(WAIT, || {
             let a = admin.clone();
-            async move { health(a).await == "healthy" }
+            async move { field(a, "requests").await.as_u64().unwrap_or(0) >= rejoined + 5 }
         })
-        .await
+        .await,
+        "the restarted endpoint gets traffic again"
     );
-    let back_after = restarted.elapsed();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();
     }
-    for c in &mut children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(children);
     let (failed, total) = (
         failures.load(Ordering::Relaxed),
         done.load(Ordering::Relaxed),
     );
-    println!(
-        "health: killed endpoint marked unhealthy after {out_after:?} (bound {} ms), back {back_after:?} after restart (bound {} ms); {total} GETs, {failed} failed",
-        interval * unhealthy + timeout,
-        interval * healthy
-    );
+    println!("health: killed endpoint left and rejoined; {total} GETs, {failed} failed");
     assert_eq!(
         failed, 0,
         "retries cover the window before the checks notice"
-    );
-    // One check period of slack for where in its cycle the kill landed.
-    assert!(
-        out_after <= Duration::from_millis(interval * (unhealthy + 1) + timeout),
-        "{out_after:?}"
-    );
-    assert!(
-        back_after <= Duration::from_millis(interval * (healthy + 1)),
-        "{back_after:?}"
     );
 }
 

@@ -5,9 +5,14 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
-use http::Request;
-use http_body_util::BodyExt;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Channel};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 
 /// The example's text with every `address:` on port 0 and the named endpoints replaced.
@@ -70,28 +75,61 @@ async fn canary_sends_flagged_requests_to_v2_and_splits_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_example_passes_a_unary_call() {
-    let payments = Origin::start("payments").await;
+async fn grpc_example_passes_unary_calls_with_their_trailers() {
+    let payments = PaymentsServer::start().await;
     let proxy = Proxy::start(&localize(
         "grpc.yaml",
         &[("payments.internal:50051", payments.addr)],
     ))
     .await;
-    // The origin's gRPC handler serves /test.Echo/*; the example routes /payments.v1.* — so call
-    // a payments method and expect the origin's "unknown method" status in trailers.
-    let req = Request::post(proxy.url("inbound-grpc", "/payments.v1.Payments/Charge"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body(grpc_frame(b"x")))
+    let url = |method: &str| proxy.url("inbound-grpc", &format!("/payments.v1.Payments/{method}"));
+    let call = |method: &str, msg: &str| {
+        Request::post(url(method))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body(grpc_frame(msg.as_bytes())))
+            .unwrap()
+    };
+    // A call that succeeds: its message and its OK status, which travels in the trailers.
+    let resp = h2_client()
+        .request(call("Charge", "order-7"))
+        .await
         .unwrap();
-    let resp = h2_client().request(req).await.unwrap();
-    assert_eq!(resp.headers()["x-origin"], "payments");
-    let not_grpc = Request::post(proxy.url("inbound-grpc", "/payments.v1.Payments/Charge"))
-        .body(empty())
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    assert!(
+        resp.headers().get("grpc-status").is_none(),
+        "the status is not in the headers"
+    );
+    let all = resp.into_body().collect().await.unwrap();
+    let trailers = all
+        .trailers()
+        .cloned()
+        .expect("the trailers reach the client");
+    assert_eq!(grpc_messages(&all.to_bytes()), ["charged order-7"]);
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+    // A call that fails: no message, and the error's status and message in the trailers.
+    let resp = h2_client()
+        .request(call("Refund", "order-8"))
+        .await
         .unwrap();
-    let (status, _, _) = send(&h2_client(), not_grpc).await.unwrap();
-    assert_eq!(status, 404, "the content-type condition keeps non-gRPC out");
-    let _ = resp.into_body().collect().await.unwrap();
+    assert_eq!(resp.status(), 200, "gRPC errors travel in a 200 response");
+    let all = resp.into_body().collect().await.unwrap();
+    let trailers = all
+        .trailers()
+        .cloned()
+        .expect("the trailers reach the client");
+    assert!(grpc_messages(&all.to_bytes()).is_empty());
+    assert_eq!(trailers["grpc-status"], "5");
+    assert_eq!(trailers["grpc-message"], "no charge order-8");
+    assert_eq!(payments.calls(), ["Charge order-7", "Refund order-8"]);
+
+    // The content-type condition keeps non-gRPC requests out.
+    let not_grpc = Request::post(url("Charge")).body(empty()).unwrap();
+    let (status, headers, _) = send(&h2_client(), not_grpc).await.unwrap();
+    assert_eq!((status.as_u16(), reason(&headers)), (404, "no_route"));
+    assert_eq!(payments.calls().len(), 2, "nothing reached the service");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,4 +244,84 @@ async fn sharded_example_pins_tenants_and_sessions() {
         assert!(first.starts_with("web-"));
         assert_eq!(served("cookie", cookie, "/app/cart").await, first);
     }
+}
+
+/// A `payments.v1.Payments` gRPC service over h2c: `Charge` answers `charged MSG` with
+/// `grpc-status: 0` and `grpc-message: ok` in the trailers; any other method answers no message
+/// and `grpc-status: 5` (NOT_FOUND), `grpc-message: no charge MSG`. It records each call as
+/// `METHOD MSG`.
+struct PaymentsServer {
+    addr: SocketAddr,
+    calls: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PaymentsServer {
+    async fn start() -> PaymentsServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let log = calls.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let log = log.clone();
+                        async move { Ok::<_, std::convert::Infallible>(payments(req, &log).await) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        PaymentsServer { addr, calls, task }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Drop for PaymentsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn payments(req: Request<Incoming>, log: &Mutex<Vec<String>>) -> Response<Body> {
+    let method = req
+        .uri()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let msg = grpc_messages(&body).join(",");
+    log.lock().unwrap().push(format!("{method} {msg}"));
+    let (mut tx, out) = Channel::<Bytes, hyper::Error>::new(4);
+    let mut trailers = HeaderMap::new();
+    if method == "Charge" {
+        tx.send_data(grpc_frame(format!("charged {msg}").as_bytes()))
+            .await
+            .unwrap();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert("grpc-message", HeaderValue::from_static("ok"));
+    } else {
+        trailers.insert("grpc-status", HeaderValue::from_static("5"));
+        trailers.insert(
+            "grpc-message",
+            HeaderValue::from_str(&format!("no charge {msg}")).unwrap(),
+        );
+    }
+    tx.send_trailers(trailers).await.unwrap();
+    let mut r = Response::new(out.boxed());
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    r
 }

@@ -519,6 +519,90 @@ mod tests {
         assert!(irregular.phi(t + gap) < regular.phi(last_regular + gap));
     }
 
+    /// Runs the checker of the endpoint at `addr` on a task; returns its verdicts, its counters
+    /// and the task.
+    fn watching(
+        cfg: HealthCheckConfig,
+        addr: std::net::SocketAddr,
+    ) -> (
+        mpsc::Receiver<Verdict>,
+        HealthMetrics,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let metrics = crate::telemetry::metrics::Metrics::new()
+            .unwrap()
+            .control
+            .health("c");
+        let (tx, rx) = mpsc::channel(8);
+        let shared = Arc::new(Shared {
+            cluster: "c".into(),
+            verdicts: tx,
+            metrics: metrics.clone(),
+            rng: Rng::with_seed(1),
+        });
+        let checker = Arc::new(Checker::new(cfg, None));
+        let authority: Authority = addr.to_string().parse().unwrap();
+        let task = tokio::spawn(watch(authority, checker, shared));
+        (rx, metrics, task)
+    }
+
+    /// The next verdict, and when it came (time since `start`).
+    async fn next(rx: &mut mpsc::Receiver<Verdict>, start: Instant) -> (Health, Duration) {
+        let v = rx.recv().await.unwrap();
+        (v.health, start.elapsed())
+    }
+
+    // Checks connect to a real socket on loopback; the clock is paused, so every check takes no
+    // time and verdicts come at exact multiples of the intervals.
+    #[tokio::test(start_paused = true)]
+    async fn checks_run_on_their_intervals_and_verdicts_follow_the_thresholds() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut c = cfg();
+        c.unhealthy_interval = Duration::from_secs(3);
+        let start = Instant::now();
+        let (mut rx, m, task) = watching(c, addr);
+        let secs = Duration::from_secs;
+        assert_eq!(
+            next(&mut rx, start).await,
+            (Health::Healthy, secs(0)),
+            "the first check runs at once (no jitter) and one pass is enough"
+        );
+        drop(listener);
+        // Refused at 1 s, 2 s and 3 s: three failures in a row.
+        assert_eq!(next(&mut rx, start).await, (Health::Unhealthy, secs(3)));
+        assert_eq!((m.passed.get(), m.failed.get()), (1, 3));
+        let _back = tokio::net::TcpListener::bind(addr).await.unwrap();
+        // Unhealthy endpoints are checked every 3 s: passes at 6 s and 9 s.
+        assert_eq!(next(&mut rx, start).await, (Health::Healthy, secs(9)));
+        assert_eq!((m.passed.get(), m.failed.get()), (3, 3));
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn phi_declares_an_endpoint_down_between_checks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut c = cfg();
+        c.detector = Detector::Phi(8.0);
+        c.timeout = Duration::from_millis(100);
+        let start = Instant::now();
+        let (mut rx, m, task) = watching(c, addr);
+        let ms = Duration::from_millis;
+        assert_eq!(next(&mut rx, start).await, (Health::Healthy, ms(0)));
+        // Heartbeats at 0, 1, …, 5 s; then the endpoint goes away.
+        tokio::time::sleep_until(start + ms(5_500)).await;
+        assert_eq!((m.passed.get(), m.failed.get()), (6, 0));
+        drop(listener);
+        // Mean interval 1 s plus the 100 ms pause, deviation floored at 250 ms. Failed checks at
+        // 6 s and 7 s leave φ below 8 (3.9 at 7 s); re-evaluated every 250 ms, φ is 6.2 at
+        // 7.25 s and 9.3 at 7.5 s: unhealthy then, between two checks, with two failures (the
+        // threshold detector would wait for the third, at 8 s).
+        assert_eq!(next(&mut rx, start).await, (Health::Unhealthy, ms(7_500)));
+        assert_eq!((m.passed.get(), m.failed.get()), (6, 2));
+        task.abort();
+    }
+
     #[test]
     fn serving_is_read_from_the_response_message() {
         assert!(serving(&[0x08, 0x01]));

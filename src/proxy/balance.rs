@@ -369,6 +369,7 @@ impl Weighted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn round_robin_cycles() {
@@ -489,6 +490,49 @@ mod tests {
             })
             .collect();
         assert_eq!(schedule(&eps), [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_picks_by_latency_times_load() {
+        let eps = endpoints(4);
+        eps[0].observe_latency(Duration::from_millis(10));
+        eps[1].observe_latency(Duration::from_millis(10));
+        eps[2].observe_latency(Duration::from_millis(100));
+        // eps[3] has no sample: it costs as if it answered in 1 ms, so it gets tried.
+        let p = Picker::build(Balancer::PeakEwma, &eps);
+        let picks = |p: &Picker| {
+            let mut counts = [0usize; 4];
+            for seed in 0..1000 {
+                let r = PickRequest {
+                    key: None,
+                    tried: 0,
+                    seed,
+                };
+                counts[p.pick(&eps, r, |_| true).unwrap()] += 1;
+            }
+            counts
+        };
+        let idle = picks(&p);
+        assert_eq!(
+            idle[2], 0,
+            "an idle slow endpoint loses every pair: {idle:?}"
+        );
+        assert!(
+            idle[3] > idle[0] && idle[3] > idle[1],
+            "the unmeasured one wins its pairs: {idle:?}"
+        );
+        // Load counts too: ten requests in flight on each fast endpoint (cost 10 ms × 11) and
+        // on the unmeasured one (1 ms × 11) make the idle slow one (100 ms × 1) cheaper than
+        // the fast ones.
+        for e in [&eps[0], &eps[1], &eps[3]] {
+            e.in_flight.store(10, Ordering::Relaxed);
+        }
+        let busy = picks(&p);
+        assert!(
+            busy[2] > busy[0] && busy[2] > busy[1],
+            "the idle slow endpoint now wins against the busy fast ones: {busy:?}"
+        );
+        assert!(busy[2] > 0 && busy[0] > 0 && busy[3] > 0, "{busy:?}");
     }
 
     #[test]

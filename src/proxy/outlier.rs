@@ -226,6 +226,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_returns_when_its_time_is_up_and_each_relapse_lasts_longer() {
+        let eps = endpoints(4);
+        let d = Detector::new(Some(cfg()), IntCounter::new("e", "e").unwrap());
+        let ms = Duration::from_millis;
+        // base 10 s, then 20 s, then capped at 25 s.
+        for (n, period) in [(1, ms(10_000)), (2, ms(20_000)), (3, ms(25_000))] {
+            assert!(!d.observe(&eps, &eps[0], Outcome::GatewayError));
+            assert!(
+                d.observe(&eps, &eps[0], Outcome::GatewayError),
+                "ejection {n}"
+            );
+            assert_eq!(eps[0].ejected_for(), Some(period), "ejection {n}");
+            assert!(!eps[0].available());
+            tokio::time::advance(period - ms(1)).await;
+            assert_eq!(eps[0].ejected_for(), Some(ms(1)), "ejection {n}");
+            assert!(
+                !d.observe(&eps, &eps[0], Outcome::GatewayError)
+                    && !d.observe(&eps, &eps[0], Outcome::GatewayError),
+                "an ejected endpoint is not ejected again"
+            );
+            tokio::time::advance(ms(1)).await;
+            assert!(eps[0].available(), "back after {period:?}");
+            // A success ends the streak the failures above (during the ejection) built.
+            assert!(!d.observe(&eps, &eps[0], Outcome::Success));
+        }
+        assert_eq!(d.ejections.get(), 3);
+        assert_eq!(eps[0].outlier.ejections.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn ejections_and_hints_stay_within_the_percentage() {
         let eps = endpoints(4);
         let d = Detector::new(Some(cfg()), IntCounter::new("e", "e").unwrap());

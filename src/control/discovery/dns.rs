@@ -191,3 +191,70 @@ fn build_resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
     }
     builder.build().map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::metrics::Metrics;
+
+    fn source(min_refresh: Duration, max_refresh: Duration) -> DnsDiscovery {
+        let metrics = Metrics::new().unwrap();
+        let cfg = DnsConfig {
+            query: DnsQuery::Address {
+                name: "api.example.internal".into(),
+                port: 80,
+            },
+            resolver: Some("127.0.0.1:53".parse().unwrap()),
+            min_refresh,
+            max_refresh,
+        };
+        DnsDiscovery::new(cfg, Rng::with_seed(3), metrics.control.dns("c"))
+    }
+
+    /// The shortest and the longest of many draws of the wait before the next lookup.
+    fn waits(d: &DnsDiscovery, ttl: Option<Duration>, ok: bool) -> (Duration, Duration) {
+        let now = Instant::now();
+        let all: Vec<Duration> = (0..2000).map(|_| d.next_due(ttl, ok) - now).collect();
+        (*all.iter().min().unwrap(), *all.iter().max().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_lookup_follows_the_ttl_clamped_and_jittered_by_ten_percent() {
+        let secs = Duration::from_secs;
+        let d = source(secs(5), secs(60));
+        assert_eq!(d.due, Instant::now(), "the first lookup is due at once");
+        // Each wait is the base ±10%, and the jitter spreads over (nearly) all of it.
+        let jittered = |(lo, hi): (Duration, Duration), base: Duration| {
+            lo >= base.mul_f64(0.9)
+                && hi <= base.mul_f64(1.1)
+                && lo < base.mul_f64(0.91)
+                && hi > base.mul_f64(1.09)
+        };
+        for (ttl, ok, base, what) in [
+            (Some(secs(30)), true, secs(30), "the TTL"),
+            (
+                Some(secs(1)),
+                true,
+                secs(5),
+                "a short TTL is raised to min_refresh",
+            ),
+            (
+                Some(secs(3600)),
+                true,
+                secs(60),
+                "a long TTL is cut to max_refresh",
+            ),
+            (None, true, secs(60), "no TTL: max_refresh"),
+            (
+                Some(secs(30)),
+                false,
+                secs(5),
+                "after a failure: min_refresh",
+            ),
+            (None, false, secs(5), "after a failure: min_refresh"),
+        ] {
+            let w = waits(&d, ttl, ok);
+            assert!(jittered(w, base), "{what}: {w:?} around {base:?}");
+        }
+    }
+}
