@@ -116,3 +116,93 @@ where
         reload().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A watch that the test feeds instead of the operating system; send with `try_send`, as the
+    /// watcher's callback does.
+    fn fed_by_test() -> (mpsc::Sender<()>, Changes) {
+        let (tx, rx) = mpsc::channel(1);
+        let watcher = notify::recommended_watcher(|_: notify::Result<notify::Event>| {}).unwrap();
+        (
+            tx,
+            Changes {
+                _watcher: watcher,
+                rx,
+            },
+        )
+    }
+
+    /// Runs `on_change` with a reload that counts its starts and takes `takes`.
+    fn counting(
+        changes: Changes,
+        takes: Duration,
+    ) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let started = Arc::new(AtomicUsize::new(0));
+        let count = started.clone();
+        let task = tokio::spawn(on_change(changes, move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(takes)
+        }));
+        (started, task)
+    }
+
+    async fn advance(ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_events_is_read_once_after_the_quiet_time() {
+        let (tx, changes) = fed_by_test();
+        let (reloads, task) = counting(changes, Duration::ZERO);
+        // Events 40 ms apart for 400 ms, as a file written in steps: one burst.
+        for _ in 0..10 {
+            let _ = tx.try_send(());
+            advance(40).await;
+        }
+        assert_eq!(reloads.load(Ordering::SeqCst), 0, "not while events come");
+        advance(9).await; // 49 ms after the last event
+        assert_eq!(
+            reloads.load(Ordering::SeqCst),
+            0,
+            "not before 50 ms of quiet"
+        );
+        advance(2).await;
+        assert_eq!(
+            reloads.load(Ordering::SeqCst),
+            1,
+            "once, after 50 ms of quiet"
+        );
+        // A later burst is read again.
+        let _ = tx.try_send(());
+        advance(51).await;
+        assert_eq!(reloads.load(Ordering::SeqCst), 2);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_during_a_reload_is_read_after_it() {
+        let (tx, changes) = fed_by_test();
+        let (reloads, task) = counting(changes, Duration::from_secs(1));
+        let _ = tx.try_send(());
+        advance(51).await;
+        assert_eq!(reloads.load(Ordering::SeqCst), 1, "the first reload runs");
+        // Two events while it runs: kept, and read once it is done.
+        let _ = tx.try_send(());
+        advance(500).await;
+        let _ = tx.try_send(());
+        advance(500).await; // the first reload ends about now
+        assert_eq!(reloads.load(Ordering::SeqCst), 1);
+        advance(51).await;
+        assert_eq!(reloads.load(Ordering::SeqCst), 2, "the change is not lost");
+        advance(2_000).await;
+        assert_eq!(reloads.load(Ordering::SeqCst), 2, "and read only once");
+        drop(tx);
+        task.await.unwrap();
+    }
+}

@@ -1,57 +1,129 @@
 //! Replays the fuzz seeds and every saved fuzz finding (`fuzz/seeds/`, `fuzz/regressions/`)
-//! through the same checks the fuzz targets make, so a fixed crash stays fixed without a
-//! fuzzer installed.
+//! through the code the fuzz targets run (`fuzz/shared/`, compiled into this test too), so a
+//! fixed crash stays fixed without a fuzzer installed. A missing or unreadable directory fails,
+//! and so does a replay that finds fewer inputs than the seeds committed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+#[path = "../fuzz/shared/config.rs"]
+mod config_target;
+#[path = "../fuzz/shared/framing.rs"]
+mod framing_target;
+#[path = "../fuzz/shared/route_match.rs"]
+mod route_match_target;
 
 use std::path::{Path, PathBuf};
 
-use outrigger::proxy::framing::Framing;
-
-fn inputs(target: &str) -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut files = Vec::new();
-    for dir in ["seeds", "regressions"] {
-        if let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) {
-            files.extend(
-                entries
-                    .map(|e| e.unwrap().path())
-                    .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.')),
-            );
-        }
-    }
+/// The files of `fuzz/DIR/TARGET` (dot files such as `.keep` left out). Panics if the directory
+/// is missing or cannot be read.
+fn files(dir: &str, target: &str) -> Vec<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz")
+        .join(dir)
+        .join(target);
+    let entries =
+        std::fs::read_dir(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .path()
+        })
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    files.sort();
     files
 }
 
+/// Seeds and regressions of `target`, with at least `min_seeds` seeds.
+fn inputs(target: &str, min_seeds: usize) -> Vec<(PathBuf, Vec<u8>)> {
+    let seeds = files("seeds", target);
+    assert!(
+        seeds.len() >= min_seeds,
+        "fuzz/seeds/{target} holds {} inputs, expected at least {min_seeds}",
+        seeds.len()
+    );
+    seeds
+        .into_iter()
+        .chain(files("regressions", target))
+        .map(|p| {
+            let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p, data)
+        })
+        .collect()
+}
+
+fn name(path: &Path) -> String {
+    path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// The target's check on every input, and on every split point of each input besides the one
+/// its first byte picks.
 #[test]
 fn framing_verdicts_do_not_depend_on_how_bytes_are_split() {
-    let files = inputs("framing");
-    assert!(files.len() >= 30, "seeded from tests/smuggling");
-    for path in files {
-        let data = std::fs::read(&path).unwrap();
-        let Some((_, bytes)) = data.split_first() else {
-            continue;
-        };
-        let whole = Framing::new().feed(bytes);
-        for at in 0..=bytes.len() {
-            let mut parts = Framing::new();
-            let verdict = match parts.feed(&bytes[..at]) {
-                (fine, Some(v)) => (fine, Some(v)),
-                _ => {
-                    let (fine, v) = parts.feed(&bytes[at..]);
-                    (at + fine, v)
-                }
-            };
-            assert_eq!(whole, verdict, "{} split at {at}", path.display());
+    // Seeded from tests/smuggling: one input per case.
+    let inputs = inputs("framing", 41);
+    for (path, data) in &inputs {
+        // Printed with the failure, if there is one.
+        eprintln!("replaying {}", path.display());
+        assert!(framing_target::run(data) || data.is_empty());
+        if let Some((_, bytes)) = data.split_first() {
+            for at in 0..=bytes.len() {
+                framing_target::check_split(bytes, at);
+            }
         }
     }
 }
 
+/// Every input parses without a panic, and the seeds (the shipped example configs) are valid.
 #[test]
-fn config_inputs_never_panic() {
-    for path in inputs("config") {
-        let data = std::fs::read(&path).unwrap();
-        if let Ok(text) = std::str::from_utf8(&data) {
-            let _ = outrigger::control::config::parse("fuzz.yaml", text);
+fn config_inputs_never_panic_and_the_seeds_are_valid() {
+    let mut valid = 0;
+    for (path, data) in inputs("config", 7) {
+        let result = config_target::run(&data);
+        if path.parent().unwrap().ends_with("seeds/config") {
+            assert_eq!(result, Some(true), "{} is a valid config", path.display());
+            valid += 1;
         }
+    }
+    assert!(valid >= 7);
+}
+
+/// Every input reaches a route, and each seed reaches the route it was written for: one seed per
+/// kind of match, and one beside it that just misses and falls through to the catch-all.
+#[test]
+fn route_match_inputs_reach_the_routes_they_were_written_for() {
+    let expected = [
+        ("api-post", "api"),
+        ("api-wrong-method", "rest"),
+        ("basic", "api"),
+        ("empty", "rest"),
+        ("exact", "exact"),
+        ("exact-longer-path", "rest"),
+        ("garbage", "rest"),
+        ("headers", "hdr"),
+        ("headers-wrong-value", "rest"),
+        ("host-bare-suffix", "rest"),
+        ("host-header-with-port", "host"),
+        ("host-wildcard", "host"),
+        ("identity", "who"),
+        ("identity-other-namespace", "rest"),
+        ("users-regex", "users"),
+        ("users-regex-not-digits", "rest"),
+    ];
+    let inputs = inputs("route_match", expected.len());
+    let mut seen = Vec::new();
+    for (path, data) in &inputs {
+        let route = route_match_target::run(data);
+        let seed = path.parent().unwrap().ends_with("seeds/route_match");
+        if seed {
+            let want = expected
+                .iter()
+                .find(|(n, _)| *n == name(path))
+                .unwrap_or_else(|| panic!("seed {} has no expected route here", name(path)));
+            assert_eq!(route.as_deref(), Some(want.1), "{}", path.display());
+            seen.push(name(path));
+        }
+    }
+    for (n, _) in expected {
+        assert!(seen.iter().any(|s| s == n), "seed {n} is missing");
     }
 }

@@ -17,12 +17,15 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use support::pki::{write, write_leaf, Ca};
 use support::*;
 
+/// Deadline of every wait: far above what any step takes, even on a loaded machine.
+const WAIT: Duration = Duration::from_secs(30);
+
 /// Runs curl against `url` on `localhost` resolved to the proxy; returns (exit ok, stdout).
 async fn curl(addr: SocketAddr, path: &str, args: &[&str]) -> (bool, String) {
     let url = format!("https://localhost:{}{path}", addr.port());
     let resolve = format!("localhost:{}:127.0.0.1", addr.port());
     let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", "--resolve", &resolve])
+        .args(["-sS", "--max-time", "30", "--resolve", &resolve])
         .args(args)
         .arg(&url)
         .output()
@@ -414,14 +417,18 @@ async fn rotating_the_certificate_under_load_fails_no_request() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load is running before anything changes.
+    assert!(
+        eventually(WAIT, || async { ok.load(Ordering::Relaxed) >= 50 }).await,
+        "the load runs"
+    );
     // A broken certificate file is refused and the old one keeps serving.
     write_atomically(
         &cert,
         "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
     );
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(WAIT, || async {
             metric(
                 &scrape(&proxy).await,
                 "outrigger_tls_cert_reloads_total{owner=\"in\",result=\"failed\"}",
@@ -435,13 +442,18 @@ async fn rotating_the_certificate_under_load_fails_no_request() {
     write_atomically(&key, &new.key);
     write_atomically(&cert, &new.cert);
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            seen_new.load(Ordering::Relaxed) > 20
-        })
-        .await,
+        eventually(WAIT, || async { seen_new.load(Ordering::Relaxed) > 20 }).await,
         "new handshakes must show the new certificate"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The load goes on after the rotation.
+    let rotated = ok.load(Ordering::Relaxed);
+    assert!(
+        eventually(WAIT, || async {
+            ok.load(Ordering::Relaxed) >= rotated + 50
+        })
+        .await,
+        "the load runs after the rotation"
+    );
     stop.cancel();
     for w in workers {
         w.await.unwrap();
@@ -530,7 +542,7 @@ async fn malformed_and_slow_requests_over_tls_get_their_answers() {
             .unwrap();
         tls.write_all(request).await.unwrap();
         let mut answer = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(3), tls.read_to_end(&mut answer)).await;
+        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut answer)).await;
         let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with(expect), "expected {expect}, got {text:?}");
     }
@@ -582,7 +594,7 @@ clusters:
     write_atomically(&key, &new.key);
     write_atomically(&cert, &new.cert);
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(WAIT, || async {
             get(&h1_client(), &url)
                 .await
                 .is_ok_and(|(s, _, _)| s == 200)
@@ -598,4 +610,205 @@ clusters:
             "outrigger_tls_cert_reloads_total{owner=\"mesh\",result=\"applied\"}"
         ) >= 1.0
     );
+}
+
+/// `outrigger_tls_handshakes_total` of listener `in` for `result`.
+fn handshakes(metrics: &str, result: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("outrigger_tls_handshakes_total{{listener=\"in\",result=\"{result}\"}}"),
+    )
+}
+
+/// Rewriting the `client_ca` file rotates the CAs whose clients are accepted: after the change,
+/// a certificate from the new CA gets in and one from the old CA is refused as untrusted.
+#[tokio::test]
+async fn client_ca_rotation_changes_which_clients_get_in() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server root");
+    let server_ca_file = write(dir.path(), "server-ca.pem", &server_ca.pem);
+    let (old_ca, new_ca) = (Ca::new("old client root"), Ca::new("new client root"));
+    let client_ca = write(dir.path(), "client-ca.pem", &old_ca.pem);
+    let proxy = Proxy::start(&one_listener(
+        &tls_listener(
+            dir.path(),
+            &server_ca,
+            &format!("      client_ca: {}\n", client_ca.display()),
+        ),
+        "",
+        origin.addr,
+    ))
+    .await;
+    let addr = proxy.addr("in");
+    let ca_arg = server_ca_file.to_str().unwrap();
+    let as_client = |name: &str, ca: &Ca| {
+        let (c, k) = write_leaf(dir.path(), name, &ca.leaf(&[&format!("{name}.internal")]));
+        (
+            c.to_str().unwrap().to_owned(),
+            k.to_str().unwrap().to_owned(),
+        )
+    };
+    let (old_client, new_client) = (as_client("old", &old_ca), as_client("new", &new_ca));
+    let try_as = |(c, k): &(String, String)| {
+        let (c, k) = (c.clone(), k.clone());
+        async move { curl_as(addr, "/x", ca_arg, (&c, &k)).await }
+    };
+
+    let (ok, out) = try_as(&old_client).await;
+    assert!(ok && out.ends_with("200"), "the old CA's client: {out}");
+    let (ok, out) = try_as(&new_client).await;
+    assert!(!ok, "the new CA's client before the rotation: {out}");
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        (handshakes(&m, "ok"), handshakes(&m, "untrusted_cert")),
+        (1.0, 1.0)
+    );
+
+    write_atomically(&client_ca, &new_ca.pem);
+    assert!(
+        eventually(WAIT, || async {
+            metric(
+                &scrape(&proxy).await,
+                "outrigger_tls_cert_reloads_total{owner=\"in\",result=\"applied\"}",
+            ) == 1.0
+        })
+        .await,
+        "the CA file change is applied"
+    );
+    let (ok, out) = try_as(&new_client).await;
+    assert!(ok && out.ends_with("200"), "the new CA's client: {out}");
+    let (ok, out) = try_as(&old_client).await;
+    assert!(!ok, "the old CA's client after the rotation: {out}");
+    let m = scrape(&proxy).await;
+    assert_eq!(
+        (handshakes(&m, "ok"), handshakes(&m, "untrusted_cert")),
+        (2.0, 2.0)
+    );
+}
+
+/// A client certificate signed by the trusted CA but past its validity is refused, and counted
+/// as `expired_cert` (not as untrusted).
+#[tokio::test]
+async fn an_expired_client_certificate_is_refused_as_expired() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server root");
+    let server_ca_file = write(dir.path(), "server-ca.pem", &server_ca.pem);
+    let clients = ExpiringCa::new();
+    let client_ca = write(dir.path(), "client-ca.pem", &clients.pem);
+    let proxy = Proxy::start(&one_listener(
+        &tls_listener(
+            dir.path(),
+            &server_ca,
+            &format!("      client_ca: {}\n", client_ca.display()),
+        ),
+        "",
+        origin.addr,
+    ))
+    .await;
+    let addr = proxy.addr("in");
+    let ca_arg = server_ca_file.to_str().unwrap();
+    let write_client = |name: &str, expired: bool| {
+        let (cert, key) = clients.leaf(&format!("{name}.internal"), expired);
+        let c = write(dir.path(), &format!("{name}.crt"), &cert);
+        let k = write(dir.path(), &format!("{name}.key"), &key);
+        (
+            c.to_str().unwrap().to_owned(),
+            k.to_str().unwrap().to_owned(),
+        )
+    };
+    let (c, k) = write_client("current", false);
+    let (ok, out) = curl_as(addr, "/x", ca_arg, (&c, &k)).await;
+    assert!(ok && out.ends_with("200"), "a valid certificate: {out}");
+    let (c, k) = write_client("expired", true);
+    let (ok, out) = curl_as(addr, "/x", ca_arg, (&c, &k)).await;
+    assert!(!ok, "an expired certificate must be refused: {out}");
+    let m = scrape(&proxy).await;
+    assert_eq!(handshakes(&m, "ok"), 1.0);
+    assert_eq!(handshakes(&m, "expired_cert"), 1.0);
+    assert_eq!(handshakes(&m, "untrusted_cert"), 0.0);
+    assert_eq!(origin.hits(), 1);
+}
+
+/// The header-read timeout also bounds the TLS handshake: a client that opens a connection and
+/// sends nothing, or half a ClientHello, is closed and counted as `timeout`. No answer is owed,
+/// so the connection just ends.
+#[tokio::test]
+async fn the_header_read_timeout_bounds_the_tls_handshake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("root");
+    let proxy = Proxy::start(&one_listener(
+        &format!(
+            "    header_read_timeout: 200ms\n{}",
+            tls_listener(dir.path(), &ca, "")
+        ),
+        "",
+        origin.addr,
+    ))
+    .await;
+    let addr = proxy.addr("in");
+    // A handshake record announcing a 512-byte ClientHello, and its first 6 bytes.
+    let half_hello = [
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    for (what, sent) in [
+        ("nothing", &[][..]),
+        ("half a ClientHello", &half_hello[..]),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(sent).await.unwrap();
+        let mut answer = Vec::new();
+        // The read ends with a close or, when the proxy drops bytes it never read, a reset;
+        // either way without a byte.
+        let _closed_or_reset = tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("a client that sent {what} must be closed"));
+        assert!(answer.is_empty(), "{what}: {answer:?}");
+    }
+    let m = scrape(&proxy).await;
+    assert_eq!(handshakes(&m, "timeout"), 2.0);
+    assert_eq!(handshakes(&m, "ok"), 0.0);
+    assert_eq!(origin.hits(), 0);
+}
+
+/// A CA that signs client certificates valid now, or expired: `support::pki` makes only the
+/// former.
+struct ExpiringCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl ExpiringCa {
+    fn new() -> ExpiringCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "client root");
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).unwrap();
+        ExpiringCa {
+            issuer: rcgen::Issuer::new(params, key),
+            pem: cert.pem(),
+        }
+    }
+
+    /// A leaf for the DNS name `name`, valid in 2020 only if `expired`: (certificate, key).
+    fn leaf(&self, name: &str, expired: bool) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
 }

@@ -238,3 +238,72 @@ impl Drop for OpenConnection {
         self.1.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::Tasks;
+    use crate::telemetry::metrics::Metrics;
+    use crate::tls::ServerMaterial;
+    use tokio::io::AsyncWriteExt;
+
+    /// A self-signed certificate for `localhost`, written to `dir`.
+    fn tls_config(dir: &std::path::Path) -> ServerTlsConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        ServerTlsConfig {
+            cert: cert_path,
+            key: key_path,
+            client_ca: None,
+            allowed_identities: Vec::new(),
+        }
+    }
+
+    /// A client that sends half a ClientHello and then nothing is cut off exactly when the
+    /// header-read timeout ends, not before, and counted as `timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn the_handshake_ends_at_the_header_read_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tls_config(dir.path());
+        let metrics = Metrics::new().unwrap();
+        let listener = metrics.listener.resolve(
+            "in",
+            metrics.http.local_replies("in"),
+            metrics.control.listener_cert("in"),
+        );
+        let tasks = Tasks::new();
+        let material = ServerMaterial::load(&cfg).unwrap();
+        let tls = tls::rotating_server(cfg, material, "in", listener.cert.clone(), &tasks);
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(socket.local_addr().unwrap())
+            .await
+            .unwrap();
+        // A handshake record announcing 512 bytes, and the first two of them.
+        client
+            .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+            .await
+            .unwrap();
+        let (stream, peer) = socket.accept().await.unwrap();
+        let limit = Duration::from_secs(10);
+        let started = tokio::time::Instant::now();
+        let done = handshake(stream, peer, &tls, Some(limit), &listener).await;
+        let took = started.elapsed();
+        assert!(done.is_none());
+        assert!(
+            took >= limit && took < limit + Duration::from_millis(5),
+            "{took:?}"
+        );
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(
+            text.contains("outrigger_tls_handshakes_total{listener=\"in\",result=\"timeout\"} 1"),
+            "{text}"
+        );
+        tasks.cancel();
+    }
+}
