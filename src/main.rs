@@ -112,14 +112,9 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     tracing::info!(file = %loaded.file, hash = %loaded.hash, "config loaded");
-    let app = match App::start(loaded, path).await {
-        Ok(app) => app,
-        Err(e) => {
-            tracing::error!("cannot start: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing::info!(admin = %app.admin_addr(), "outrigger started");
+    // Before anything is announced: a signal sent as soon as "outrigger started" is logged must
+    // find its handler (the default action would kill the process without a drain), and one
+    // sent during start is acted on once the proxy runs.
     let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -131,6 +126,14 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let app = match App::start(loaded, path).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(admin = %app.admin_addr(), "outrigger started");
     loop {
         tokio::select! {
             _ = term.recv() => break,

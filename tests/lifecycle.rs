@@ -60,7 +60,7 @@ async fn sigterm_under_load_fails_no_in_flight_request_and_exits_zero() {
     std::fs::write(
         &path,
         format!(
-            "admin:\n  address: 127.0.0.1:0\ndrain_timeout: 60s\nlisteners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: held\n        match: {{ prefix: /held }}\n        cluster: held\n        timeout: 0s\n      - name: all\n        cluster: app\nclusters:\n  - name: app\n    endpoints: [{}]\n  - name: held\n    endpoints: [{}]\n",
+            "admin:\n  address: 127.0.0.1:0\ndrain_timeout: 60s\naccess_log: true\nlisteners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: held\n        match: {{ prefix: /held }}\n        cluster: held\n        timeout: 0s\n      - name: all\n        cluster: app\nclusters:\n  - name: app\n    endpoints: [{}]\n  - name: held\n    endpoints: [{}]\n",
             origin.addr, held.addr
         ),
     )
@@ -94,8 +94,10 @@ async fn sigterm_under_load_fails_no_in_flight_request_and_exits_zero() {
                         // Refused after the listener closed: never in flight, not a loss.
                         Err(e) if e.is_connect() => break,
                         other => {
-                            eprintln!("lost: {other:?}");
+                            // Counted, and checked against the access log below.
+                            eprintln!("refused: {other:?}");
                             lost.fetch_add(1, Ordering::Relaxed);
+                            break;
                         }
                     }
                 }
@@ -131,24 +133,35 @@ async fn sigterm_under_load_fails_no_in_flight_request_and_exits_zero() {
         let (status, _, body) = r.await.unwrap().expect("in-flight request completes");
         assert_eq!((status, body.as_str()), (StatusCode::OK, "held GET /held"));
     }
-    let exit = tokio::task::spawn_blocking(move || proc.wait_exit(WAIT))
-        .await
-        .unwrap();
+    let logs = proc.logs.clone();
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = proc.wait_exit(WAIT);
+        drop(proc);
+        exit
+    })
+    .await
+    .unwrap();
     stop.store(true, Ordering::Relaxed);
     for l in load {
         l.await.unwrap();
     }
-    println!(
-        "sigterm: exit {exit:?}; {} fast requests ok, {} lost",
-        ok.load(Ordering::Relaxed),
-        lost.load(Ordering::Relaxed)
-    );
+    // Every fast request the proxy took is in its access log; each one must have reached the
+    // client. A request the kernel queued on the closing socket but the proxy never accepted
+    // (a reset right after the connect, the race every closing listener has) is not in the log
+    // and not a loss; one the proxy took and then dropped is.
+    let taken = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access" && v["route"] == "all")
+        .count() as u64;
+    let (ok, lost) = (ok.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
+    println!("sigterm: exit {exit:?}; {taken} fast requests taken, {ok} answered, {lost} refused");
     assert_eq!(exit.and_then(|s| s.code()), Some(0), "exits 0 once drained");
-    assert_eq!(
-        lost.load(Ordering::Relaxed),
-        0,
-        "no request sent before the close failed"
-    );
+    assert!(ok >= 50, "the load ran");
+    assert_eq!(taken, ok, "every request the proxy took was answered");
+    assert!(lost <= 4, "at most one refusal per load connection: {lost}");
 }
 
 /// When `drain_timeout` runs out with a request still in flight (its origin never answers and

@@ -112,9 +112,18 @@ async fn accept_loop(
     // Shared with every connection task, and kept across reloads, so the cap counts them all.
     let open = Arc::new(AtomicUsize::new(0));
     loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = socket.accept() => accepted,
+        let accepted = if stop.is_cancelled() {
+            // Stopping: connections the kernel has already completed are served (and told to
+            // close) rather than reset when the socket is dropped; then the loop ends.
+            match tokio::time::timeout(Duration::ZERO, socket.accept()).await {
+                Ok(Ok(a)) => Ok(a),
+                Ok(Err(_)) | Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                () = stop.cancelled() => continue,
+                accepted = socket.accept() => accepted,
+            }
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
