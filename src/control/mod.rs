@@ -4,3 +4,4 @@
 pub mod config;
 pub mod discovery;
 pub mod health;
+pub mod mesh;
