@@ -8,6 +8,9 @@
 //! risk the group's safety.
 
 pub mod leases;
+pub mod network;
+pub mod node;
 pub mod registry;
+pub mod server;
 pub mod store;
 pub mod types;
