@@ -5,6 +5,7 @@
 //! that a maintained fork can replace it in one place.
 
 pub mod locate;
+pub mod mesh;
 pub mod model;
 pub mod resilience;
 pub mod tls;

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::mesh::RawMesh;
 use super::resilience::{
     RawBreaker, RawBudget, RawBulkhead, RawFault, RawHedge, RawLoadShed, RawRateLimit, RawRetry,
 };
@@ -31,6 +32,9 @@ pub struct RawConfig {
     /// Named groups of upstream endpoints.
     #[serde(default)]
     pub clusters: Vec<RawCluster>,
+    /// This sidecar's place in the embedded Raft group, if it takes part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<RawMesh>,
 }
 
 /// The admin server section.

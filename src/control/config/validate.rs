@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use regex::Regex;
 
+use super::mesh::MeshConfig;
 use super::model::{
     ListenerProtocol, RawCluster, RawConfig, RawHeaderMatch, RawListener, RawMatch, RawPartition,
     RawRoute, UpstreamProtocol,
@@ -74,6 +75,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Clusters in file order.
     pub clusters: Vec<ClusterConfig>,
+    /// The embedded Raft group, if this sidecar takes part.
+    pub mesh: Option<MeshConfig>,
 }
 
 /// A validated listener.
@@ -343,9 +346,19 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let mut listeners = Vec::with_capacity(raw.listeners.len());
     let mut listener_names = HashSet::new();
     let mut route_names = HashSet::new();
+    let mesh = raw.mesh.as_ref().and_then(|m| v.mesh(m));
     let mut bound: Vec<(SocketAddr, String)> = admin_address
         .map(|a| vec![(a, "the admin server".to_owned())])
         .unwrap_or_default();
+    if let Some(listen) = mesh.as_ref().and_then(|m| m.listen) {
+        if bound.iter().any(|(b, _)| overlaps(*b, listen)) {
+            v.problem(
+                "mesh.listen".into(),
+                format!("address {listen} overlaps with the admin server"),
+            );
+        }
+        bound.push((listen, "the mesh port".to_owned()));
+    }
     for (i, l) in raw.listeners.iter().enumerate() {
         let path = format!("listeners[{i}]");
         if !listener_names.insert(l.name.as_str()) {
@@ -423,6 +436,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             access_log: raw.access_log,
             listeners,
             clusters,
+            mesh,
         }),
         _ => Err(v.problems),
     }
