@@ -137,6 +137,23 @@ impl Leases {
         out
     }
 
+    /// Starts tracking `lease` with a full TTL from `now` (a registration applied before the
+    /// table caught up with it).
+    pub fn track(&mut self, lease: &Lease, ttl: Duration, now: Instant) {
+        self.tracked
+            .entry(lease.service.clone())
+            .or_default()
+            .insert(
+                lease.id.clone(),
+                Tracked {
+                    revision: lease.revision,
+                    ttl,
+                    deadline: now + ttl,
+                    proposed: false,
+                },
+            );
+    }
+
     /// Lets `leases` be proposed again (their expiry did not commit).
     pub fn retry(&mut self, leases: &[Lease]) {
         for l in leases {

@@ -15,7 +15,9 @@ use openraft::{Config, Raft, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::group::{self, Contact, LeaseTable, Proposer};
 use super::network::{Connect, Network};
+use super::server::{self, Context};
 use super::store::{self, State};
 use super::types::{Member, Mesh, NodeId};
 use crate::tasks::Tasks;
@@ -66,6 +68,10 @@ pub struct Node {
     pub raft: Raft<Mesh>,
     /// The applied state, republished after every applied batch.
     pub state: watch::Receiver<Arc<State>>,
+    /// Where this member's writes go.
+    pub proposer: Proposer,
+    /// The lease table while this member leads.
+    pub leases: Arc<LeaseTable>,
 }
 
 impl Node {
@@ -98,9 +104,15 @@ impl Node {
         let state = machine.subscribe();
         let network = Network::new(connect, settings.heartbeat);
         let raft = Raft::new(settings.node_id, Arc::new(config), network, log, machine).await?;
-        let server = raft.clone();
-        let serving = tasks.clone();
-        tasks.spawn("mesh_server", super::server::serve(socket, server, serving));
+        let (proposer, leases) = group::start(raft.clone(), state.clone(), tasks);
+        let ctx = Context {
+            raft: raft.clone(),
+            state: state.clone(),
+            proposer: proposer.clone(),
+            leases: leases.clone(),
+            contact: Arc::new(Contact::default()),
+        };
+        tasks.spawn("mesh_server", server::serve(socket, ctx, tasks.clone()));
         if settings.voters.contains_key(&settings.node_id) {
             let members: BTreeMap<NodeId, Member> = settings
                 .voters
@@ -118,7 +130,12 @@ impl Node {
                 Err(RaftError::Fatal(e)) => return Err(e.into()),
             }
         }
-        Ok(Node { raft, state })
+        Ok(Node {
+            raft,
+            state,
+            proposer,
+            leases,
+        })
     }
 }
 
@@ -242,6 +259,233 @@ mod tests {
         applied_everywhere(&nodes, "a").await;
         for n in nodes.iter().flatten() {
             n.raft.shutdown().await.unwrap();
+        }
+    }
+
+    type Http = hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >;
+
+    fn http() -> Http {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http()
+    }
+
+    /// Calls the registry API at `addr`, following a redirect to the leader.
+    async fn call(
+        client: &Http,
+        addr: &str,
+        method: http::Method,
+        path: &str,
+        body: &str,
+    ) -> (http::StatusCode, serde_json::Value) {
+        let mut url = format!("http://{addr}{path}");
+        for _ in 0..5 {
+            let req = http::Request::builder()
+                .method(method.clone())
+                .uri(&url)
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_owned(),
+                )))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            if status == http::StatusCode::TEMPORARY_REDIRECT {
+                url = resp.headers()[http::header::LOCATION]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                continue;
+            }
+            let bytes = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&bytes).into())
+            });
+            return (status, value);
+        }
+        panic!("redirect loop at {url}");
+    }
+
+    struct Group {
+        nodes: Vec<Option<Node>>,
+        addrs: Vec<String>,
+        scopes: Vec<Option<crate::tasks::Scope>>,
+        _dirs: Vec<tempfile::TempDir>,
+    }
+
+    async fn group(n: u64) -> Group {
+        let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut sockets = Vec::new();
+        let mut voters = BTreeMap::new();
+        for id in 1..=n {
+            let s = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            voters.insert(id, s.local_addr().unwrap().to_string());
+            sockets.push(s);
+        }
+        let root = Tasks::new();
+        let mut nodes = Vec::new();
+        let mut scopes = Vec::new();
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let settings = Settings {
+                node_id: i as u64 + 1,
+                data_dir: dirs[i].path().to_owned(),
+                voters: voters.clone(),
+                heartbeat: Duration::from_millis(50),
+                election: (Duration::from_millis(300), Duration::from_millis(600)),
+                snapshot_every: 1000,
+            };
+            let scope = root.child();
+            nodes.push(Some(
+                Node::start(&settings, socket, Tcp, scope.tasks())
+                    .await
+                    .unwrap(),
+            ));
+            scopes.push(Some(scope));
+        }
+        Group {
+            nodes,
+            addrs: voters.into_values().collect(),
+            scopes,
+            _dirs: dirs,
+        }
+    }
+
+    impl Group {
+        async fn stop(&mut self, id: NodeId) {
+            let i = id as usize - 1;
+            if let Some(n) = self.nodes[i].take() {
+                n.raft.shutdown().await.unwrap();
+            }
+            self.scopes[i].take();
+        }
+    }
+
+    const REGISTER: &str =
+        r#"{"service":"api","id":"a","address":"10.0.0.7","port":8080,"ttl_ms":1500}"#;
+
+    /// A write sent to a follower is redirected to the leader; a lease nobody renews expires
+    /// and a blocking read sees it go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unrenewed_lease_expires_and_a_blocking_read_sees_it() {
+        let mut g = group(3).await;
+        let first = leader(&g.nodes).await;
+        let follower = (1..=3).find(|i| *i != first).unwrap();
+        let client = http();
+        let (status, reg) = call(
+            &client,
+            &g.addrs[follower as usize - 1],
+            http::Method::POST,
+            "/v1/registry/register",
+            REGISTER,
+        )
+        .await;
+        assert_eq!(status, 200, "{reg}");
+        assert_eq!(reg["result"], "registered");
+        let revision = reg["revision"].as_u64().unwrap();
+        assert_eq!(reg["index"].as_u64().unwrap(), revision);
+
+        // A local read on the follower sees it once applied there, with its position.
+        let (_, read) = call(
+            &client,
+            &g.addrs[follower as usize - 1],
+            http::Method::GET,
+            &format!("/v1/registry/api?index={}&wait=10s", revision - 1),
+            "",
+        )
+        .await;
+        assert_eq!(read["services"]["api"]["instances"][0]["port"], 8080);
+        assert_eq!(read["consistent"], false);
+        let modified = read["services"]["api"]["modified"].as_u64().unwrap();
+        assert_eq!(modified, revision);
+
+        // Nobody renews: the next change to the service is the expiry.
+        let (_, read) = call(
+            &client,
+            &g.addrs[follower as usize - 1],
+            http::Method::GET,
+            &format!("/v1/registry/api?index={modified}&wait=20s"),
+            "",
+        )
+        .await;
+        assert_eq!(
+            read["services"]["api"]["instances"],
+            serde_json::json!([]),
+            "{read}"
+        );
+        assert!(read["services"]["api"]["modified"].as_u64().unwrap() > modified);
+        g.stop(1).await;
+        g.stop(2).await;
+        g.stop(3).await;
+    }
+
+    /// A lease kept alive across a leader failover is not expired by the new leader, and a
+    /// linearizable read on the new leader sees it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failover_expires_no_renewed_lease() {
+        let mut g = group(3).await;
+        let first = leader(&g.nodes).await;
+        let client = http();
+        let addr = |g: &Group, id: NodeId| g.addrs[id as usize - 1].clone();
+        let (status, reg) = call(
+            &client,
+            &addr(&g, first),
+            http::Method::POST,
+            "/v1/registry/register",
+            REGISTER,
+        )
+        .await;
+        assert_eq!(status, 200, "{reg}");
+        let revision = reg["revision"].as_u64().unwrap();
+        let renewal =
+            format!(r#"{{"leases":[{{"service":"api","id":"a","revision":{revision}}}]}}"#);
+
+        g.stop(first).await;
+        let second = leader(&g.nodes).await;
+        // Renew through any live member for three TTLs; every renewal lands somewhere.
+        let live = (1..=3).find(|i| *i != first).unwrap();
+        let mut renewed = 0;
+        for _ in 0..45 {
+            let (status, body) = call(
+                &client,
+                &addr(&g, live),
+                http::Method::POST,
+                "/v1/registry/renew",
+                &renewal,
+            )
+            .await;
+            match status.as_u16() {
+                200 => {
+                    assert_eq!(body["results"][0], "renewed", "{body}");
+                    renewed += 1;
+                }
+                503 => {} // the new leader is catching up
+                other => panic!("renewal answered {other}: {body}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(renewed > 0, "no renewal was answered");
+        let (status, read) = call(
+            &client,
+            &addr(&g, second),
+            http::Method::GET,
+            "/v1/registry/api?consistent=true",
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{read}");
+        assert_eq!(read["consistent"], true);
+        assert_eq!(
+            read["services"]["api"]["instances"][0]["revision"].as_u64(),
+            Some(revision),
+            "{read}"
+        );
+        for id in 1..=3 {
+            g.stop(id).await;
         }
     }
 }
