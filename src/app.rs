@@ -26,7 +26,10 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::control::config::mesh::{MeshConfig, Role};
 use crate::control::config::{self, ClusterConfig, ConfigErrors, ListenerConfig, Loaded};
+use crate::control::mesh::node::{Node, Settings};
+use crate::control::mesh::{self, network::Tcp};
 use crate::control::{discovery, health};
 use crate::proxy::cluster::Cluster;
 use crate::proxy::listener::{self, ListenerKind, ListenerState, Running};
@@ -78,6 +81,12 @@ pub enum AppError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The mesh member could not start.
+    #[error(transparent)]
+    Mesh(#[from] mesh::node::StartError),
+    /// A reload changed a setting that takes effect only at start.
+    #[error("{0} takes effect only at start: restart the sidecar to change it")]
+    NeedsRestart(&'static str),
 }
 
 /// What a reload did.
@@ -148,6 +157,15 @@ pub struct Shared {
     admin: Tasks,
     admin_addr: SocketAddr,
     rng: Rng,
+    /// This sidecar's mesh member, if it is a voter or learner.
+    mesh: Option<Member>,
+}
+
+/// A running mesh member and the tasks that serve it.
+struct Member {
+    node: Node,
+    tasks: Tasks,
+    config: MeshConfig,
 }
 
 /// What compiling a config needs besides the config.
@@ -202,7 +220,12 @@ impl App {
             shutdown: &shutdown,
             serving: &serving,
         };
+        let mesh_config = loaded.config.mesh.clone();
         let active = compile_and_swap(&build, &mut control, loaded, 1).await?;
+        let mesh = match mesh_config {
+            Some(c) if c.role != Role::Client => Some(start_member(c).await?),
+            _ => None,
+        };
         let config_metrics = metrics.control.config();
         config_metrics.set_version(1);
         let shared = Arc::new(Shared {
@@ -219,6 +242,7 @@ impl App {
             admin,
             admin_addr,
             rng,
+            mesh,
         });
         let view: Arc<dyn View> = Arc::new(AdminView(shared.clone()));
         let admin_tasks = shared.admin.clone();
@@ -332,6 +356,12 @@ impl App {
         }
         control.last_seen_hash = hash;
         let loaded = config::parse(&file, &text)?;
+        if let Some(field) = restart_needed(
+            self.shared.mesh.as_ref().map(|m| &m.config),
+            loaded.config.mesh.as_ref(),
+        ) {
+            return Err(AppError::NeedsRestart(field));
+        }
         let version = self.shared.active.load().version + 1;
         let s = &self.shared;
         let build = Build {
@@ -369,7 +399,33 @@ impl App {
                 "drain timeout reached with connections still open"
             );
         }
-        // The mesh group will hand off its leadership here, before its transport stops.
+        // openraft 0.9 cannot transfer leadership: a leader that stops promptly is the
+        // shortest handover (the others elect within an election timeout). Raft stops first,
+        // then its port; every store write was durable when it returned, so nothing is left to
+        // flush once the store is dropped.
+        if let Some(m) = &s.mesh {
+            if let Err(e) = m.node.raft.shutdown().await {
+                tracing::warn!(error = %e, "mesh member did not stop cleanly");
+            }
+            let before = m.tasks.running();
+            m.tasks.cancel();
+            if tokio::time::timeout(STOP_TIMEOUT, m.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    group = "mesh",
+                    left = m.tasks.running(),
+                    "tasks did not stop in time"
+                );
+            }
+            tracing::info!(
+                group = "mesh",
+                ended = before,
+                left = m.tasks.running(),
+                "background tasks ended"
+            );
+        }
         for (group, tasks) in [("control", &s.background), ("admin", &s.admin)] {
             let before = tasks.running();
             tasks.cancel();
@@ -449,6 +505,33 @@ impl View for AdminView {
         json!({ "clusters": clusters })
     }
 
+    fn mesh(&self) -> Option<serde_json::Value> {
+        self.0.mesh.as_ref().map(|m| m.status())
+    }
+
+    fn registry(&self) -> Option<serde_json::Value> {
+        let m = self.0.mesh.as_ref()?;
+        let state = m.node.state.borrow().clone();
+        let services: serde_json::Map<String, serde_json::Value> = state
+            .registry
+            .services()
+            .map(|(name, s)| {
+                (
+                    name.to_owned(),
+                    json!({
+                        "modified": s.modified,
+                        "instances": s.instances.values().collect::<Vec<_>>(),
+                    }),
+                )
+            })
+            .collect();
+        Some(json!({
+            "term": state.applied.map_or(0, |l| l.leader_id.term),
+            "index": state.applied.map_or(0, |l| l.index),
+            "services": services,
+        }))
+    }
+
     fn summary(&self) -> Summary {
         let active = self.0.active.load();
         Summary {
@@ -462,6 +545,113 @@ impl View for AdminView {
                 .collect(),
             last_error: self.0.last_error.load().as_deref().cloned(),
         }
+    }
+}
+
+/// Starts this sidecar's mesh member: binds the mesh port, opens the store, joins (or forms) the
+/// group.
+async fn start_member(config: MeshConfig) -> Result<Member, AppError> {
+    let (Some(node_id), Some(listen), Some(data_dir)) =
+        (config.node_id, config.listen, config.data_dir.clone())
+    else {
+        // Validation guarantees all three for voters and learners.
+        return Err(AppError::NeedsRestart("mesh"));
+    };
+    let socket = TcpListener::bind(listen)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "the mesh port".into(),
+            address: listen,
+            source,
+        })?;
+    let settings = Settings {
+        node_id,
+        data_dir,
+        voters: config.members.clone(),
+        heartbeat: config.heartbeat,
+        election: (config.election_timeout, 2 * config.election_timeout),
+        snapshot_every: config.snapshot_every,
+    };
+    let tasks = Tasks::new();
+    let node = Node::start(&settings, socket, Tcp, &tasks).await?;
+    tracing::info!(node_id, %listen, role = ?config.role, "mesh member started");
+    Ok(Member {
+        node,
+        tasks,
+        config,
+    })
+}
+
+impl Member {
+    /// `/mesh`: who is in the group, who leads, where each log stands.
+    fn status(&self) -> serde_json::Value {
+        let m = self.node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<_> = membership.voter_ids().collect();
+        let members: Vec<_> = membership
+            .nodes()
+            .map(|(id, node)| {
+                json!({
+                    "id": id,
+                    "address": node.addr,
+                    "role": if voters.contains(id) { "voter" } else { "learner" },
+                })
+            })
+            .collect();
+        let last = m.last_log_index.unwrap_or(0);
+        let replication = m.replication.as_ref().map(|r| {
+            r.iter()
+                .map(|(id, matched)| {
+                    let at = matched.map_or(0, |l| l.index);
+                    (
+                        id.to_string(),
+                        json!({ "matched": at, "lag": last.saturating_sub(at) }),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+        });
+        json!({
+            "node_id": m.id,
+            "state": format!("{:?}", m.state).to_lowercase(),
+            "term": m.current_term,
+            "leader": m.current_leader,
+            "last_log_index": m.last_log_index,
+            "applied_index": m.last_applied.map(|l| l.index),
+            "snapshot_index": m.snapshot.map(|l| l.index),
+            "purged_index": m.purged.map(|l| l.index),
+            "millis_since_quorum_ack": m.millis_since_quorum_ack,
+            "members": members,
+            "replication": replication,
+            "leases": self.node.leases.len(),
+        })
+    }
+}
+
+/// The first mesh setting a reload changed that only a restart can apply, if any.
+fn restart_needed(running: Option<&MeshConfig>, new: Option<&MeshConfig>) -> Option<&'static str> {
+    fn member(m: Option<&MeshConfig>) -> Option<&MeshConfig> {
+        m.filter(|m| m.role != Role::Client)
+    }
+    match (member(running), member(new)) {
+        (None, None) => None,
+        (Some(a), Some(b)) => {
+            if a.node_id != b.node_id {
+                Some("mesh.node_id")
+            } else if a.data_dir != b.data_dir {
+                Some("mesh.data_dir")
+            } else if a.role != b.role {
+                Some("mesh.role")
+            } else if a.listen != b.listen {
+                Some("mesh.listen")
+            } else if (a.heartbeat, a.election_timeout, a.snapshot_every)
+                != (b.heartbeat, b.election_timeout, b.snapshot_every)
+            {
+                Some("mesh timing (heartbeat, election_timeout, snapshot_every)")
+            } else {
+                None
+            }
+        }
+        _ => Some("mesh.role"),
     }
 }
 

@@ -35,6 +35,15 @@ pub trait View: Send + Sync + 'static {
     fn clusters(&self) -> serde_json::Value;
     /// The facts the index page shows.
     fn summary(&self) -> Summary;
+    /// The mesh member's state (members, roles, leader, term, log positions, lag), as JSON;
+    /// `None` when this sidecar is no mesh member.
+    fn mesh(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// The registry as this member holds it, as JSON; `None` when this sidecar is no member.
+    fn registry(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// The facts the index page shows.
@@ -104,6 +113,14 @@ fn route(view: &dyn View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/config" => json_response(view.config()),
         "/clusters" => json_response(view.clusters()),
+        "/mesh" => match view.mesh() {
+            Some(v) => json_response(v),
+            None => text(StatusCode::NOT_FOUND, "this sidecar is not a mesh member\n"),
+        },
+        "/registry" => match view.registry() {
+            Some(v) => json_response(v),
+            None => text(StatusCode::NOT_FOUND, "this sidecar is not a mesh member\n"),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
     }
 }

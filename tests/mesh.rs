@@ -1,0 +1,242 @@
+//! The embedded Raft group with real processes: three `outrigger` sidecars form a group from
+//! their configs alone, lose their leader to `kill -9` under a steady write load without losing
+//! an acknowledged write, and the killed member catches up from its data directory.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use support::{body, eventually, get, h1_client, h2_client, send, HttpClient, Process};
+
+/// Polls `f` every 20 ms until it gives a value, for at most `within`.
+async fn until<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..within.as_millis() / 20 {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Reserves a free loopback port (bound and released: the process binds it right after).
+fn free_port(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    l.local_addr().unwrap().port()
+}
+
+struct Member {
+    id: u64,
+    mesh: String,
+    config: std::path::PathBuf,
+    process: Option<Process>,
+}
+
+fn write_config(dir: &Path, id: u64, members: &[(u64, String)]) -> std::path::PathBuf {
+    let list: String = members
+        .iter()
+        .map(|(i, a)| format!("    {i}: {a}\n"))
+        .collect();
+    let me = &members.iter().find(|(i, _)| *i == id).unwrap().1;
+    let path = dir.join(format!("node{id}.yaml"));
+    let data = dir.join(format!("data{id}"));
+    std::fs::write(
+        &path,
+        format!(
+            "admin:\n  address: 127.0.0.1:0\nmesh:\n  node_id: {id}\n  listen: {me}\n  data_dir: {}\n  members:\n{list}",
+            data.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn mesh_status(p: &Process) -> Option<serde_json::Value> {
+    let (status, _, text) = get(&h1_client(), &p.admin_url("/mesh")).await.ok()?;
+    (status == StatusCode::OK).then(|| serde_json::from_str(&text).ok())?
+}
+
+/// The member every running member agrees leads, with its term.
+async fn agreed_leader(members: &[Member]) -> Option<(u64, u64)> {
+    let mut seen = BTreeSet::new();
+    let mut leader_term = None;
+    for m in members {
+        let Some(p) = &m.process else { continue };
+        let s = mesh_status(p).await?;
+        let leader = s["leader"].as_u64()?;
+        seen.insert(leader);
+        if s["state"] == "leader" {
+            leader_term = Some((leader, s["term"].as_u64()?));
+        }
+    }
+    match (seen.len(), leader_term) {
+        (1, Some(lt)) if seen.contains(&lt.0) => Some(lt),
+        _ => None,
+    }
+}
+
+/// POSTs to the mesh API at `addr`, following redirects to the leader.
+async fn post(
+    client: &HttpClient,
+    addr: &str,
+    path: &str,
+    json: &str,
+) -> Option<serde_json::Value> {
+    let mut url = format!("http://{addr}{path}");
+    for _ in 0..4 {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(&url)
+            .body(body(json.to_owned()))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), send(client, req))
+            .await
+            .ok()?
+            .ok()?;
+        match resp.0 {
+            StatusCode::OK => return serde_json::from_str(&resp.2).ok(),
+            StatusCode::TEMPORARY_REDIRECT => {
+                url = resp.1.get("location")?.to_str().ok()?.to_owned();
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+async fn registry_ids(p: &Process) -> BTreeSet<String> {
+    let Ok((_, _, text)) = get(&h1_client(), &p.admin_url("/registry")).await else {
+        return BTreeSet::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["services"]["load"]["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_survives_kill_9_of_its_leader_without_losing_an_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let members: Vec<(u64, String)> = (1..=3)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", 10 + i);
+            (i, format!("{ip}:{}", free_port(&ip)))
+        })
+        .collect();
+    let mut group: Vec<Member> = members
+        .iter()
+        .map(|(id, mesh)| Member {
+            id: *id,
+            mesh: mesh.clone(),
+            config: write_config(dir.path(), *id, &members),
+            process: None,
+        })
+        .collect();
+    for m in &mut group {
+        m.process = Some(Process::start(&m.config));
+    }
+    let (leader, term) = until(Duration::from_secs(30), || agreed_leader(&group))
+        .await
+        .expect("the group elected no leader from its configs");
+
+    // A steady write load through every member, recording what was acknowledged.
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let addrs: Vec<String> = group.iter().map(|m| m.mesh.clone()).collect();
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let client = h2_client();
+            let mut n = 0u64;
+            // Bounded: stops when told, or after 2,000 attempts.
+            while !stop.load(Ordering::Relaxed) && n < 2000 {
+                n += 1;
+                let id = format!("w{n}");
+                let reg = format!(
+                    r#"{{"service":"load","id":"{id}","address":"10.1.0.1","port":80,"ttl_ms":600000}}"#
+                );
+                let addr = &addrs[n as usize % addrs.len()];
+                match post(&client, addr, "/v1/registry/register", &reg).await {
+                    Some(v) if v["result"] == "registered" => {
+                        acked.lock().unwrap().insert(id);
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+    };
+    let count = |acked: &Arc<Mutex<BTreeSet<String>>>| acked.lock().unwrap().len();
+    assert!(
+        eventually(Duration::from_secs(30), || async { count(&acked) >= 30 }).await,
+        "writes were not acknowledged"
+    );
+
+    // kill -9 of the leader, mid-load.
+    let killed = &mut group[leader as usize - 1];
+    let mut process = killed.process.take().unwrap();
+    process.child.kill().unwrap();
+    process.child.wait().unwrap();
+    drop(process);
+    let before = count(&acked);
+    let (new_leader, _) = until(Duration::from_secs(30), || async {
+        agreed_leader(&group).await.filter(|(_, t)| *t > term)
+    })
+    .await
+    .expect("no new leader after the leader was killed");
+    assert_ne!(new_leader, leader);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(&acked) >= before + 30
+        })
+        .await,
+        "writes did not resume under the new leader"
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+
+    // Every acknowledged write is on the new leader and on the surviving follower.
+    for m in group.iter().filter(|m| m.process.is_some()) {
+        let p = m.process.as_ref().unwrap();
+        let held = until(Duration::from_secs(20), || async {
+            Some(registry_ids(p).await).filter(|h| acked.is_subset(h))
+        })
+        .await
+        .unwrap_or_default();
+        let lost: Vec<_> = acked.difference(&held).collect();
+        assert!(
+            lost.is_empty(),
+            "member {} lost acknowledged writes {lost:?}",
+            m.id
+        );
+    }
+
+    // The killed member restarts from its data directory and catches up.
+    let killed = &mut group[leader as usize - 1];
+    killed.process = Some(Process::start(&killed.config));
+    let p = killed.process.as_ref().unwrap();
+    let held = until(Duration::from_secs(30), || async {
+        Some(registry_ids(p).await).filter(|h| acked.is_subset(h))
+    })
+    .await
+    .unwrap_or_default();
+    let lost: Vec<_> = acked.difference(&held).collect();
+    assert!(lost.is_empty(), "the restarted member is missing {lost:?}");
+    let status = mesh_status(p).await.unwrap();
+    assert_eq!(status["state"], "follower", "{status}");
+    assert_eq!(status["leader"].as_u64(), Some(new_leader), "{status}");
+}
