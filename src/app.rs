@@ -28,6 +28,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::control::config::mesh::{MeshConfig, Role};
 use crate::control::config::{self, ClusterConfig, ConfigErrors, ListenerConfig, Loaded};
+use crate::control::discovery::registry::Registry;
+use crate::control::mesh::client::MeshClient;
 use crate::control::mesh::node::{Node, Settings};
 use crate::control::mesh::{self, network::Tcp};
 use crate::control::{discovery, health};
@@ -159,18 +161,20 @@ pub struct Shared {
     rng: Rng,
     /// This sidecar's mesh member, if it is a voter or learner.
     mesh: Option<Member>,
+    /// Where `registry` clusters read the registry (the member's own state, or the members').
+    registry: Option<Registry>,
 }
 
 /// A running mesh member and the tasks that serve it.
 struct Member {
     node: Node,
     tasks: Tasks,
-    config: MeshConfig,
 }
 
 /// What compiling a config needs besides the config.
 struct Build<'a> {
     metrics: &'a Metrics,
+    registry: Option<&'a Registry>,
     rng: &'a Rng,
     background: &'a Tasks,
     shutdown: &'a CancellationToken,
@@ -213,19 +217,28 @@ impl App {
         };
         let (shutdown, serving) = (CancellationToken::new(), TaskTracker::new());
         let (background, admin) = (Tasks::new(), Tasks::new());
+        // The member starts first: `registry` clusters read from it as they are built.
+        let (mesh, registry) = match loaded.config.mesh.clone() {
+            Some(c) if c.role != Role::Client => {
+                let member = start_member(c).await?;
+                let registry = Registry::Local(member.node.state.clone());
+                (Some(member), Some(registry))
+            }
+            Some(c) => {
+                let client = MeshClient::new(c.members.values().cloned().collect());
+                (None, Some(Registry::Remote(client)))
+            }
+            None => (None, None),
+        };
         let build = Build {
             metrics: &metrics,
+            registry: registry.as_ref(),
             rng: &rng,
             background: &background,
             shutdown: &shutdown,
             serving: &serving,
         };
-        let mesh_config = loaded.config.mesh.clone();
         let active = compile_and_swap(&build, &mut control, loaded, 1).await?;
-        let mesh = match mesh_config {
-            Some(c) if c.role != Role::Client => Some(start_member(c).await?),
-            _ => None,
-        };
         let config_metrics = metrics.control.config();
         config_metrics.set_version(1);
         let shared = Arc::new(Shared {
@@ -243,6 +256,7 @@ impl App {
             admin_addr,
             rng,
             mesh,
+            registry,
         });
         let view: Arc<dyn View> = Arc::new(AdminView(shared.clone()));
         let admin_tasks = shared.admin.clone();
@@ -357,7 +371,7 @@ impl App {
         control.last_seen_hash = hash;
         let loaded = config::parse(&file, &text)?;
         if let Some(field) = restart_needed(
-            self.shared.mesh.as_ref().map(|m| &m.config),
+            self.shared.active.load().loaded.config.mesh.as_ref(),
             loaded.config.mesh.as_ref(),
         ) {
             return Err(AppError::NeedsRestart(field));
@@ -366,6 +380,7 @@ impl App {
         let s = &self.shared;
         let build = Build {
             metrics: &s.metrics,
+            registry: s.registry.as_ref(),
             rng: &s.rng,
             background: &s.background,
             shutdown: &s.shutdown,
@@ -575,11 +590,7 @@ async fn start_member(config: MeshConfig) -> Result<Member, AppError> {
     let tasks = Tasks::new();
     let node = Node::start(&settings, socket, Tcp, &tasks).await?;
     tracing::info!(node_id, %listen, role = ?config.role, "mesh member started");
-    Ok(Member {
-        node,
-        tasks,
-        config,
-    })
+    Ok(Member { node, tasks })
 }
 
 impl Member {
@@ -629,13 +640,12 @@ impl Member {
 
 /// The first mesh setting a reload changed that only a restart can apply, if any.
 fn restart_needed(running: Option<&MeshConfig>, new: Option<&MeshConfig>) -> Option<&'static str> {
-    fn member(m: Option<&MeshConfig>) -> Option<&MeshConfig> {
-        m.filter(|m| m.role != Role::Client)
-    }
-    match (member(running), member(new)) {
+    match (running, new) {
         (None, None) => None,
         (Some(a), Some(b)) => {
-            if a.node_id != b.node_id {
+            if a.members != b.members {
+                Some("mesh.members")
+            } else if a.node_id != b.node_id {
                 Some("mesh.node_id")
             } else if a.data_dir != b.data_dir {
                 Some("mesh.data_dir")
@@ -651,7 +661,7 @@ fn restart_needed(running: Option<&MeshConfig>, new: Option<&MeshConfig>) -> Opt
                 None
             }
         }
-        _ => Some("mesh.role"),
+        _ => Some("the mesh section"),
     }
 }
 
@@ -665,7 +675,14 @@ fn start_cluster(c: &ClusterConfig, b: &Build<'_>) -> Result<Arc<Cluster>, LoadE
         b.background.child(),
     )?);
     let own = cluster.tasks();
-    let endpoints = discovery::start(&c.name, &c.upstream.discovery, b.metrics, b.rng, own);
+    let endpoints = discovery::start(
+        &c.name,
+        &c.upstream.discovery,
+        b.registry,
+        b.metrics,
+        b.rng,
+        own,
+    );
     let (verdicts, verdicts_rx) = mpsc::channel(VERDICT_QUEUE);
     if let Some(cfg) = &c.upstream.health_check {
         let target = health::Target {

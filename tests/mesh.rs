@@ -240,3 +240,74 @@ async fn the_group_survives_kill_9_of_its_leader_without_losing_an_acknowledged_
     assert_eq!(status["state"], "follower", "{status}");
     assert_eq!(status["leader"].as_u64(), Some(new_leader), "{status}");
 }
+
+/// A config whose sidecar is the single voter of its own group, with a `registry` cluster.
+fn single_voter(mesh: &str, data: &Path, origin_route: bool) -> String {
+    let listener = if origin_route {
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: all\n        cluster: api\n"
+    } else {
+        ""
+    };
+    format!(
+        "{listener}clusters:\n  - name: api\n    registry: {{ service: api }}\nmesh:\n  node_id: 1\n  listen: {mesh}\n  data_dir: {}\n  members:\n    1: {mesh}\n",
+        data.display()
+    )
+}
+
+/// A `registry` cluster routes to the instances registered in the group, on a member (which
+/// reads its own state) and on a `role: client` sidecar (which asks the members).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_cluster_routes_to_registered_instances() {
+    let origin = support::Origin::start("registered").await;
+    let data = tempfile::tempdir().unwrap();
+    let mesh = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let member = support::Proxy::start(&single_voter(&mesh, data.path(), true)).await;
+    let client_cfg = format!(
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: all\n        cluster: api\nclusters:\n  - name: api\n    registry: {{ service: api }}\nmesh:\n  role: client\n  members:\n    1: {mesh}\n"
+    );
+    let client = support::Proxy::start(&client_cfg).await;
+
+    // Nothing registered yet: no endpoint to route to.
+    let (status, _, _) = get(&h1_client(), &member.url("in", "/")).await.unwrap();
+    assert!(status.is_server_error(), "{status}");
+
+    let reg = format!(
+        r#"{{"service":"api","id":"o1","address":"127.0.0.1","port":{},"ttl_ms":600000}}"#,
+        origin.addr.port()
+    );
+    let written = until(Duration::from_secs(20), || async {
+        post(&h2_client(), &mesh, "/v1/registry/register", &reg).await
+    })
+    .await
+    .expect("registration not accepted");
+    assert_eq!(written["result"], "registered");
+
+    for proxy in [&member, &client] {
+        let served = eventually(Duration::from_secs(20), || async {
+            matches!(get(&h1_client(), &proxy.url("in", "/")).await,
+                Ok((StatusCode::OK, _, body)) if body.contains("registered"))
+        })
+        .await;
+        assert!(
+            served,
+            "the registry cluster did not route to the registered instance"
+        );
+        let clusters = get(&h1_client(), &proxy.admin_url("/clusters"))
+            .await
+            .unwrap()
+            .2;
+        let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+        assert_eq!(
+            clusters["clusters"][0]["discovery"], "registry",
+            "{clusters}"
+        );
+    }
+    let metrics = support::scrape(&client).await;
+    let counted = metrics.lines().any(|l| {
+        l.starts_with("outrigger_discovery_updates_total{")
+            && l.contains("cluster=\"api\"")
+            && l.contains("source=\"registry\"")
+            && l.contains("result=\"ok\"")
+    });
+    assert!(counted, "{metrics}");
+}

@@ -138,7 +138,7 @@ impl Cluster {
                 .iter()
                 .map(|e| (e.authority.clone(), e.weight))
                 .collect(),
-            Discovery::Dns(_) => Vec::new(),
+            Discovery::Dns(_) | Discovery::Registry { .. } => Vec::new(),
         };
         let endpoints = discovery::once(&config.name, discovery::Static::new(list), metrics);
         let tasks = Tasks::new();
@@ -464,6 +464,7 @@ impl Cluster {
             "discovery": match &self.config.upstream.discovery {
                 Discovery::Static(_) => "static",
                 Discovery::Dns(_) => "dns",
+                Discovery::Registry { .. } => "registry",
             },
             "load_balancer": self.config.upstream.balancer.name(),
             "panic": self.panicking(),

@@ -11,7 +11,7 @@ use super::resilience::{
     RawBreaker, RawBudget, RawBulkhead, RawFault, RawHedge, RawLoadShed, RawRateLimit, RawRetry,
 };
 use super::tls::{RawClientTls, RawServerTls};
-use super::upstream::{RawDns, RawEndpoint, RawHealthCheck, RawOutlier, RawPool};
+use super::upstream::{RawDns, RawEndpoint, RawHealthCheck, RawOutlier, RawPool, RawRegistry};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -254,6 +254,9 @@ pub struct RawCluster {
     /// Or endpoints resolved through DNS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<RawDns>,
+    /// Or the instances of a service in the mesh group's registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RawRegistry>,
     /// `peak_ewma` (default), `round_robin`, `least_request`, `random`, `ring_hash`, `maglev`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<String>,

@@ -26,6 +26,14 @@ pub enum RawEndpoint {
     },
 }
 
+/// The `registry:` block of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    /// The service whose registered instances are the cluster's endpoints.
+    pub service: String,
+}
+
 /// The `dns:` block of a cluster.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +158,11 @@ pub enum Discovery {
     Static(Vec<StaticEndpoint>),
     /// Resolved through DNS.
     Dns(DnsConfig),
+    /// The instances of a service in the mesh group's registry.
+    Registry {
+        /// The service.
+        service: String,
+    },
 }
 
 /// What a `dns` cluster resolves.
@@ -363,6 +376,7 @@ impl Validator {
         path: &str,
         endpoints: &[RawEndpoint],
         dns: Option<&RawDns>,
+        registry: Option<&RawRegistry>,
         balancer: Option<&str>,
         hash_on: Option<&str>,
         health: Option<&RawHealthCheck>,
@@ -370,24 +384,43 @@ impl Validator {
         panic_threshold: Option<u32>,
         pool: Option<&RawPool>,
     ) -> UpstreamConfig {
-        let discovery = match (endpoints.is_empty(), dns) {
-            (false, Some(_)) => {
+        let sources = usize::from(!endpoints.is_empty())
+            + usize::from(dns.is_some())
+            + usize::from(registry.is_some());
+        let discovery = match (endpoints.is_empty(), dns, registry) {
+            _ if sources > 1 => {
+                let field = if registry.is_some() {
+                    "registry"
+                } else {
+                    "dns"
+                };
                 self.problem(
-                    format!("{path}.dns"),
-                    "give either `endpoints` or `dns`, not both".into(),
+                    format!("{path}.{field}"),
+                    "give one of `endpoints`, `dns` or `registry`".into(),
                 );
                 Discovery::Static(Vec::new())
             }
-            (true, None) => {
+            (true, None, None) => {
                 self.problem_with_hint(
                     format!("{path}.endpoints"),
                     "the cluster has no endpoints".into(),
-                    Some("list `endpoints:` or add a `dns:` block".into()),
+                    Some("list `endpoints:`, or add a `dns:` or `registry:` block".into()),
                 );
                 Discovery::Static(Vec::new())
             }
-            (false, None) => Discovery::Static(self.static_endpoints(path, endpoints)),
-            (true, Some(d)) => Discovery::Dns(self.dns(&format!("{path}.dns"), d)),
+            (false, _, _) => Discovery::Static(self.static_endpoints(path, endpoints)),
+            (true, Some(d), _) => Discovery::Dns(self.dns(&format!("{path}.dns"), d)),
+            (true, None, Some(r)) => {
+                if r.service.is_empty() {
+                    self.problem(
+                        format!("{path}.registry.service"),
+                        "the service name is empty".into(),
+                    );
+                }
+                Discovery::Registry {
+                    service: r.service.clone(),
+                }
+            }
         };
         let balancer = match balancer {
             None => Balancer::PeakEwma,

@@ -347,6 +347,19 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let mut listener_names = HashSet::new();
     let mut route_names = HashSet::new();
     let mesh = raw.mesh.as_ref().and_then(|m| v.mesh(m));
+    if raw.mesh.is_none() {
+        for (i, c) in raw.clusters.iter().enumerate() {
+            if c.registry.is_some() {
+                v.problem_with_hint(
+                    format!("clusters[{i}].registry"),
+                    "a `registry` cluster needs a `mesh:` section".into(),
+                    Some(
+                        "add `mesh:` with the group's `members` (`role: client` is enough)".into(),
+                    ),
+                );
+            }
+        }
+    }
     let mut bound: Vec<(SocketAddr, String)> = admin_address
         .map(|a| vec![(a, "the admin server".to_owned())])
         .unwrap_or_default();
@@ -672,6 +685,7 @@ impl Validator {
             path,
             &c.endpoints,
             c.dns.as_ref(),
+            c.registry.as_ref(),
             c.load_balancer.as_deref(),
             c.hash_on.as_deref(),
             c.health_check.as_ref(),

@@ -6,11 +6,12 @@
 //! last published set in place, so a resolver hiccup never empties a cluster. `static` clusters
 //! are one more source whose only answer is ready at once (so a static cluster has its endpoints
 //! before its listener takes a connection); `dns` clusters follow A/AAAA or SRV records
-//! ([`dns`]); `registry` clusters will follow a service in the shared registry of the embedded
-//! Raft group, through [`Registry`]. Each answer is counted in
+//! ([`dns`]); `registry` clusters follow a service in the shared registry of the embedded Raft
+//! group ([`registry`]). Each answer is counted in
 //! `outrigger_discovery_updates_total{cluster,source,result}`.
 
 pub mod dns;
+pub mod registry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -63,15 +64,6 @@ pub trait Discovery: Send + 'static {
     fn next(&mut self) -> impl Future<Output = Option<Update>> + Send;
 }
 
-/// The shared service registry, as the embedded Raft group will provide it: each named service
-/// becomes a discovery source.
-pub trait Registry: Send + Sync + 'static {
-    /// The source type for one service.
-    type Watch: Discovery;
-    /// Watches `service`.
-    fn watch(&self, service: &str) -> Self::Watch;
-}
-
 /// The endpoints written in the config: one answer, at once.
 pub struct Static(Option<Vec<Target>>);
 
@@ -107,6 +99,7 @@ impl Discovery for Static {
 pub fn start(
     cluster: &str,
     source: &Source,
+    registry: Option<&registry::Registry>,
     metrics: &Metrics,
     rng: &Rng,
     tasks: &Tasks,
@@ -123,6 +116,12 @@ pub fn start(
             let dns = dns::DnsDiscovery::new(cfg.clone(), rng.fork(), metrics.control.dns(cluster));
             publish(cluster, dns, metrics, tasks)
         }
+        Source::Registry { service } => match registry {
+            Some(r) => publish(cluster, r.watch(service), metrics, tasks),
+            // Validation requires a `mesh:` section for a registry cluster; without one the
+            // cluster simply has no endpoints.
+            None => once(cluster, Static::new(Vec::new()), metrics),
+        },
     }
 }
 

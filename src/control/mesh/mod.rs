@@ -7,6 +7,7 @@
 //! published after each applied batch, and a member that loses its disk stops voting rather than
 //! risk the group's safety.
 
+pub mod client;
 pub mod group;
 pub mod leases;
 pub mod network;
