@@ -31,6 +31,7 @@ use crate::control::config::{self, ClusterConfig, ConfigErrors, ListenerConfig, 
 use crate::control::discovery::registry::Registry;
 use crate::control::mesh::client::MeshClient;
 use crate::control::mesh::node::{Node, Settings};
+use crate::control::mesh::registrar::Registrar;
 use crate::control::mesh::{self, network::Tcp};
 use crate::control::{discovery, health};
 use crate::proxy::cluster::Cluster;
@@ -163,6 +164,8 @@ pub struct Shared {
     mesh: Option<Member>,
     /// Where `registry` clusters read the registry (the member's own state, or the members').
     registry: Option<Registry>,
+    /// Keeps the local application registered, if `mesh.register` is set.
+    registrar: Option<Registrar>,
 }
 
 /// A running mesh member and the tasks that serve it.
@@ -238,6 +241,20 @@ impl App {
             shutdown: &shutdown,
             serving: &serving,
         };
+        let registrar = loaded.config.mesh.as_ref().and_then(|m| {
+            let cfg = m.register.clone()?;
+            let client = MeshClient::new(m.members.values().cloned().collect());
+            let metrics = metrics
+                .control
+                .health(&format!("register:{}", cfg.registration.service));
+            Some(Registrar::start(
+                cfg,
+                client,
+                metrics,
+                rng.fork(),
+                &background,
+            ))
+        });
         let active = compile_and_swap(&build, &mut control, loaded, 1).await?;
         let config_metrics = metrics.control.config();
         config_metrics.set_version(1);
@@ -257,6 +274,7 @@ impl App {
             rng,
             mesh,
             registry,
+            registrar,
         });
         let view: Arc<dyn View> = Arc::new(AdminView(shared.clone()));
         let admin_tasks = shared.admin.clone();
@@ -404,6 +422,10 @@ impl App {
         let s = &self.shared;
         let drain = s.active.load().loaded.config.drain_timeout;
         s.draining.store(true, Ordering::SeqCst);
+        // Out of the registry first, so callers stop choosing this instance while it drains.
+        if let Some(r) = &s.registrar {
+            r.deregister(STOP_TIMEOUT).await;
+        }
         tracing::info!(?drain, "draining");
         s.shutdown.cancel();
         s.serving.close();

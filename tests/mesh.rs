@@ -311,3 +311,77 @@ async fn a_registry_cluster_routes_to_registered_instances() {
     });
     assert!(counted, "{metrics}");
 }
+
+/// The instance ids of `service` in the registry as member `proxy` holds it.
+async fn registered(proxy: &support::Proxy, service: &str) -> Vec<String> {
+    let Ok((_, _, text)) = get(&h1_client(), &proxy.admin_url("/registry")).await else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["services"][service]["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A sidecar keeps its application registered while it passes its health check, takes it out
+/// when the check fails, puts it back when it passes again, and deregisters it on shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_registers_its_application_only_while_it_is_healthy() {
+    let origin = support::Origin::start("app").await;
+    let data = tempfile::tempdir().unwrap();
+    let mesh = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let member = support::Proxy::start(&single_voter(&mesh, data.path(), false)).await;
+    let sidecar = support::Proxy::start(&format!(
+        "mesh:
+  role: client
+  members:
+    1: {mesh}
+  register:
+    service: app
+    id: app-1
+    address: 127.0.0.1
+    port: {}
+    ttl: 3s
+    health_check:
+      path: /health
+      interval: 100ms
+      unhealthy_interval: 100ms
+      healthy_threshold: 1
+      unhealthy_threshold: 1
+",
+        origin.addr.port()
+    ))
+    .await;
+    let within = Duration::from_secs(20);
+    assert!(
+        eventually(within, || async {
+            registered(&member, "app").await == ["app-1"]
+        })
+        .await,
+        "a healthy application was not registered"
+    );
+    origin.control.set_status(500);
+    assert!(
+        eventually(within, || async {
+            registered(&member, "app").await.is_empty()
+        })
+        .await,
+        "an application failing its check stayed registered"
+    );
+    origin.control.set_status(0);
+    assert!(
+        eventually(within, || async {
+            registered(&member, "app").await == ["app-1"]
+        })
+        .await,
+        "a recovered application was not registered again"
+    );
+    assert!(sidecar.app.shutdown().await);
+    // Deregistered as the drain began, not left to expire: no wait beyond the API round trip.
+    assert!(registered(&member, "app").await.is_empty());
+}

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::upstream::{HealthCheckConfig, RawHealthCheck};
 use super::validate::Validator;
+use crate::control::mesh::registry::Registration;
 
 /// Leader heartbeat period when the config names none.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(50);
@@ -52,6 +54,50 @@ pub struct RawMesh {
     /// Applied entries between snapshots; older log entries are then purged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_every: Option<u64>,
+    /// Register the local application in the registry while it is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register: Option<RawRegister>,
+}
+
+/// The `mesh.register` block: how this sidecar's application appears in the registry.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegister {
+    /// The service the application belongs to.
+    pub service: String,
+    /// The instance id (default: `SERVICE-ADDRESS:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The address callers reach the application at (normally this sidecar's inbound listener).
+    pub address: String,
+    /// The port callers reach the application at.
+    pub port: u16,
+    /// Lease TTL: the instance leaves the registry this long after its last renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// Load-balancing weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Labels returned with the instance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// The check the application must pass to stay registered (as a cluster's `health_check`),
+    /// run against `address:port`; without it the application is registered while the sidecar
+    /// runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
+}
+
+/// Lease TTL of a self-registration when the config names none.
+pub const DEFAULT_REGISTER_TTL: Duration = Duration::from_secs(10);
+
+/// The validated `mesh.register` block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisterConfig {
+    /// What is registered.
+    pub registration: Registration,
+    /// The check that gates it, if any.
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 /// What part a sidecar plays in the group.
@@ -88,6 +134,8 @@ pub struct MeshConfig {
     pub election_timeout: Duration,
     /// Applied entries between snapshots.
     pub snapshot_every: u64,
+    /// Self-registration, if set.
+    pub register: Option<RegisterConfig>,
 }
 
 impl Validator {
@@ -207,6 +255,7 @@ impl Validator {
             (None, Some(l), true) => Some(l.to_string()),
             _ => None,
         };
+        let register = raw.register.as_ref().and_then(|r| self.register(r));
         if self.problems.len() > before {
             return None;
         }
@@ -220,6 +269,73 @@ impl Validator {
             heartbeat,
             election_timeout,
             snapshot_every,
+            register,
+        })
+    }
+
+    fn register(&mut self, r: &RawRegister) -> Option<RegisterConfig> {
+        let before = self.problems.len();
+        if r.service.is_empty() {
+            self.problem(
+                "mesh.register.service".into(),
+                "the service name is empty".into(),
+            );
+        }
+        if r.address.is_empty() {
+            self.problem(
+                "mesh.register.address".into(),
+                "the address is empty".into(),
+            );
+        }
+        if r.port == 0 {
+            self.problem(
+                "mesh.register.port".into(),
+                "the port must be above 0".into(),
+            );
+        }
+        let ttl = self
+            .duration("mesh.register.ttl", r.ttl.as_deref())
+            .unwrap_or(DEFAULT_REGISTER_TTL);
+        if ttl < Duration::from_secs(1) {
+            self.problem_with_hint(
+                "mesh.register.ttl".into(),
+                "`ttl` must be at least 1s".into(),
+                Some("renewals go every third of the TTL; a shorter one floods the leader".into()),
+            );
+        }
+        let weight = r.weight.unwrap_or(1);
+        if weight == 0 {
+            self.problem(
+                "mesh.register.weight".into(),
+                "`weight` must be at least 1".into(),
+            );
+        }
+        let health_check = r
+            .health_check
+            .as_ref()
+            .and_then(|h| self.health_check("mesh.register.health_check", h));
+        if self.problems.len() > before {
+            return None;
+        }
+        let host = if r.address.contains(':') {
+            format!("[{}]", r.address)
+        } else {
+            r.address.clone()
+        };
+        Some(RegisterConfig {
+            registration: Registration {
+                service: r.service.clone(),
+                id: r
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{host}:{}", r.service, r.port)),
+                address: r.address.clone(),
+                port: r.port,
+                weight,
+                metadata: r.metadata.clone(),
+                ttl_ms: ttl.as_millis() as u64,
+            },
+            health_check,
         })
     }
 

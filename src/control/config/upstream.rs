@@ -615,7 +615,11 @@ impl Validator {
         parsed
     }
 
-    fn health_check(&mut self, path: &str, h: &RawHealthCheck) -> Option<HealthCheckConfig> {
+    pub(super) fn health_check(
+        &mut self,
+        path: &str,
+        h: &RawHealthCheck,
+    ) -> Option<HealthCheckConfig> {
         let before = self.problems.len();
         let p = |f: &str| format!("{path}.{f}");
         let kind = match h.protocol.as_deref().unwrap_or("http") {

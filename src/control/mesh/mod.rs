@@ -12,6 +12,7 @@ pub mod group;
 pub mod leases;
 pub mod network;
 pub mod node;
+pub mod registrar;
 pub mod registry;
 pub mod server;
 pub mod store;
