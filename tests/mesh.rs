@@ -42,17 +42,27 @@ struct Member {
 }
 
 fn write_config(dir: &Path, id: u64, members: &[(u64, String)]) -> std::path::PathBuf {
+    let me = members.iter().find(|(i, _)| *i == id).unwrap().1.clone();
+    write_member_config(dir, id, &me, "voter", members)
+}
+
+fn write_member_config(
+    dir: &Path,
+    id: u64,
+    me: &str,
+    role: &str,
+    members: &[(u64, String)],
+) -> std::path::PathBuf {
     let list: String = members
         .iter()
         .map(|(i, a)| format!("    {i}: {a}\n"))
         .collect();
-    let me = &members.iter().find(|(i, _)| *i == id).unwrap().1;
     let path = dir.join(format!("node{id}.yaml"));
     let data = dir.join(format!("data{id}"));
     std::fs::write(
         &path,
         format!(
-            "admin:\n  address: 127.0.0.1:0\nmesh:\n  node_id: {id}\n  listen: {me}\n  data_dir: {}\n  members:\n{list}",
+            "admin:\n  address: 127.0.0.1:0\nmesh:\n  node_id: {id}\n  role: {role}\n  listen: {me}\n  data_dir: {}\n  members:\n{list}",
             data.display()
         ),
     )
@@ -384,4 +394,99 @@ async fn a_sidecar_registers_its_application_only_while_it_is_healthy() {
     assert!(sidecar.app.shutdown().await);
     // Deregistered as the drain began, not left to expire: no wait beyond the API round trip.
     assert!(registered(&member, "app").await.is_empty());
+}
+
+/// A fourth sidecar joins as a learner through the membership API and replicates the registry,
+/// is promoted to voter, and a voter is removed; the group keeps taking writes throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_joins_is_promoted_and_a_voter_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let members: Vec<(u64, String)> = (1..=3)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", 20 + i);
+            (i, format!("{ip}:{}", free_port(&ip)))
+        })
+        .collect();
+    let mut voters: Vec<Member> = members
+        .iter()
+        .map(|(id, mesh)| Member {
+            id: *id,
+            mesh: mesh.clone(),
+            config: write_config(dir.path(), *id, &members),
+            process: None,
+        })
+        .collect();
+    for m in &mut voters {
+        m.process = Some(Process::start(&m.config));
+    }
+    until(Duration::from_secs(30), || agreed_leader(&voters))
+        .await
+        .expect("no leader");
+    let learner_addr = format!("127.0.0.24:{}", free_port("127.0.0.24"));
+    let learner = Process::start(&write_member_config(
+        dir.path(),
+        4,
+        &learner_addr,
+        "learner",
+        &members,
+    ));
+    let client = h2_client();
+    let any = &members[0].1;
+    let join = format!(r#"{{"id":4,"address":"{learner_addr}"}}"#);
+    let joined = until(Duration::from_secs(30), || {
+        post(&client, any, "/v1/members/learner", &join)
+    })
+    .await
+    .expect("the learner was not added");
+    assert_eq!(joined["learners"], serde_json::json!([4]), "{joined}");
+
+    let reg = r#"{"service":"load","id":"x1","address":"10.1.0.1","port":80,"ttl_ms":600000}"#;
+    until(Duration::from_secs(20), || {
+        post(&client, any, "/v1/registry/register", reg)
+    })
+    .await
+    .expect("write refused");
+    let replicated = until(Duration::from_secs(20), || async {
+        registry_ids(&learner).await.contains("x1").then_some(())
+    })
+    .await;
+    assert!(
+        replicated.is_some(),
+        "the learner did not replicate the registry"
+    );
+    let status = mesh_status(&learner).await.unwrap();
+    assert_eq!(status["state"], "learner", "{status}");
+
+    let promoted = until(Duration::from_secs(30), || {
+        post(&client, any, "/v1/members/promote", r#"{"id":4}"#)
+    })
+    .await
+    .expect("the learner was not promoted");
+    assert_eq!(
+        promoted["voters"],
+        serde_json::json!([1, 2, 3, 4]),
+        "{promoted}"
+    );
+
+    let removed = until(Duration::from_secs(30), || {
+        post(&client, &learner_addr, "/v1/members/remove", r#"{"id":1}"#)
+    })
+    .await
+    .expect("voter 1 was not removed");
+    assert_eq!(removed["voters"], serde_json::json!([2, 3, 4]), "{removed}");
+
+    let reg = r#"{"service":"load","id":"x2","address":"10.1.0.2","port":80,"ttl_ms":600000}"#;
+    until(Duration::from_secs(30), || {
+        post(&client, &learner_addr, "/v1/registry/register", reg)
+    })
+    .await
+    .expect("the reshaped group took no write");
+    let on_four = until(Duration::from_secs(20), || async {
+        registry_ids(&learner).await.contains("x2").then_some(())
+    })
+    .await;
+    assert!(
+        on_four.is_some(),
+        "the promoted member did not apply the write"
+    );
 }

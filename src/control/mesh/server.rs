@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use openraft::raft::AppendEntriesResponse;
-use openraft::{Raft, ServerState};
+use openraft::{ChangeMembers, Raft, ServerState};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -166,11 +166,115 @@ pub async fn answer(ctx: &Context, req: Request<Incoming>) -> Response<Full<Byte
             }
             Err(r) => r,
         },
+        "/v1/members/learner" => match decode::<MemberRef>(&body) {
+            Ok(MemberRef {
+                id,
+                address: Some(addr),
+            }) => {
+                let added = ctx
+                    .raft
+                    .add_learner(id, super::types::Member::new(addr), true);
+                membership(
+                    ctx,
+                    &route,
+                    tokio::time::timeout(MEMBERSHIP_TIMEOUT, added).await,
+                )
+            }
+            Ok(_) => text(StatusCode::BAD_REQUEST, "a learner needs its `address`\n"),
+            Err(r) => r,
+        },
+        "/v1/members/promote" => match decode::<MemberRef>(&body) {
+            Ok(m) => {
+                let ids = std::collections::BTreeSet::from([m.id]);
+                let change = ctx
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds(ids), false);
+                membership(
+                    ctx,
+                    &route,
+                    tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await,
+                )
+            }
+            Err(r) => r,
+        },
+        "/v1/members/remove" => match decode::<MemberRef>(&body) {
+            Ok(m) => {
+                let ids = std::collections::BTreeSet::from([m.id]);
+                let change = ctx
+                    .raft
+                    .change_membership(ChangeMembers::RemoveVoters(ids), false);
+                membership(
+                    ctx,
+                    &route,
+                    tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await,
+                )
+            }
+            Err(r) => r,
+        },
         "/v1/registry/renew" => match decode::<Renew>(&body) {
             Ok(r) => renew(ctx, &route, &r.leases),
             Err(r) => r,
         },
         _ => text(StatusCode::NOT_FOUND, "no such mesh RPC\n"),
+    }
+}
+
+/// How long a membership change may take (a learner catching up included).
+pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Names a member in a membership change.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MemberRef {
+    /// The member's id.
+    pub id: NodeId,
+    /// Its mesh address (to add a learner).
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+type MembershipResult = Result<
+    Result<
+        openraft::raft::ClientWriteResponse<Mesh>,
+        openraft::error::RaftError<
+            NodeId,
+            openraft::error::ClientWriteError<NodeId, super::types::Member>,
+        >,
+    >,
+    tokio::time::error::Elapsed,
+>;
+
+fn membership(ctx: &Context, route: &str, result: MembershipResult) -> Response<Full<Bytes>> {
+    use openraft::error::{ClientWriteError, RaftError};
+    match result {
+        Ok(Ok(resp)) => {
+            let m = resp.membership.as_ref();
+            let voters: Vec<NodeId> = m.map(|m| m.voter_ids().collect()).unwrap_or_default();
+            let learners: Vec<NodeId> = m.map(|m| m.learner_ids().collect()).unwrap_or_default();
+            let mut r = json(&serde_json::json!({
+                "voters": voters,
+                "learners": learners,
+                "term": resp.log_id.leader_id.term,
+                "index": resp.log_id.index,
+            }));
+            version(&mut r, Some(resp.log_id));
+            r
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            redirect(ctx, route, f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            reason(StatusCode::CONFLICT, "mesh_membership", &format!("{e}\n"))
+        }
+        Ok(Err(e)) => reason(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "mesh_stopped",
+            &format!("{e}\n"),
+        ),
+        Err(_) => reason(
+            StatusCode::GATEWAY_TIMEOUT,
+            "mesh_outcome_unknown",
+            "the membership change did not commit in time\n",
+        ),
     }
 }
 
