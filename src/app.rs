@@ -223,7 +223,7 @@ impl App {
         // The member starts first: `registry` clusters read from it as they are built.
         let (mesh, registry) = match loaded.config.mesh.clone() {
             Some(c) if c.role != Role::Client => {
-                let member = start_member(c).await?;
+                let member = start_member(c, &metrics).await?;
                 let registry = Registry::Local(member.node.state.clone());
                 (Some(member), Some(registry))
             }
@@ -587,7 +587,7 @@ impl View for AdminView {
 
 /// Starts this sidecar's mesh member: binds the mesh port, opens the store, joins (or forms) the
 /// group.
-async fn start_member(config: MeshConfig) -> Result<Member, AppError> {
+async fn start_member(config: MeshConfig, metrics: &Metrics) -> Result<Member, AppError> {
     let (Some(node_id), Some(listen), Some(data_dir)) =
         (config.node_id, config.listen, config.data_dir.clone())
     else {
@@ -610,7 +610,7 @@ async fn start_member(config: MeshConfig) -> Result<Member, AppError> {
         snapshot_every: config.snapshot_every,
     };
     let tasks = Tasks::new();
-    let node = Node::start(&settings, socket, Tcp, &tasks).await?;
+    let node = Node::start(&settings, socket, Tcp, metrics.mesh.clone(), &tasks).await?;
     tracing::info!(node_id, %listen, role = ?config.role, "mesh member started");
     Ok(Member { node, tasks })
 }

@@ -312,6 +312,22 @@ async fn a_registry_cluster_routes_to_registered_instances() {
             "{clusters}"
         );
     }
+    let m = support::scrape(&member).await;
+    assert_eq!(
+        support::metric(&m, "outrigger_mesh_registered_instances"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(support::metric(&m, "outrigger_mesh_leader"), 1.0, "{m}");
+    assert!(support::metric(&m, "outrigger_mesh_term") >= 1.0, "{m}");
+    assert!(
+        support::metric(&m, "outrigger_mesh_proposals_total{result=\"committed\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        support::metric(&m, "outrigger_mesh_commit_seconds_count") >= 1.0,
+        "{m}"
+    );
     let metrics = support::scrape(&client).await;
     let counted = metrics.lines().any(|l| {
         l.starts_with("outrigger_discovery_updates_total{")

@@ -17,10 +17,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::leases::{Leases, Renewal};
-use super::registry::{Change, Lease};
+use super::registry::{Change, Lease, Outcome};
 use super::store::State;
 use super::types::{Applied, Command, LogId, Mesh, NodeId, Op};
 use crate::tasks::Tasks;
+use crate::telemetry::metrics::mesh::{Families as MeshMetrics, Proposal};
 
 /// Operations a proposer puts in one entry at most.
 pub const MAX_BATCH: usize = 1024;
@@ -63,6 +64,7 @@ type Pending = (Op, oneshot::Sender<Result<Written, WriteError>>);
 #[derive(Clone, Debug)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
+    metrics: MeshMetrics,
 }
 
 impl Proposer {
@@ -70,7 +72,10 @@ impl Proposer {
     pub async fn propose(&self, op: Op) -> Result<Written, WriteError> {
         let (tx, rx) = oneshot::channel();
         self.tx.try_send((op, tx)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => WriteError::Busy,
+            mpsc::error::TrySendError::Full(_) => {
+                self.metrics.proposed(Proposal::Busy, 1);
+                WriteError::Busy
+            }
             mpsc::error::TrySendError::Closed(_) => WriteError::Stopped("proposer ended".into()),
         })?;
         rx.await
@@ -178,25 +183,49 @@ fn ttl(state: &State, l: &Lease) -> Duration {
 pub fn start(
     raft: Raft<Mesh>,
     state: watch::Receiver<Arc<State>>,
+    metrics: MeshMetrics,
     tasks: &Tasks,
 ) -> (Proposer, Arc<LeaseTable>) {
     let (tx, rx) = mpsc::channel(QUEUE);
-    tasks.spawn("mesh_proposer", propose(raft.clone(), rx));
+    tasks.spawn("mesh_proposer", propose(raft.clone(), rx, metrics.clone()));
     let table = Arc::new(LeaseTable::default());
-    let proposer = Proposer { tx };
+    let proposer = Proposer {
+        tx,
+        metrics: metrics.clone(),
+    };
     tasks.spawn(
         "mesh_leases",
-        lease_clock(raft, state, proposer.clone(), table.clone(), tasks.clone()),
+        lease_clock(
+            raft,
+            state,
+            proposer.clone(),
+            table.clone(),
+            metrics,
+            tasks.clone(),
+        ),
     );
     (proposer, table)
 }
 
-async fn propose(raft: Raft<Mesh>, mut rx: mpsc::Receiver<Pending>) {
+async fn propose(raft: Raft<Mesh>, mut rx: mpsc::Receiver<Pending>, metrics: MeshMetrics) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let (ops, waiters): (Vec<Op>, Vec<_>) = batch.drain(..).unzip();
+        let started = Instant::now();
         let written =
             tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(Command { ops })).await;
+        let result = match &written {
+            Ok(Ok(_)) => {
+                metrics.committed_in(started.elapsed().as_secs_f64());
+                Proposal::Committed
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Proposal::NotLeader
+            }
+            Ok(Err(RaftError::Fatal(_))) => Proposal::Stopped,
+            Ok(Err(_)) | Err(_) => Proposal::Unknown,
+        };
+        metrics.proposed(result, waiters.len());
         match written {
             Ok(Ok(resp)) => {
                 let log_id = resp.log_id;
@@ -239,15 +268,16 @@ async fn lease_clock(
     mut state: watch::Receiver<Arc<State>>,
     proposer: Proposer,
     table: Arc<LeaseTable>,
+    metrics: MeshMetrics,
     tasks: Tasks,
 ) {
-    let mut metrics = raft.metrics();
+    let mut raft_metrics = raft.metrics();
     let mut tick = tokio::time::interval(LEASE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading_term = None;
     loop {
         let (leading, term) = {
-            let m = metrics.borrow_and_update();
+            let m = raft_metrics.borrow_and_update();
             (m.state == ServerState::Leader, m.current_term)
         };
         if !leading {
@@ -272,7 +302,7 @@ async fn lease_clock(
             }
         }
         tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
+            changed = raft_metrics.changed() => if changed.is_err() { return },
             changed = state.changed() => {
                 if changed.is_err() {
                     return;
@@ -290,13 +320,21 @@ async fn lease_clock(
                 if !lapsed.is_empty() {
                     let proposer = proposer.clone();
                     let table = table.clone();
+                    let metrics = metrics.clone();
                     // Not awaited here: the clock keeps ticking while the expiry commits.
                     tasks.spawn("mesh_expiry", async move {
                         let op = Op::Registry(Change::Expire { leases: lapsed.clone() });
-                        if let Err(e) = proposer.propose(op).await {
-                            tracing::debug!(error = %e, "lease expiry not committed; will retry");
-                            if let Some(leases) = table.lock().as_mut() {
-                                leases.retry(&lapsed);
+                        match proposer.propose(op).await {
+                            Ok(Written { applied: Applied::Registry(Outcome::Expired { removed }), .. }) => {
+                                metrics.expired(removed.len());
+                                tracing::info!(expired = removed.len(), "mesh leases expired");
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::debug!(error = %e, "lease expiry not committed; will retry");
+                                if let Some(leases) = table.lock().as_mut() {
+                                    leases.retry(&lapsed);
+                                }
                             }
                         }
                     });

@@ -21,6 +21,7 @@ use super::server::{self, Context};
 use super::store::{self, State};
 use super::types::{Member, Mesh, NodeId};
 use crate::tasks::Tasks;
+use crate::telemetry::metrics::mesh::Families as MeshMetrics;
 
 /// What a member needs to start.
 #[derive(Clone, Debug)]
@@ -81,6 +82,7 @@ impl Node {
         settings: &Settings,
         socket: TcpListener,
         connect: C,
+        metrics: MeshMetrics,
         tasks: &Tasks,
     ) -> Result<Node, StartError> {
         let config = Config {
@@ -104,7 +106,11 @@ impl Node {
         let state = machine.subscribe();
         let network = Network::new(connect, settings.heartbeat);
         let raft = Raft::new(settings.node_id, Arc::new(config), network, log, machine).await?;
-        let (proposer, leases) = group::start(raft.clone(), state.clone(), tasks);
+        let (proposer, leases) = group::start(raft.clone(), state.clone(), metrics.clone(), tasks);
+        tasks.spawn(
+            "mesh_metrics",
+            report(raft.clone(), state.clone(), leases.clone(), metrics),
+        );
         let ctx = Context {
             raft: raft.clone(),
             state: state.clone(),
@@ -136,6 +142,40 @@ impl Node {
             proposer,
             leases,
         })
+    }
+}
+
+/// Keeps the mesh gauges in line with the member's Raft state and registry.
+async fn report(
+    raft: Raft<Mesh>,
+    mut state: watch::Receiver<Arc<State>>,
+    leases: Arc<LeaseTable>,
+    metrics: MeshMetrics,
+) {
+    let mut raft_metrics = raft.metrics();
+    let mut snapshot = None;
+    loop {
+        {
+            let m = raft_metrics.borrow_and_update();
+            metrics.raft(
+                m.current_term,
+                m.current_leader,
+                m.last_log_index.unwrap_or(0),
+                m.last_applied.map_or(0, |l| l.index),
+            );
+            if m.snapshot != snapshot {
+                if m.snapshot.is_some() {
+                    metrics.snapshot();
+                }
+                snapshot = m.snapshot;
+            }
+        }
+        let instances = state.borrow_and_update().registry.instance_count();
+        metrics.registry(instances, leases.len());
+        tokio::select! {
+            changed = raft_metrics.changed() => if changed.is_err() { return },
+            changed = state.changed() => if changed.is_err() { return },
+        }
     }
 }
 
@@ -230,9 +270,15 @@ mod tests {
             };
             let scope = root.child();
             nodes.push(Some(
-                Node::start(&settings, socket, Tcp, scope.tasks())
-                    .await
-                    .unwrap(),
+                Node::start(
+                    &settings,
+                    socket,
+                    Tcp,
+                    crate::telemetry::metrics::Metrics::new().unwrap().mesh,
+                    scope.tasks(),
+                )
+                .await
+                .unwrap(),
             ));
             scopes.push(Some(scope));
         }
@@ -341,9 +387,15 @@ mod tests {
             };
             let scope = root.child();
             nodes.push(Some(
-                Node::start(&settings, socket, Tcp, scope.tasks())
-                    .await
-                    .unwrap(),
+                Node::start(
+                    &settings,
+                    socket,
+                    Tcp,
+                    crate::telemetry::metrics::Metrics::new().unwrap().mesh,
+                    scope.tasks(),
+                )
+                .await
+                .unwrap(),
             ));
             scopes.push(Some(scope));
         }

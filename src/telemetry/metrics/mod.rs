@@ -13,6 +13,7 @@
 pub mod control;
 pub mod http;
 pub mod listener;
+pub mod mesh;
 pub mod resilience;
 pub mod upstream;
 
@@ -45,6 +46,8 @@ pub struct Metrics {
     pub resilience: resilience::Families,
     /// Config reloads, discovery, DNS, health checks and certificate files.
     pub control: control::Families,
+    /// The embedded Raft group.
+    pub mesh: mesh::Families,
 }
 
 impl Metrics {
@@ -67,6 +70,7 @@ impl Metrics {
             upstream: upstream::Families::new(&mut r, resilience.bulkhead.clone())?,
             resilience,
             control: control::Families::new(&mut r)?,
+            mesh: mesh::Families::new(&mut r)?,
             registry,
         })
     }
