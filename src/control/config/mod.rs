@@ -255,7 +255,7 @@ fn explain(message: &str) -> (String, Option<String>) {
     if word == "cluster" && head.starts_with("unknown field") && expected.contains("`listeners`") {
         return (
             head.to_owned(),
-            Some("`cluster:` at the top level is reserved for the embedded Raft group".into()),
+            Some("the embedded Raft group's section is `mesh:` (`clusters:` are upstreams)".into()),
         );
     }
     let choices: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
@@ -428,7 +428,7 @@ clusters:
         let errs = errors("cluster:\n  peers: []\n");
         assert_eq!(errs.len(), 1);
         assert!(
-            errs[0].contains("reserved for the embedded Raft group"),
+            errs[0].contains("the embedded Raft group's section is `mesh:`"),
             "{errs:?}"
         );
     }
