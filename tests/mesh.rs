@@ -124,18 +124,7 @@ async fn post(
 }
 
 async fn registry_ids(p: &Process) -> BTreeSet<String> {
-    let Ok((_, _, text)) = get(&h1_client(), &p.admin_url("/registry")).await else {
-        return BTreeSet::new();
-    };
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    v["services"]["load"]["instances"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|i| i["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    registry_ids_of(p, "load").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,4 +494,182 @@ async fn a_learner_joins_is_promoted_and_a_voter_is_removed() {
         on_four.is_some(),
         "the promoted member did not apply the write"
     );
+}
+
+/// Three instances register through their sidecars; a caller's `registry` cluster routes to
+/// them; one instance's sidecar is killed with `kill -9` and leaves the caller's endpoint set
+/// when its lease expires; then the group's leader is killed and no healthy instance expires.
+/// The caller's GETs never fail throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_leaves_the_callers_endpoints_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let members: Vec<(u64, String)> = (1..=3)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", 40 + i);
+            (i, format!("{ip}:{}", free_port(&ip)))
+        })
+        .collect();
+    let mut group: Vec<Member> = members
+        .iter()
+        .map(|(id, mesh)| Member {
+            id: *id,
+            mesh: mesh.clone(),
+            config: write_config(dir.path(), *id, &members),
+            process: None,
+        })
+        .collect();
+    for m in &mut group {
+        m.process = Some(Process::start(&m.config));
+    }
+    let (leader, term) = until(Duration::from_secs(30), || agreed_leader(&group))
+        .await
+        .expect("no leader");
+    let member_list: String = members
+        .iter()
+        .map(|(i, a)| format!("    {i}: {a}\n"))
+        .collect();
+
+    // Three instances: an origin each, behind its own sidecar that registers it.
+    let mut origins = Vec::new();
+    let mut instances = Vec::new();
+    for n in 1..=3 {
+        let origin = support::Origin::start(&format!("instance-{n}")).await;
+        let port = free_port("127.0.0.1");
+        let path = dir.path().join(format!("instance{n}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: in\n    address: 127.0.0.1:{port}\n    routes:\n      - name: all\n        cluster: local\nclusters:\n  - name: local\n    endpoints: [\"{}\"]\nmesh:\n  role: client\n  members:\n{member_list}  register:\n    service: api\n    id: instance-{n}\n    address: 127.0.0.1\n    port: {port}\n    ttl: 2s\n",
+                origin.addr
+            ),
+        )
+        .unwrap();
+        instances.push(Some(Process::start(&path)));
+        origins.push(origin);
+    }
+    let leader_process = group[leader as usize - 1].process.as_ref().unwrap();
+    let all_registered = until(Duration::from_secs(30), || async {
+        let ids = registry_ids_of(leader_process, "api").await;
+        (ids.len() == 3).then_some(ids)
+    })
+    .await;
+    assert!(
+        all_registered.is_some(),
+        "the three instances did not register"
+    );
+
+    let caller = support::Proxy::start(&format!(
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: all\n        cluster: api\nclusters:\n  - name: api\n    registry: {{ service: api }}\nmesh:\n  role: client\n  members:\n{member_list}"
+    ))
+    .await;
+    let endpoints = |proxy: &support::Proxy| {
+        let url = proxy.admin_url("/clusters");
+        async move {
+            let text = get(&h1_client(), &url)
+                .await
+                .map(|r| r.2)
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            v["clusters"][0]["endpoints"]
+                .as_array()
+                .map(|a| a.len())
+                .unwrap_or(0)
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            endpoints(&caller).await == 3
+        })
+        .await,
+        "the caller did not learn the three instances"
+    );
+
+    // Steady GETs through the caller for the rest of the test, counting failures.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = caller.url("in", "/");
+    let load = {
+        let (stop, failed, served) = (stop.clone(), failed.clone(), served.clone());
+        tokio::spawn(async move {
+            let client = h1_client();
+            // Bounded: at most 20,000 requests.
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match get(&client, &url).await {
+                    Ok((StatusCode::OK, _, _)) => served.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    // kill -9 of instance 2's sidecar: its lease expires and it leaves the caller's set.
+    let mut killed = instances[1].take().unwrap();
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            endpoints(&caller).await == 2
+        })
+        .await,
+        "the killed instance stayed in the caller's endpoint set"
+    );
+    let left = registry_ids_of(leader_process, "api").await;
+    assert_eq!(
+        left,
+        BTreeSet::from(["instance-1".to_owned(), "instance-3".to_owned()])
+    );
+
+    // kill -9 of the group's leader: a new leader grants fresh TTLs, no healthy instance expires.
+    let mut gone = group[leader as usize - 1].process.take().unwrap();
+    gone.child.kill().unwrap();
+    gone.child.wait().unwrap();
+    let (new_leader, _) = until(Duration::from_secs(30), || async {
+        agreed_leader(&group).await.filter(|(_, t)| *t > term)
+    })
+    .await
+    .expect("no new leader");
+    let new_leader_process = group[new_leader as usize - 1].process.as_ref().unwrap();
+    // 600 more requests at 5 ms or more apiece: over a TTL (2 s) under the new leader, whose
+    // renewals keep both live instances registered.
+    let before = served.load(Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            served.load(Ordering::Relaxed) >= before + 600
+        })
+        .await
+    );
+    let kept = registry_ids_of(new_leader_process, "api").await;
+    assert_eq!(
+        kept,
+        BTreeSet::from(["instance-1".to_owned(), "instance-3".to_owned()])
+    );
+    assert_eq!(endpoints(&caller).await, 2);
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "GETs failed at the caller"
+    );
+    assert!(served.load(Ordering::Relaxed) > 600);
+}
+
+async fn registry_ids_of(p: &Process, service: &str) -> BTreeSet<String> {
+    let Ok((_, _, text)) = get(&h1_client(), &p.admin_url("/registry")).await else {
+        return BTreeSet::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["services"][service]["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
