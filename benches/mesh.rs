@@ -144,14 +144,18 @@ async fn main() {
     let mut leader_url = None;
     for _ in 0..500 {
         let url = format!("http://{}/v1/registry/register", members[0].1);
-        match call(&http, &url, registration(0)).await {
-            (StatusCode::OK, _, _) => leader_url = Some(url),
-            (StatusCode::TEMPORARY_REDIRECT, _, Some(to)) => {
-                if call(&http, &to, registration(0)).await.0 == StatusCode::OK {
-                    leader_url = Some(to);
-                }
+        let redirect = match call(&http, &url, registration(0)).await {
+            (StatusCode::OK, _, _) => {
+                leader_url = Some(url);
+                None
             }
-            _ => {}
+            (StatusCode::TEMPORARY_REDIRECT, _, to) => to,
+            _ => None,
+        };
+        if let Some(to) = redirect {
+            if call(&http, &to, registration(0)).await.0 == StatusCode::OK {
+                leader_url = Some(to);
+            }
         }
         if leader_url.is_some() {
             break;

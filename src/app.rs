@@ -86,7 +86,7 @@ pub enum AppError {
     },
     /// The mesh member could not start.
     #[error(transparent)]
-    Mesh(#[from] mesh::node::StartError),
+    Mesh(Box<mesh::node::StartError>),
     /// A reload changed a setting that takes effect only at start.
     #[error("{0} takes effect only at start: restart the sidecar to change it")]
     NeedsRestart(&'static str),
@@ -229,7 +229,7 @@ impl App {
             }
             Some(c) => {
                 let client = MeshClient::new(c.members.values().cloned().collect());
-                (None, Some(Registry::Remote(client)))
+                (None, Some(Registry::Remote(Box::new(client))))
             }
             None => (None, None),
         };
@@ -582,6 +582,12 @@ impl View for AdminView {
                 .collect(),
             last_error: self.0.last_error.load().as_deref().cloned(),
         }
+    }
+}
+
+impl From<mesh::node::StartError> for AppError {
+    fn from(e: mesh::node::StartError) -> Self {
+        AppError::Mesh(Box::new(e))
     }
 }
 

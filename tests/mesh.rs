@@ -2,6 +2,8 @@
 //! their configs alone, lose their leader to `kill -9` under a steady write load without losing
 //! an acknowledged write, and the killed member catches up from its data directory.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod support;
 
 use std::collections::BTreeSet;

@@ -32,7 +32,7 @@ pub enum Registry {
     /// A member's own applied state.
     Local(watch::Receiver<Arc<State>>),
     /// The members' registry API.
-    Remote(MeshClient),
+    Remote(Box<MeshClient>),
 }
 
 impl Registry {
@@ -150,8 +150,9 @@ impl Discovery for Watch {
                 Some(self.local_answer(&state))
             }
             Registry::Remote(client) => loop {
+                let client = &*client;
                 let before = self.seen;
-                let update = self.remote(&client).await;
+                let update = self.remote(client).await;
                 match &update {
                     Update::Failed(_) => {
                         tokio::time::sleep(RETRY).await;

@@ -11,6 +11,10 @@
 //! stops this member (a member that cannot trust its disk must not vote); the rest of the group
 //! carries on.
 
+// openraft's storage traits fix `StorageError` (a large enum) as the error type of every method,
+// so the helpers that build it return it unboxed too.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
