@@ -343,8 +343,9 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let peer = conn.peer;
     let h1 = req.version() <= Version::HTTP_11;
-    let unrouted = Counted {
-        metrics: &route.unrouted,
+    // Built only for an answer given before a cluster is chosen: its series appear then.
+    let unrouted = || Counted {
+        metrics: route.unrouted(),
         route: &route.name,
         cluster: NONE,
     };
@@ -352,18 +353,42 @@ async fn forward(
         let ids = conn.who.identity.as_deref().unwrap_or(&[]);
         if !allowed(patterns, ids) {
             let resp = local(state, ProxyError::Forbidden, h1);
-            return finish(state, conn, &unrouted, req.method(), req.uri(), resp, start);
+            return finish(
+                state,
+                conn,
+                &unrouted(),
+                req.method(),
+                req.uri(),
+                resp,
+                start,
+            );
         }
     }
     if let Some(limit) = route.max_request_body {
         if req.body().size_hint().lower() > limit {
             let resp = local(state, ProxyError::BodyTooLarge(limit), h1);
-            return finish(state, conn, &unrouted, req.method(), req.uri(), resp, start);
+            return finish(
+                state,
+                conn,
+                &unrouted(),
+                req.method(),
+                req.uri(),
+                resp,
+                start,
+            );
         }
     }
     let Some(target) = route.pick_for(req.headers(), req.uri().path(), peer) else {
         let resp = local(state, ProxyError::NoRoute, h1);
-        return finish(state, conn, &unrouted, req.method(), req.uri(), resp, start);
+        return finish(
+            state,
+            conn,
+            &unrouted(),
+            req.method(),
+            req.uri(),
+            resp,
+            start,
+        );
     };
     // The request is consumed by the stack; its method and target are kept only for the log.
     let logged = state

@@ -4,7 +4,7 @@
 //! matching a request only compares strings: first matching route wins, in file order.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{header, HeaderMap, Method, Request};
@@ -119,8 +119,12 @@ pub struct Route {
     pub idle_timeout: Option<Duration>,
     /// For a partitioned route: how a key picks one of `targets`.
     partition: Option<PartitionConfig>,
-    /// Metrics for answers given before a cluster was chosen (refused, or no shard key).
-    pub unrouted: RouteMetrics,
+    /// Metrics for answers given before a cluster was chosen (refused, or no shard key),
+    /// created on the first such answer: most routes never give one, and creating six series
+    /// per route at compile time made a 10,000-route reload 40% slower.
+    unrouted: OnceLock<RouteMetrics>,
+    /// What creating `unrouted` needs, shared by the table's routes.
+    families: Arc<(crate::telemetry::metrics::http::Families, Arc<str>)>,
     /// Rate limiter, route bulkhead and faults, kept across reloads while their config holds.
     shared: Arc<RouteShared>,
     /// The config `shared` was built from.
@@ -166,6 +170,7 @@ impl RouteTable {
         metrics: &Metrics,
         rng: &Rng,
     ) -> Result<Self, UnknownCluster> {
+        let families = Arc::new((metrics.http.clone(), Arc::<str>::from(listener)));
         let routes = routes
             .iter()
             .map(|r| {
@@ -214,7 +219,8 @@ impl RouteTable {
                     allowed_identities: r.allowed_identities.clone(),
                     idle_timeout: r.idle_timeout,
                     partition: r.partition.clone(),
-                    unrouted: metrics.http.route(listener, &r.name, NONE),
+                    unrouted: OnceLock::new(),
+                    families: families.clone(),
                     shared,
                     shared_config: r.clone(),
                 })
@@ -253,6 +259,14 @@ impl RouteTable {
 }
 
 impl Route {
+    /// The metrics of this route's answers given before a cluster was chosen.
+    pub fn unrouted(&self) -> &RouteMetrics {
+        self.unrouted.get_or_init(|| {
+            let (families, listener) = &*self.families;
+            families.route(listener, &self.name, NONE)
+        })
+    }
+
     /// The target for the next request, following the weights.
     pub fn pick(&self) -> Option<&Target> {
         self.targets.get(self.picker.pick())
