@@ -365,6 +365,10 @@ mod tests {
     }
 
     async fn group(n: u64) -> Group {
+        group_with(n, 1000).await
+    }
+
+    async fn group_with(n: u64, snapshot_every: u64) -> Group {
         let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
         let mut sockets = Vec::new();
         let mut voters = BTreeMap::new();
@@ -383,7 +387,7 @@ mod tests {
                 voters: voters.clone(),
                 heartbeat: Duration::from_millis(50),
                 election: (Duration::from_millis(300), Duration::from_millis(600)),
-                snapshot_every: 1000,
+                snapshot_every,
             };
             let scope = root.child();
             nodes.push(Some(
@@ -536,6 +540,51 @@ mod tests {
             Some(revision),
             "{read}"
         );
+        for id in 1..=3 {
+            g.stop(id).await;
+        }
+    }
+
+    /// Snapshots are taken every `snapshot_every` applied entries and the log before them is
+    /// purged on every member, so the log on disk stays bounded however many writes come.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshots_purge_the_log_so_it_stays_bounded() {
+        let mut g = group_with(3, 40).await;
+        let first = leader(&g.nodes).await;
+        let l = g.nodes[first as usize - 1].as_ref().unwrap();
+        for i in 0..400 {
+            l.raft
+                .client_write(registration(&format!("i{i}")))
+                .await
+                .unwrap();
+        }
+        for n in g.nodes.iter().flatten() {
+            let m = n
+                .raft
+                .wait(Some(Duration::from_secs(20)))
+                .metrics(
+                    |m| {
+                        let last = m.last_log_index.unwrap_or(0);
+                        let purged = m.purged.map_or(0, |p| p.index);
+                        m.snapshot.is_some() && last >= 400 && last - purged <= 40 + 40 + 64
+                    },
+                    "snapshot taken and log purged",
+                )
+                .await
+                .unwrap();
+            // Kept: at most one snapshot interval, the entries kept for laggards, and one
+            // purge batch.
+            let (last, purged) = (m.last_log_index.unwrap(), m.purged.unwrap().index);
+            assert!(last - purged <= 144, "{last} - {purged}");
+        }
+        // Everything is still there for readers.
+        let state = g.nodes[first as usize - 1]
+            .as_ref()
+            .unwrap()
+            .state
+            .borrow()
+            .clone();
+        assert_eq!(state.registry.instance_count(), 400);
         for id in 1..=3 {
             g.stop(id).await;
         }
