@@ -55,10 +55,7 @@ fn write_member_config(
     role: &str,
     members: &[(u64, String)],
 ) -> std::path::PathBuf {
-    let list: String = members
-        .iter()
-        .map(|(i, a)| format!("    {i}: {a}\n"))
-        .collect();
+    let list = member_list(members);
     let path = dir.join(format!("node{id}.yaml"));
     let data = dir.join(format!("data{id}"));
     std::fs::write(
@@ -70,6 +67,41 @@ fn write_member_config(
     )
     .unwrap();
     path
+}
+
+/// The `members:` lines of a config naming `members`.
+fn member_list(members: &[(u64, String)]) -> String {
+    members
+        .iter()
+        .map(|(i, a)| format!("    {i}: {a}\n"))
+        .collect()
+}
+
+/// Starts three voter processes on 127.0.0.{ip_base + id} and waits for them to agree on a
+/// leader; returns the members, the processes, and the leader with its term.
+async fn start_group(dir: &Path, ip_base: u8) -> (Vec<(u64, String)>, Vec<Member>, (u64, u64)) {
+    let members: Vec<(u64, String)> = (1..=3)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", u64::from(ip_base) + i);
+            (i, format!("{ip}:{}", free_port(&ip)))
+        })
+        .collect();
+    let mut group: Vec<Member> = members
+        .iter()
+        .map(|(id, mesh)| Member {
+            id: *id,
+            mesh: mesh.clone(),
+            config: write_config(dir, *id, &members),
+            process: None,
+        })
+        .collect();
+    for m in &mut group {
+        m.process = Some(Process::start(&m.config));
+    }
+    let leader = until(Duration::from_secs(30), || agreed_leader(&group))
+        .await
+        .expect("the group elected no leader from its configs");
+    (members, group, leader)
 }
 
 async fn mesh_status(p: &Process) -> Option<serde_json::Value> {
@@ -132,27 +164,7 @@ async fn registry_ids(p: &Process) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_group_survives_kill_9_of_its_leader_without_losing_an_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let members: Vec<(u64, String)> = (1..=3)
-        .map(|i| {
-            let ip = format!("127.0.0.{}", 10 + i);
-            (i, format!("{ip}:{}", free_port(&ip)))
-        })
-        .collect();
-    let mut group: Vec<Member> = members
-        .iter()
-        .map(|(id, mesh)| Member {
-            id: *id,
-            mesh: mesh.clone(),
-            config: write_config(dir.path(), *id, &members),
-            process: None,
-        })
-        .collect();
-    for m in &mut group {
-        m.process = Some(Process::start(&m.config));
-    }
-    let (leader, term) = until(Duration::from_secs(30), || agreed_leader(&group))
-        .await
-        .expect("the group elected no leader from its configs");
+    let (_, mut group, (leader, term)) = start_group(dir.path(), 10).await;
 
     // A steady write load through every member, recording what was acknowledged.
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
@@ -408,27 +420,7 @@ async fn a_sidecar_registers_its_application_only_while_it_is_healthy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_joins_is_promoted_and_a_voter_is_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let members: Vec<(u64, String)> = (1..=3)
-        .map(|i| {
-            let ip = format!("127.0.0.{}", 20 + i);
-            (i, format!("{ip}:{}", free_port(&ip)))
-        })
-        .collect();
-    let mut voters: Vec<Member> = members
-        .iter()
-        .map(|(id, mesh)| Member {
-            id: *id,
-            mesh: mesh.clone(),
-            config: write_config(dir.path(), *id, &members),
-            process: None,
-        })
-        .collect();
-    for m in &mut voters {
-        m.process = Some(Process::start(&m.config));
-    }
-    until(Duration::from_secs(30), || agreed_leader(&voters))
-        .await
-        .expect("no leader");
+    let (members, _voters, _) = start_group(dir.path(), 20).await;
     let learner_addr = format!("127.0.0.24:{}", free_port("127.0.0.24"));
     let learner = Process::start(&write_member_config(
         dir.path(),
@@ -505,31 +497,8 @@ async fn a_learner_joins_is_promoted_and_a_voter_is_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_leaves_the_callers_endpoints_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
-    let members: Vec<(u64, String)> = (1..=3)
-        .map(|i| {
-            let ip = format!("127.0.0.{}", 40 + i);
-            (i, format!("{ip}:{}", free_port(&ip)))
-        })
-        .collect();
-    let mut group: Vec<Member> = members
-        .iter()
-        .map(|(id, mesh)| Member {
-            id: *id,
-            mesh: mesh.clone(),
-            config: write_config(dir.path(), *id, &members),
-            process: None,
-        })
-        .collect();
-    for m in &mut group {
-        m.process = Some(Process::start(&m.config));
-    }
-    let (leader, term) = until(Duration::from_secs(30), || agreed_leader(&group))
-        .await
-        .expect("no leader");
-    let member_list: String = members
-        .iter()
-        .map(|(i, a)| format!("    {i}: {a}\n"))
-        .collect();
+    let (members, mut group, (leader, term)) = start_group(dir.path(), 40).await;
+    let member_list = member_list(&members);
 
     // Three instances: an origin each, behind its own sidecar that registers it.
     let mut origins = Vec::new();

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::upstream::{HealthCheckConfig, RawHealthCheck};
 use super::validate::Validator;
-use crate::control::mesh::registry::Registration;
+use crate::control::mesh::registry::{host_port, Registration};
 
 /// Leader heartbeat period when the config names none.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(50);
@@ -317,18 +317,13 @@ impl Validator {
         if self.problems.len() > before {
             return None;
         }
-        let host = if r.address.contains(':') {
-            format!("[{}]", r.address)
-        } else {
-            r.address.clone()
-        };
         Some(RegisterConfig {
             registration: Registration {
                 service: r.service.clone(),
                 id: r
                     .id
                     .clone()
-                    .unwrap_or_else(|| format!("{}-{host}:{}", r.service, r.port)),
+                    .unwrap_or_else(|| format!("{}-{}", r.service, host_port(&r.address, r.port))),
                 address: r.address.clone(),
                 port: r.port,
                 weight,

@@ -62,14 +62,8 @@ fn modified(state: &State, service: &str) -> u64 {
 fn targets<'a>(instances: impl Iterator<Item = &'a Instance>) -> Update {
     let mut list: Vec<Target> = instances
         .filter_map(|i| {
-            let r = &i.registration;
-            let host = if r.address.contains(':') && !r.address.starts_with('[') {
-                format!("[{}]", r.address)
-            } else {
-                r.address.clone()
-            };
-            let authority: Authority = format!("{host}:{}", r.port).parse().ok()?;
-            Some((authority, r.weight.max(1)))
+            let authority: Authority = i.registration.host_port().parse().ok()?;
+            Some((authority, i.registration.weight.max(1)))
         })
         .collect();
     if list.is_empty() {

@@ -14,6 +14,7 @@
 //!   a quorum that has not moved on to a newer term (Raft's own guarantee).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -43,7 +44,20 @@ struct Tracked {
 pub struct Leases {
     /// By service, then instance id: both lookups borrow a `&str`, so a renewal builds no key.
     tracked: HashMap<String, HashMap<String, Tracked>>,
+    /// The registry as of the last sync, to tell which services changed since.
+    synced: Registry,
     last_tick: Option<Instant>,
+}
+
+impl Tracked {
+    fn fresh(revision: u64, ttl: Duration, now: Instant) -> Self {
+        Tracked {
+            revision,
+            ttl,
+            deadline: now + ttl,
+            proposed: false,
+        }
+    }
 }
 
 impl Leases {
@@ -55,45 +69,40 @@ impl Leases {
     /// leader).
     pub fn reset(&mut self, registry: &Registry, now: Instant) {
         self.tracked.clear();
+        self.synced = Registry::default();
         self.last_tick = Some(now);
-        for (lease, ttl_ms) in registry.leases() {
-            self.tracked.entry(lease.service).or_default().insert(
-                lease.id,
-                Tracked {
-                    revision: lease.revision,
-                    ttl: Duration::from_millis(ttl_ms),
-                    deadline: now + Duration::from_millis(ttl_ms),
-                    proposed: false,
-                },
-            );
-        }
+        self.sync(registry, now);
     }
 
     /// Brings the table in line with `registry` after changes were applied: new registrations
     /// start with a full TTL from `now`, removed instances are dropped, the rest keep their
-    /// deadlines.
+    /// deadlines. Only services that changed since the last sync are looked at (an unchanged
+    /// service is the same shared value), so a batch costs what it changed, not the registry.
     pub fn sync(&mut self, registry: &Registry, now: Instant) {
-        let mut live: HashMap<String, HashMap<String, Tracked>> =
-            HashMap::with_capacity(self.tracked.len());
-        for (lease, ttl_ms) in registry.leases() {
-            let old = self
-                .tracked
-                .get_mut(&lease.service)
-                .and_then(|s| s.remove(&lease.id));
-            let tracked = match old {
-                Some(t) if t.revision == lease.revision => t,
-                _ => Tracked {
-                    revision: lease.revision,
-                    ttl: Duration::from_millis(ttl_ms),
-                    deadline: now + Duration::from_millis(ttl_ms),
-                    proposed: false,
-                },
-            };
-            live.entry(lease.service)
-                .or_default()
-                .insert(lease.id, tracked);
+        for (name, service) in registry.services() {
+            if self
+                .synced
+                .service(name)
+                .is_some_and(|s| Arc::ptr_eq(s, service))
+            {
+                continue;
+            }
+            let old = self.tracked.remove(name).unwrap_or_default();
+            let live = service
+                .instances
+                .iter()
+                .map(|(id, i)| {
+                    let kept = old.get(id).filter(|t| t.revision == i.revision).cloned();
+                    let ttl = Duration::from_millis(i.registration.ttl_ms);
+                    (
+                        id.clone(),
+                        kept.unwrap_or_else(|| Tracked::fresh(i.revision, ttl, now)),
+                    )
+                })
+                .collect();
+            self.tracked.insert(name.to_owned(), live);
         }
-        self.tracked = live;
+        self.synced = registry.clone();
     }
 
     /// Renews the lease of `service`/`id` as of `revision` (the one its registration returned).
@@ -143,15 +152,7 @@ impl Leases {
         self.tracked
             .entry(lease.service.clone())
             .or_default()
-            .insert(
-                lease.id.clone(),
-                Tracked {
-                    revision: lease.revision,
-                    ttl,
-                    deadline: now + ttl,
-                    proposed: false,
-                },
-            );
+            .insert(lease.id.clone(), Tracked::fresh(lease.revision, ttl, now));
     }
 
     /// Lets `leases` be proposed again (their expiry did not commit).

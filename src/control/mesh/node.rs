@@ -248,63 +248,28 @@ mod tests {
     /// registration, elect a new leader when the leader stops, and keep what was committed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_members_form_a_group_and_survive_the_loss_of_the_leader() {
-        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-        let mut sockets = Vec::new();
-        let mut voters = BTreeMap::new();
-        for id in 1..=3u64 {
-            let s = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            voters.insert(id, s.local_addr().unwrap().to_string());
-            sockets.push(s);
-        }
-        let mut nodes = Vec::new();
-        let mut scopes = Vec::new();
-        let root = Tasks::new();
-        for (i, socket) in sockets.into_iter().enumerate() {
-            let settings = Settings {
-                node_id: i as u64 + 1,
-                data_dir: dirs[i].path().to_owned(),
-                voters: voters.clone(),
-                heartbeat: Duration::from_millis(50),
-                election: (Duration::from_millis(300), Duration::from_millis(600)),
-                snapshot_every: 1000,
-            };
-            let scope = root.child();
-            nodes.push(Some(
-                Node::start(
-                    &settings,
-                    socket,
-                    Tcp,
-                    crate::telemetry::metrics::Metrics::new().unwrap().mesh,
-                    scope.tasks(),
-                )
-                .await
-                .unwrap(),
-            ));
-            scopes.push(Some(scope));
-        }
-        let first = leader(&nodes).await;
-        let l = nodes[first as usize - 1].as_ref().unwrap();
+        let mut g = group(3).await;
+        let first = leader(&g.nodes).await;
+        let l = g.nodes[first as usize - 1].as_ref().unwrap();
         let written = l.raft.client_write(registration("a")).await.unwrap();
         assert_eq!(written.log_id.leader_id.node_id, first);
-        applied_everywhere(&nodes, "a").await;
+        applied_everywhere(&g.nodes, "a").await;
 
         // The leader stops: its Raft and its mesh port go away.
-        let gone = nodes[first as usize - 1].take().unwrap();
-        gone.raft.shutdown().await.unwrap();
-        scopes[first as usize - 1].take();
-        let second = leader(&nodes).await;
+        g.stop(first).await;
+        let second = leader(&g.nodes).await;
         assert_ne!(second, first);
-        let l = nodes[second as usize - 1].as_ref().unwrap();
+        let l = g.nodes[second as usize - 1].as_ref().unwrap();
         assert_eq!(
             l.raft.metrics().borrow().state,
             ServerState::Leader,
             "the new leader knows it leads"
         );
         l.raft.client_write(registration("b")).await.unwrap();
-        applied_everywhere(&nodes, "b").await;
-        applied_everywhere(&nodes, "a").await;
-        for n in nodes.iter().flatten() {
-            n.raft.shutdown().await.unwrap();
+        applied_everywhere(&g.nodes, "b").await;
+        applied_everywhere(&g.nodes, "a").await;
+        for id in 1..=3 {
+            g.stop(id).await;
         }
     }
 

@@ -50,12 +50,7 @@ impl Registrar {
         let gated = cfg.health_check.is_some();
         if let Some(check) = cfg.health_check.clone() {
             let r = &cfg.registration;
-            let host = if r.address.contains(':') {
-                format!("[{}]", r.address)
-            } else {
-                r.address.clone()
-            };
-            if let Ok(authority) = format!("{host}:{}", r.port).parse::<Authority>() {
+            if let Ok(authority) = r.host_port().parse::<Authority>() {
                 // Kept open by the registrar's task: the checker stops when the channel goes.
                 let (endpoints_tx, endpoints) = watch::channel(Endpoints {
                     source: "static",

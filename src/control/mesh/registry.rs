@@ -36,6 +36,22 @@ fn one() -> u32 {
     1
 }
 
+impl Registration {
+    /// `address:port` as callers dial it, an IPv6 address in brackets.
+    pub fn host_port(&self) -> String {
+        host_port(&self.address, self.port)
+    }
+}
+
+/// `address:port`, bracketing a bare IPv6 address.
+pub fn host_port(address: &str, port: u16) -> String {
+    if address.contains(':') && !address.starts_with('[') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
 /// A registered instance as the registry holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {

@@ -112,6 +112,16 @@ fn read_meta<T: for<'de> Deserialize<'de>>(
     key: &'static str,
     subject: ErrorSubject<NodeId>,
 ) -> Result<Option<T>, StorageError> {
+    read_raw(db, key, subject.clone())?
+        .map(|bytes| decode(subject, &bytes))
+        .transpose()
+}
+
+fn read_raw(
+    db: &Database,
+    key: &'static str,
+    subject: ErrorSubject<NodeId>,
+) -> Result<Option<Vec<u8>>, StorageError> {
     let txn = db
         .begin_read()
         .map_err(|e| io(subject.clone(), ErrorVerb::Read, e))?;
@@ -120,8 +130,8 @@ fn read_meta<T: for<'de> Deserialize<'de>>(
         .map_err(|e| io(subject.clone(), ErrorVerb::Read, e))?;
     let value = table
         .get(key)
-        .map_err(|e| io(subject.clone(), ErrorVerb::Read, e))?;
-    value.map(|v| decode(subject, v.value())).transpose()
+        .map_err(|e| io(subject, ErrorVerb::Read, e))?;
+    Ok(value.map(|v| v.value().to_vec()))
 }
 
 fn write_meta(
@@ -372,14 +382,7 @@ pub struct StateMachine {
 
 impl StateMachine {
     async fn load(db: Arc<Database>) -> Result<StateMachine, StorageError> {
-        let read = db.clone();
-        let snapshot = blocking(move || {
-            let meta: Option<SnapshotMeta<NodeId, Member>> =
-                read_meta(&read, SNAPSHOT_META, ErrorSubject::Snapshot(None))?;
-            let data = read_raw(&read, SNAPSHOT_DATA)?;
-            Ok(meta.zip(data))
-        })
-        .await?;
+        let snapshot = stored_snapshot(db.clone()).await?;
         let state = match snapshot {
             Some((meta, data)) => restore(&meta, &data)?,
             None => State::default(),
@@ -409,18 +412,16 @@ impl StateMachine {
     }
 }
 
-fn read_raw(db: &Database, key: &'static str) -> Result<Option<Vec<u8>>, StorageError> {
-    let subject = || ErrorSubject::Snapshot(None);
-    let txn = db
-        .begin_read()
-        .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
-    let table = txn
-        .open_table(META)
-        .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
-    let value = table
-        .get(key)
-        .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
-    Ok(value.map(|v| v.value().to_vec()))
+/// The current snapshot's metadata and data, if one was stored.
+async fn stored_snapshot(
+    db: Arc<Database>,
+) -> Result<Option<(SnapshotMeta<NodeId, Member>, Vec<u8>)>, StorageError> {
+    blocking(move || {
+        let meta = read_meta(&db, SNAPSHOT_META, ErrorSubject::Snapshot(None))?;
+        let data = read_raw(&db, SNAPSHOT_DATA, ErrorSubject::Snapshot(None))?;
+        Ok(meta.zip(data))
+    })
+    .await
 }
 
 fn restore(meta: &SnapshotMeta<NodeId, Member>, data: &[u8]) -> Result<State, StorageError> {
@@ -559,17 +560,12 @@ impl RaftStateMachine<Mesh> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<Mesh>>, StorageError> {
-        let db = self.db.clone();
-        blocking(move || {
-            let meta: Option<SnapshotMeta<NodeId, Member>> =
-                read_meta(&db, SNAPSHOT_META, ErrorSubject::Snapshot(None))?;
-            let data = read_raw(&db, SNAPSHOT_DATA)?;
-            Ok(meta.zip(data).map(|(meta, data)| Snapshot {
+        Ok(stored_snapshot(self.db.clone())
+            .await?
+            .map(|(meta, data)| Snapshot {
                 meta,
                 snapshot: Box::new(Cursor::new(data)),
             }))
-        })
-        .await
     }
 }
 
