@@ -91,7 +91,14 @@ impl<C: Connect> Network<C> {
 #[derive(Debug)]
 struct Peer {
     addr: String,
-    conn: Mutex<Option<SendRequest<Full<Bytes>>>>,
+    conn: Mutex<Link>,
+}
+
+/// A peer's connection, and when it may be dialled again after a failed dial.
+#[derive(Debug, Default)]
+struct Link {
+    tx: Option<SendRequest<Full<Bytes>>>,
+    dial_after: Option<tokio::time::Instant>,
 }
 
 /// openraft's handle for calls to one peer.
@@ -114,14 +121,14 @@ impl<C: Connect> RaftNetworkFactory<Mesh> for Network<C> {
                     // The member moved: a fresh peer, so the old connection is not reused.
                     *p = Arc::new(Peer {
                         addr: node.addr.clone(),
-                        conn: Mutex::new(None),
+                        conn: Mutex::new(Link::default()),
                     });
                 }
             })
             .or_insert_with(|| {
                 Arc::new(Peer {
                     addr: node.addr.clone(),
-                    conn: Mutex::new(None),
+                    conn: Mutex::new(Link::default()),
                 })
             })
             .clone();
@@ -143,16 +150,25 @@ enum CallError {
 impl<C: Connect> Client<C> {
     async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, CallError> {
         let mut conn = self.peer.conn.lock().await;
-        if let Some(tx) = conn.as_ref() {
+        if let Some(tx) = conn.tx.as_ref() {
             if !tx.is_closed() {
                 return Ok(tx.clone());
             }
         }
-        let io = self
-            .connect
-            .connect(&self.peer.addr)
-            .await
-            .map_err(CallError::Dial)?;
+        // At most one dial per backoff: a peer that refuses at once (restarting, port closed)
+        // would otherwise be dialled in a loop by whichever caller does not back off itself
+        // (openraft's snapshot and vote paths), spinning a core.
+        if let Some(after) = conn.dial_after {
+            tokio::time::sleep_until(after).await;
+        }
+        let io = match self.connect.connect(&self.peer.addr).await {
+            Ok(io) => io,
+            Err(e) => {
+                conn.dial_after = Some(tokio::time::Instant::now() + self.backoff);
+                return Err(CallError::Dial(e));
+            }
+        };
+        conn.dial_after = None;
         let (tx, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(io))
@@ -163,12 +179,12 @@ impl<C: Connect> Client<C> {
             // next call dials again.
             let _ = connection.await;
         });
-        *conn = Some(tx.clone());
+        conn.tx = Some(tx.clone());
         Ok(tx)
     }
 
     async fn forget(&self) {
-        *self.peer.conn.lock().await = None;
+        self.peer.conn.lock().await.tx = None;
     }
 
     /// POSTs `body` to `path` and decodes the peer's `Result`, within `timeout`.
