@@ -15,5 +15,7 @@ pub mod node;
 pub mod registrar;
 pub mod registry;
 pub mod server;
+#[cfg(test)]
+mod sim;
 pub mod store;
 pub mod types;

@@ -73,6 +73,8 @@ pub struct Node {
     pub proposer: Proposer,
     /// The lease table while this member leads.
     pub leases: Arc<LeaseTable>,
+    /// When a leader last counted this member in.
+    pub contact: Arc<Contact>,
 }
 
 impl Node {
@@ -81,6 +83,31 @@ impl Node {
     pub async fn start<C: Connect>(
         settings: &Settings,
         socket: TcpListener,
+        connect: C,
+        metrics: MeshMetrics,
+        tasks: &Tasks,
+    ) -> Result<Node, StartError> {
+        std::fs::create_dir_all(&settings.data_dir).map_err(|source| StartError::DataDir {
+            path: settings.data_dir.clone(),
+            source,
+        })?;
+        let (log, machine) = store::open(&settings.data_dir).await?;
+        let node = Node::run(settings, log, machine, connect, metrics, tasks).await?;
+        tasks.spawn(
+            "mesh_server",
+            server::serve(socket, node.context(), tasks.clone()),
+        );
+        node.initialize(settings).await?;
+        Ok(node)
+    }
+
+    /// Starts Raft on an opened store without serving it: the caller routes the mesh port's
+    /// connections to [`server::connection`] with [`Node::context`] (the simulation does, over
+    /// its simulated network), then calls [`Node::initialize`].
+    pub async fn run<C: Connect>(
+        settings: &Settings,
+        log: store::LogStore,
+        machine: store::StateMachine,
         connect: C,
         metrics: MeshMetrics,
         tasks: &Tasks,
@@ -98,11 +125,6 @@ impl Node {
             ..Default::default()
         }
         .validate()?;
-        std::fs::create_dir_all(&settings.data_dir).map_err(|source| StartError::DataDir {
-            path: settings.data_dir.clone(),
-            source,
-        })?;
-        let (log, machine) = store::open(&settings.data_dir).await?;
         let state = machine.subscribe();
         let network = Network::new(connect, settings.heartbeat);
         let raft = Raft::new(settings.node_id, Arc::new(config), network, log, machine).await?;
@@ -111,14 +133,30 @@ impl Node {
             "mesh_metrics",
             report(raft.clone(), state.clone(), leases.clone(), metrics),
         );
-        let ctx = Context {
-            raft: raft.clone(),
-            state: state.clone(),
-            proposer: proposer.clone(),
-            leases: leases.clone(),
+        Ok(Node {
+            raft,
+            state,
+            proposer,
+            leases,
             contact: Arc::new(Contact::default()),
-        };
-        tasks.spawn("mesh_server", server::serve(socket, ctx, tasks.clone()));
+        })
+    }
+
+    /// What the mesh port's handlers need.
+    pub fn context(&self) -> Context {
+        Context {
+            raft: self.raft.clone(),
+            state: self.state.clone(),
+            proposer: self.proposer.clone(),
+            leases: self.leases.clone(),
+            contact: self.contact.clone(),
+        }
+    }
+
+    /// Proposes the configured voters as the initial membership if this member is one of them
+    /// and its store is empty; a member of a formed group is told "not allowed", which is fine.
+    pub async fn initialize(&self, settings: &Settings) -> Result<(), StartError> {
+        let raft = &self.raft;
         if settings.voters.contains_key(&settings.node_id) {
             let members: BTreeMap<NodeId, Member> = settings
                 .voters
@@ -136,14 +174,12 @@ impl Node {
                 Err(RaftError::Fatal(e)) => return Err(e.into()),
             }
         }
-        Ok(Node {
-            raft,
-            state,
-            proposer,
-            leases,
-        })
+        Ok(())
     }
 }
+
+/// How often the commit index gauge is refreshed.
+const COMMIT_POLL: Duration = Duration::from_secs(1);
 
 /// Keeps the mesh gauges in line with the member's Raft state and registry.
 async fn report(
@@ -154,6 +190,8 @@ async fn report(
 ) {
     let mut raft_metrics = raft.metrics();
     let mut snapshot = None;
+    let mut commit_poll = tokio::time::interval(COMMIT_POLL);
+    commit_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         {
             let m = raft_metrics.borrow_and_update();
@@ -175,6 +213,15 @@ async fn report(
         tokio::select! {
             changed = raft_metrics.changed() => if changed.is_err() { return },
             changed = state.changed() => if changed.is_err() { return },
+            _ = commit_poll.tick() => {
+                // openraft's metrics leave the commit index out, so ask the core. Not on every
+                // metrics change: the core republishes its metrics after each message it
+                // handles, this one included, and the two would chase each other.
+                let asked = raft.with_raft_state(|s| s.committed.map_or(0, |c| c.index));
+                if let Ok(committed) = asked.await {
+                    metrics.committed(committed);
+                }
+            }
         }
     }
 }

@@ -9,7 +9,8 @@
 //! redb is synchronous: every transaction runs on tokio's blocking pool so that a slow disk stalls
 //! only the Raft group, never request handling. A storage error is returned to openraft, which
 //! stops this member (a member that cannot trust its disk must not vote); the rest of the group
-//! carries on.
+//! carries on. The deterministic simulation opens the store on an in-memory disk that outlives
+//! its simulated crashes, with transactions run inline ([`open_inline`]).
 
 // openraft's storage traits fix `StorageError` (a large enum) as the error type of every method,
 // so the helpers that build it return it unboxed too.
@@ -52,9 +53,35 @@ pub const FILE: &str = "mesh.redb";
 /// from different tasks.
 pub async fn open(dir: &Path) -> Result<(LogStore, StateMachine), StorageError> {
     let path = dir.join(FILE);
-    let db = blocking(move || {
-        let db =
-            Database::create(&path).map_err(|e| io(ErrorSubject::Store, ErrorVerb::Read, e))?;
+    let db = match tokio::task::spawn_blocking(move || Database::create(&path)).await {
+        Ok(db) => db.map_err(|e| io(ErrorSubject::Store, ErrorVerb::Read, e))?,
+        Err(e) => return Err(joined(e)),
+    };
+    init(Disk {
+        db: Arc::new(db),
+        inline: false,
+    })
+    .await
+}
+
+/// Opens (or creates) the store on `backend` with every transaction run on the calling task:
+/// the deterministic simulation keeps each member's "disk" in memory across simulated crashes,
+/// and must not hand work to threads it does not schedule.
+pub async fn open_inline(
+    backend: impl redb::StorageBackend,
+) -> Result<(LogStore, StateMachine), StorageError> {
+    let db = Database::builder()
+        .create_with_backend(backend)
+        .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Read, e))?;
+    init(Disk {
+        db: Arc::new(db),
+        inline: true,
+    })
+    .await
+}
+
+async fn init(disk: Disk) -> Result<(LogStore, StateMachine), StorageError> {
+    disk.run(|db| {
         let txn = db
             .begin_write()
             .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))?;
@@ -66,28 +93,41 @@ pub async fn open(dir: &Path) -> Result<(LogStore, StateMachine), StorageError> 
                 .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))?;
         }
         txn.commit()
-            .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        Ok(Arc::new(db))
+            .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))
     })
     .await?;
-    let log = LogStore { db: db.clone() };
-    let machine = StateMachine::load(db).await?;
+    let log = LogStore { disk: disk.clone() };
+    let machine = StateMachine::load(disk).await?;
     Ok((log, machine))
 }
 
-/// Runs a redb transaction on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, StorageError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result,
-        Err(e) => {
-            Err(
-                StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, AnyError::new(&e))
-                    .into(),
-            )
+/// The database, and where its transactions run.
+#[derive(Clone, Debug)]
+struct Disk {
+    db: Arc<Database>,
+    /// On the calling task rather than tokio's blocking pool (the simulation's in-memory disk).
+    inline: bool,
+}
+
+impl Disk {
+    /// Runs a redb transaction, on the blocking pool unless the disk is inline.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        if self.inline {
+            return f(&self.db);
+        }
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || f(&db)).await {
+            Ok(result) => result,
+            Err(e) => Err(joined(e)),
         }
     }
+}
+
+fn joined(e: tokio::task::JoinError) -> StorageError {
+    StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, AnyError::new(&e)).into()
 }
 
 fn io(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl Into<redb::Error>) -> StorageError {
@@ -160,7 +200,7 @@ fn write_meta(
 /// The Raft log, vote and committed position; also the reader replication tasks use.
 #[derive(Clone, Debug)]
 pub struct LogStore {
-    db: Arc<Database>,
+    disk: Disk,
 }
 
 impl RaftLogReader<Mesh> for LogStore {
@@ -168,28 +208,28 @@ impl RaftLogReader<Mesh> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let db = self.db.clone();
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
-        blocking(move || {
-            let subject = || ErrorSubject::Logs;
-            let txn = db
-                .begin_read()
-                .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
-            let table = txn
-                .open_table(LOG)
-                .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
-            let iter = table
-                .range::<u64>((start, end))
-                .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
-            let mut out = Vec::new();
-            for item in iter {
-                let (_, v) = item.map_err(|e| io(subject(), ErrorVerb::Read, e))?;
-                out.push(decode(subject(), v.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        self.disk
+            .run(move |db| {
+                let subject = || ErrorSubject::Logs;
+                let txn = db
+                    .begin_read()
+                    .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
+                let table = txn
+                    .open_table(LOG)
+                    .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
+                let iter = table
+                    .range::<u64>((start, end))
+                    .map_err(|e| io(subject(), ErrorVerb::Read, e))?;
+                let mut out = Vec::new();
+                for item in iter {
+                    let (_, v) = item.map_err(|e| io(subject(), ErrorVerb::Read, e))?;
+                    out.push(decode(subject(), v.value())?);
+                }
+                Ok(out)
+            })
+            .await
     }
 }
 
@@ -197,28 +237,28 @@ impl RaftLogStorage<Mesh> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<Mesh>, StorageError> {
-        let db = self.db.clone();
-        blocking(move || {
-            let purged: Option<LogId> = read_meta(&db, PURGED, ErrorSubject::Logs)?;
-            let txn = db
-                .begin_read()
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let table = txn
-                .open_table(LOG)
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let last = table
-                .last()
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let last = match last {
-                Some((_, v)) => Some(decode::<Entry>(ErrorSubject::Logs, v.value())?.log_id),
-                None => purged,
-            };
-            Ok(LogState {
-                last_purged_log_id: purged,
-                last_log_id: last,
+        self.disk
+            .run(move |db| {
+                let purged: Option<LogId> = read_meta(db, PURGED, ErrorSubject::Logs)?;
+                let txn = db
+                    .begin_read()
+                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let table = txn
+                    .open_table(LOG)
+                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let last = table
+                    .last()
+                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let last = match last {
+                    Some((_, v)) => Some(decode::<Entry>(ErrorSubject::Logs, v.value())?.log_id),
+                    None => purged,
+                };
+                Ok(LogState {
+                    last_purged_log_id: purged,
+                    last_log_id: last,
+                })
             })
-        })
-        .await
+            .await
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -226,40 +266,41 @@ impl RaftLogStorage<Mesh> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        let db = self.db.clone();
         let bytes = encode(ErrorSubject::Vote, vote)?;
-        blocking(move || write_meta(&db, VOTE, &bytes, Durability::Immediate, ErrorSubject::Vote))
+        self.disk
+            .run(move |db| write_meta(db, VOTE, &bytes, Durability::Immediate, ErrorSubject::Vote))
             .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        let db = self.db.clone();
-        blocking(move || read_meta(&db, VOTE, ErrorSubject::Vote)).await
+        self.disk
+            .run(move |db| read_meta(db, VOTE, ErrorSubject::Vote))
+            .await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let db = self.db.clone();
         let bytes = encode(ErrorSubject::Store, &committed)?;
         // Not worth an fsync of its own: the next append makes it durable, and a committed
         // position that is behind after a crash only means less is re-applied at start.
-        blocking(move || {
-            write_meta(
-                &db,
-                COMMITTED,
-                &bytes,
-                Durability::None,
-                ErrorSubject::Store,
-            )
-        })
-        .await
+        self.disk
+            .run(move |db| {
+                write_meta(
+                    db,
+                    COMMITTED,
+                    &bytes,
+                    Durability::None,
+                    ErrorSubject::Store,
+                )
+            })
+            .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        let db = self.db.clone();
-        blocking(move || {
-            Ok(read_meta::<Option<LogId>>(&db, COMMITTED, ErrorSubject::Store)?.flatten())
-        })
-        .await
+        self.disk
+            .run(move |db| {
+                Ok(read_meta::<Option<LogId>>(db, COMMITTED, ErrorSubject::Store)?.flatten())
+            })
+            .await
     }
 
     async fn append<I>(
@@ -278,25 +319,26 @@ impl RaftLogStorage<Mesh> for LogStore {
                 encode(ErrorSubject::Log(entry.log_id), &entry)?,
             ));
         }
-        let db = self.db.clone();
-        let written = blocking(move || {
-            let txn = db
-                .begin_write()
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-            {
-                let mut table = txn
-                    .open_table(LOG)
+        let written = self
+            .disk
+            .run(move |db| {
+                let txn = db
+                    .begin_write()
                     .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-                for (index, bytes) in &rows {
-                    table
-                        .insert(index, bytes.as_slice())
+                {
+                    let mut table = txn
+                        .open_table(LOG)
                         .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+                    for (index, bytes) in &rows {
+                        table
+                            .insert(index, bytes.as_slice())
+                            .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+                    }
                 }
-            }
-            txn.commit()
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Write, e))
-        })
-        .await;
+                txn.commit()
+                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Write, e))
+            })
+            .await;
         // openraft waits for the callback; it must hear about a failure too.
         match &written {
             Ok(()) => callback.log_io_completed(Ok(())),
@@ -306,50 +348,50 @@ impl RaftLogStorage<Mesh> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db
-                .begin_write()
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            {
-                let mut table = txn
-                    .open_table(LOG)
+        self.disk
+            .run(move |db| {
+                let txn = db
+                    .begin_write()
                     .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-                table
-                    .retain_in(log_id.index.., |_, _| false)
-                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            }
-            txn.commit()
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))
-        })
-        .await
+                {
+                    let mut table = txn
+                        .open_table(LOG)
+                        .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                    table
+                        .retain_in(log_id.index.., |_, _| false)
+                        .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                }
+                txn.commit()
+                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            })
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let db = self.db.clone();
         let bytes = encode(ErrorSubject::Logs, &log_id)?;
-        blocking(move || {
-            let txn = db
-                .begin_write()
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            {
-                // One transaction: the purge mark and the deletion land together or not at all.
-                let mut meta = txn
-                    .open_table(META)
+        self.disk
+            .run(move |db| {
+                let txn = db
+                    .begin_write()
                     .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-                meta.insert(PURGED, bytes.as_slice())
-                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-                let mut table = txn
-                    .open_table(LOG)
-                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-                table
-                    .retain_in(..=log_id.index, |_, _| false)
-                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            }
-            txn.commit()
-                .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))
-        })
-        .await
+                {
+                    // One transaction: the purge mark and the deletion land together or not at all.
+                    let mut meta = txn
+                        .open_table(META)
+                        .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                    meta.insert(PURGED, bytes.as_slice())
+                        .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                    let mut table = txn
+                        .open_table(LOG)
+                        .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                    table
+                        .retain_in(..=log_id.index, |_, _| false)
+                        .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                }
+                txn.commit()
+                    .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            })
+            .await
     }
 }
 
@@ -374,22 +416,22 @@ struct SnapshotBody {
 /// an immutable copy that readers take without a lock on the apply path.
 #[derive(Clone, Debug)]
 pub struct StateMachine {
-    db: Arc<Database>,
+    disk: Disk,
     state: Arc<Mutex<State>>,
     published: Arc<watch::Sender<Arc<State>>>,
     builds: Arc<AtomicU64>,
 }
 
 impl StateMachine {
-    async fn load(db: Arc<Database>) -> Result<StateMachine, StorageError> {
-        let snapshot = stored_snapshot(db.clone()).await?;
+    async fn load(disk: Disk) -> Result<StateMachine, StorageError> {
+        let snapshot = stored_snapshot(&disk).await?;
         let state = match snapshot {
             Some((meta, data)) => restore(&meta, &data)?,
             None => State::default(),
         };
         let (published, _) = watch::channel(Arc::new(state.clone()));
         Ok(StateMachine {
-            db,
+            disk,
             state: Arc::new(Mutex::new(state)),
             published: Arc::new(published),
             builds: Arc::new(AtomicU64::new(0)),
@@ -414,11 +456,11 @@ impl StateMachine {
 
 /// The current snapshot's metadata and data, if one was stored.
 async fn stored_snapshot(
-    db: Arc<Database>,
+    disk: &Disk,
 ) -> Result<Option<(SnapshotMeta<NodeId, Member>, Vec<u8>)>, StorageError> {
-    blocking(move || {
-        let meta = read_meta(&db, SNAPSHOT_META, ErrorSubject::Snapshot(None))?;
-        let data = read_raw(&db, SNAPSHOT_DATA, ErrorSubject::Snapshot(None))?;
+    disk.run(move |db| {
+        let meta = read_meta(db, SNAPSHOT_META, ErrorSubject::Snapshot(None))?;
+        let data = read_raw(db, SNAPSHOT_DATA, ErrorSubject::Snapshot(None))?;
         Ok(meta.zip(data))
     })
     .await
@@ -453,7 +495,7 @@ impl RaftSnapshotBuilder<Mesh> for StateMachine {
                 registry: state.registry,
             },
         )?;
-        save_snapshot(self.db.clone(), meta.clone(), data.clone()).await?;
+        save_snapshot(&self.disk, meta.clone(), data.clone()).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -464,13 +506,13 @@ impl RaftSnapshotBuilder<Mesh> for StateMachine {
 /// Stores `meta` and `data` as the current snapshot unless a newer one is already there (an
 /// installed snapshot can land while a build is running; the current one never goes back).
 async fn save_snapshot(
-    db: Arc<Database>,
+    disk: &Disk,
     meta: SnapshotMeta<NodeId, Member>,
     data: Vec<u8>,
 ) -> Result<(), StorageError> {
     let subject = ErrorSubject::Snapshot(Some(meta.signature()));
     let meta_bytes = encode(subject.clone(), &meta)?;
-    blocking(move || {
+    disk.run(move |db| {
         let txn = db
             .begin_write()
             .map_err(|e| io(subject.clone(), ErrorVerb::Write, e))?;
@@ -552,7 +594,7 @@ impl RaftStateMachine<Mesh> for StateMachine {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let restored = restore(meta, &data)?;
-        save_snapshot(self.db.clone(), meta.clone(), data).await?;
+        save_snapshot(&self.disk, meta.clone(), data).await?;
         let mut state = self.lock();
         *state = restored;
         self.publish(&state);
@@ -560,7 +602,7 @@ impl RaftStateMachine<Mesh> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<Mesh>>, StorageError> {
-        Ok(stored_snapshot(self.db.clone())
+        Ok(stored_snapshot(&self.disk)
             .await?
             .map(|(meta, data)| Snapshot {
                 meta,

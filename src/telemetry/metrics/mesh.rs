@@ -12,6 +12,7 @@ pub struct Families {
     leader: IntGaugeVec,
     leader_changes: IntCounterVec,
     last_log: IntGaugeVec,
+    committed: IntGaugeVec,
     applied: IntGaugeVec,
     snapshots: IntCounterVec,
     proposals: IntCounterVec,
@@ -70,6 +71,11 @@ impl Families {
             last_log: r.gauge(
                 "outrigger_mesh_last_log_index",
                 "Index of the last entry in this member's log.",
+                &[],
+            )?,
+            committed: r.gauge(
+                "outrigger_mesh_commit_index",
+                "Index of the last entry this member knows to be committed.",
                 &[],
             )?,
             applied: r.gauge(
@@ -147,6 +153,13 @@ impl Families {
         self.applied
             .with_label_values(&[] as &[&str])
             .set(applied as i64);
+    }
+
+    /// Sets the commit index gauge.
+    pub fn committed(&self, index: u64) {
+        self.committed
+            .with_label_values(&[] as &[&str])
+            .set(index as i64);
     }
 
     /// Counts a snapshot.
