@@ -172,7 +172,13 @@ pub struct Shared {
 struct Member {
     node: Node,
     tasks: Tasks,
+    /// The admin port's way into the group: this member first, then where it redirects.
+    client: MeshClient,
 }
+
+/// How long an operator's call through the admin port may wait for the group (a membership
+/// change commits in two steps).
+const MESH_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What compiling a config needs besides the config.
 struct Build<'a> {
@@ -546,6 +552,24 @@ impl View for AdminView {
         self.0.mesh.as_ref().map(|m| m.status())
     }
 
+    fn mesh_call(
+        &self,
+        method: http::Method,
+        path: String,
+        body: bytes::Bytes,
+    ) -> Option<crate::telemetry::admin::MeshCall> {
+        let client = self.0.mesh.as_ref()?.client.clone();
+        Some(Box::pin(async move {
+            match client.call(method, &path, body, MESH_CALL_TIMEOUT).await {
+                Ok(answer) => answer,
+                Err(e) => (
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    bytes::Bytes::from(format!("{e}\n")),
+                ),
+            }
+        }))
+    }
+
     fn registry(&self) -> Option<serde_json::Value> {
         let m = self.0.mesh.as_ref()?;
         let state = m.node.state.borrow().clone();
@@ -618,7 +642,22 @@ async fn start_member(config: MeshConfig, metrics: &Metrics) -> Result<Member, A
     let tasks = Tasks::new();
     let node = Node::start(&settings, socket, Tcp, metrics.mesh.clone(), &tasks).await?;
     tracing::info!(node_id, %listen, role = ?config.role, "mesh member started");
-    Ok(Member { node, tasks })
+    // The member's own port; an unspecified listen address is reached over loopback.
+    let own = match listen.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => {
+            SocketAddr::from(([127, 0, 0, 1], listen.port()))
+        }
+        ip if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()))
+        }
+        _ => listen,
+    };
+    let client = MeshClient::new(vec![own.to_string()]);
+    Ok(Member {
+        node,
+        tasks,
+        client,
+    })
 }
 
 impl Member {

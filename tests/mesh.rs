@@ -157,6 +157,20 @@ async fn post(
     None
 }
 
+/// POSTs to a sidecar's admin API over HTTP/1.1, as an operator's curl would.
+async fn admin_post(p: &Process, path: &str, json: &str) -> Option<serde_json::Value> {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(p.admin_url(path))
+        .body(body(json.to_owned()))
+        .unwrap();
+    let (status, _, text) = tokio::time::timeout(Duration::from_secs(15), send(&h1_client(), req))
+        .await
+        .ok()?
+        .ok()?;
+    (status == StatusCode::OK).then(|| serde_json::from_str(&text).ok())?
+}
+
 async fn registry_ids(p: &Process) -> BTreeSet<String> {
     registry_ids_of(p, "load").await
 }
@@ -415,12 +429,18 @@ async fn a_sidecar_registers_its_application_only_while_it_is_healthy() {
     assert!(registered(&member, "app").await.is_empty());
 }
 
-/// A fourth sidecar joins as a learner through the membership API and replicates the registry,
-/// is promoted to voter, and a voter is removed; the group keeps taking writes throughout.
+/// A fourth sidecar joins as a learner through a follower's admin API (which hands the change to
+/// the leader) and replicates the registry, is promoted to voter, and a voter is removed; the
+/// group keeps taking writes throughout, and a follower's admin port answers linearizable reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_joins_is_promoted_and_a_voter_is_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let (members, _voters, _) = start_group(dir.path(), 20).await;
+    let (members, voters, (leader, _)) = start_group(dir.path(), 20).await;
+    let follower = voters
+        .iter()
+        .find(|m| m.id != leader)
+        .and_then(|m| m.process.as_ref())
+        .unwrap();
     let learner_addr = format!("127.0.0.24:{}", free_port("127.0.0.24"));
     let learner = Process::start(&write_member_config(
         dir.path(),
@@ -433,7 +453,7 @@ async fn a_learner_joins_is_promoted_and_a_voter_is_removed() {
     let any = &members[0].1;
     let join = format!(r#"{{"id":4,"address":"{learner_addr}"}}"#);
     let joined = until(Duration::from_secs(30), || {
-        post(&client, any, "/v1/members/learner", &join)
+        admin_post(follower, "/mesh/members/learner", &join)
     })
     .await
     .expect("the learner was not added");
@@ -455,9 +475,22 @@ async fn a_learner_joins_is_promoted_and_a_voter_is_removed() {
     );
     let status = mesh_status(&learner).await.unwrap();
     assert_eq!(status["state"], "learner", "{status}");
+    let (code, _, text) = get(
+        &h1_client(),
+        &follower.admin_url("/registry/load?consistent=true"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, StatusCode::OK, "{text}");
+    let read: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(read["consistent"], true, "{read}");
+    assert_eq!(
+        read["services"]["load"]["instances"][0]["id"], "x1",
+        "{read}"
+    );
 
     let promoted = until(Duration::from_secs(30), || {
-        post(&client, any, "/v1/members/promote", r#"{"id":4}"#)
+        admin_post(follower, "/mesh/members/promote", r#"{"id":4}"#)
     })
     .await
     .expect("the learner was not promoted");
@@ -468,7 +501,7 @@ async fn a_learner_joins_is_promoted_and_a_voter_is_removed() {
     );
 
     let removed = until(Duration::from_secs(30), || {
-        post(&client, &learner_addr, "/v1/members/remove", r#"{"id":1}"#)
+        admin_post(&learner, "/mesh/members/remove", r#"{"id":1}"#)
     })
     .await
     .expect("voter 1 was not removed");

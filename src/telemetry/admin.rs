@@ -1,8 +1,12 @@
 //! The admin server: liveness, readiness, metrics, the active config and cluster state.
 //!
-//! It binds loopback by default and only reads: nothing here changes the proxy. Endpoints:
+//! It binds loopback by default and only reads the proxy: nothing here changes it. Endpoints:
 //! `/live`, `/ready` (503 while draining), `/metrics` (Prometheus text), `/config` and `/clusters`
-//! (JSON), and `/` (an HTML page linking them).
+//! (JSON), and `/` (an HTML page linking them). On a mesh member, `/mesh` and `/registry` show
+//! the group, and the operator's calls to the group — membership changes
+//! (`POST /mesh/members/{learner,promote,remove}`) and linearizable reads
+//! (`/registry?consistent=true`) — are handed to it through the view, which follows the group to
+//! its leader.
 //!
 //! It sees the proxy only through a [`View`] it is handed: a narrow, read-only window that the
 //! composition root implements, so this module imports nothing of the data path or the control
@@ -10,12 +14,14 @@
 //! which shutdown does last, so `/ready` answers `draining` for as long as listeners drain.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -44,7 +50,19 @@ pub trait View: Send + Sync + 'static {
     fn registry(&self) -> Option<serde_json::Value> {
         None
     }
+    /// Sends `method path` (a path of the group's API) with `body` to the group, following it
+    /// to the leader; `None` when this sidecar is no mesh member.
+    fn mesh_call(&self, method: Method, path: String, body: Bytes) -> Option<MeshCall> {
+        let _ = (method, path, body);
+        None
+    }
 }
+
+/// A call to the mesh group in flight: it ends with the status and body to answer.
+pub type MeshCall = Pin<Box<dyn Future<Output = (StatusCode, Bytes)> + Send>>;
+
+/// The largest body a membership change may carry.
+const MAX_BODY: usize = 64 * 1024;
 
 /// The facts the index page shows.
 pub struct Summary {
@@ -80,7 +98,7 @@ pub async fn serve(socket: TcpListener, view: Arc<dyn View>, tasks: Tasks) {
         tasks.spawn("admin_connection", async move {
             let svc = service_fn(move |req| {
                 let view = view.clone();
-                async move { Ok::<_, Infallible>(route(view.as_ref(), &req)) }
+                async move { Ok::<_, Infallible>(answer(view.as_ref(), req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -91,6 +109,48 @@ pub async fn serve(socket: TcpListener, view: Arc<dyn View>, tasks: Tasks) {
                 () = stop.cancelled() => conn.as_mut().graceful_shutdown(),
             }
         });
+    }
+}
+
+/// The calls handed to the group: a membership change, or a registry read that asks for
+/// consistency.
+async fn answer(view: &dyn View, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let query = req.uri().query().unwrap_or("");
+    let forward = match (req.method(), path) {
+        (&Method::POST, p) => p
+            .strip_prefix("/mesh/members/")
+            .filter(|change| matches!(*change, "learner" | "promote" | "remove"))
+            .map(|change| format!("/v1/members/{change}")),
+        (&Method::GET, p) if query.split('&').any(|kv| kv.starts_with("consistent")) => p
+            .strip_prefix("/registry")
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+            .map(|rest| format!("/v1/registry{rest}?{query}")),
+        _ => None,
+    };
+    let Some(forward) = forward else {
+        return route(view, &req);
+    };
+    let method = req.method().clone();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return text(StatusCode::BAD_REQUEST, "unreadable or oversized body\n"),
+    };
+    match view.mesh_call(method, forward, body) {
+        Some(call) => {
+            let (status, body) = call.await;
+            let mut r = Response::new(Full::new(body));
+            *r.status_mut() = status;
+            let kind = if status.is_success() {
+                "application/json"
+            } else {
+                "text/plain; charset=utf-8"
+            };
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+            r
+        }
+        None => text(StatusCode::NOT_FOUND, "this sidecar is not a mesh member\n"),
     }
 }
 
