@@ -86,6 +86,14 @@ fn check(path: &std::path::Path) -> ExitCode {
                 routes,
                 c.clusters.len()
             );
+            if let Some(m) = &c.mesh {
+                if m.role != config::mesh::Role::Client {
+                    // A reload cannot move a member's identity or its store: say so up front.
+                    println!(
+                        "note: mesh.node_id, data_dir, role, listen, members and timings take effect at start; a running sidecar keeps its config and logs an error on a reload that changes them: restart it instead"
+                    );
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

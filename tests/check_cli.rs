@@ -64,6 +64,20 @@ fn unknown_cluster_reference_is_reported_with_location() {
 }
 
 #[test]
+fn a_mesh_member_config_says_what_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "member.yaml",
+        "mesh:\n  node_id: 1\n  listen: 127.0.0.1:7946\n  data_dir: /tmp/m1\n  members:\n    1: 127.0.0.1:7946\n",
+    );
+    let (code, out) = check(&path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("note: mesh.node_id, data_dir"), "{out}");
+    assert!(out.contains("restart it"), "{out}");
+}
+
+#[test]
 fn unreadable_file_fails_clearly() {
     let (code, out) = check(Path::new("/nonexistent/outrigger.yaml"));
     assert_eq!(code, 1);
