@@ -170,6 +170,8 @@ struct Run {
     histories: BTreeMap<&'static str, Vec<Call<RegOp, RegRet>>>,
     /// Each member's registry at the end, as (service, id, address) triples.
     finals: BTreeMap<u8, Vec<(String, String, String)>>,
+    /// The highest term any member reached: how many elections the faults caused.
+    term: u64,
 }
 
 impl Run {
@@ -362,7 +364,17 @@ fn simulate(case: &Case) -> Result<Run, String> {
         }
     }
     let histories = histories.take();
-    Ok(Run { histories, finals })
+    let term = members
+        .borrow()
+        .values()
+        .map(|n| n.raft.metrics().borrow().current_term)
+        .max()
+        .unwrap_or(0);
+    Ok(Run {
+        histories,
+        finals,
+        term,
+    })
 }
 
 /// The member a live member believes leads, if it is live itself.
@@ -728,19 +740,21 @@ fn seeds(base: u64, block: u64) -> Vec<u64> {
 
 fn run_seeds(voters: u8, seeds: &[u64]) {
     let mut failures = Vec::new();
-    let (mut answered, mut unknown) = (0, 0);
+    let (mut answered, mut unknown, mut terms) = (0, 0, 0);
     for &seed in seeds {
         match verdict(&Case::drawn(voters, seed)) {
             Ok(run) => {
                 answered += run.answered();
                 unknown += run.unknown();
+                terms += run.term;
             }
             Err(e) => failures.push(e),
         }
     }
     eprintln!(
-        "{} seeds, {voters} voters: {answered} answered operations, {unknown} with unknown outcome, {} failed",
+        "{} seeds, {voters} voters: {answered} answered operations, {unknown} with unknown outcome, {:.1} terms per run, {} failed",
         seeds.len(),
+        terms as f64 / seeds.len().max(1) as f64,
         failures.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
