@@ -226,15 +226,29 @@ impl App {
         };
         let (shutdown, serving) = (CancellationToken::new(), TaskTracker::new());
         let (background, admin) = (Tasks::new(), Tasks::new());
+        // Every call to the group (Raft's own, the registrar's, discovery's, the admin port's)
+        // shares one client TLS config, rotated as its files change.
+        let mesh_tls = match loaded.config.mesh.as_ref().and_then(|m| m.tls.as_ref()) {
+            Some(t) => Some(Arc::new(tls::ClientTls::new(
+                &t.client,
+                None,
+                true,
+                "mesh",
+                metrics.control.cluster_cert("mesh"),
+                &background,
+            )?)),
+            None => None,
+        };
         // The member starts first: `registry` clusters read from it as they are built.
         let (mesh, registry) = match loaded.config.mesh.clone() {
             Some(c) if c.role != Role::Client => {
-                let member = start_member(c, &metrics).await?;
+                let member = start_member(c, &metrics, mesh_tls.clone(), &background).await?;
                 let registry = Registry::Local(member.node.state.clone());
                 (Some(member), Some(registry))
             }
             Some(c) => {
-                let client = MeshClient::new(c.members.values().cloned().collect());
+                let members = c.members.values().cloned().collect();
+                let client = MeshClient::new(members, mesh_tls.clone());
                 (None, Some(Registry::Remote(Box::new(client))))
             }
             None => (None, None),
@@ -249,7 +263,8 @@ impl App {
         };
         let registrar = loaded.config.mesh.as_ref().and_then(|m| {
             let cfg = m.register.clone()?;
-            let client = MeshClient::new(m.members.values().cloned().collect());
+            let members = m.members.values().cloned().collect();
+            let client = MeshClient::new(members, mesh_tls.clone());
             let metrics = metrics
                 .control
                 .health(&format!("register:{}", cfg.registration.service));
@@ -617,7 +632,12 @@ impl From<mesh::node::StartError> for AppError {
 
 /// Starts this sidecar's mesh member: binds the mesh port, opens the store, joins (or forms) the
 /// group.
-async fn start_member(config: MeshConfig, metrics: &Metrics) -> Result<Member, AppError> {
+async fn start_member(
+    config: MeshConfig,
+    metrics: &Metrics,
+    client_tls: Option<Arc<tls::ClientTls>>,
+    background: &Tasks,
+) -> Result<Member, AppError> {
     let (Some(node_id), Some(listen), Some(data_dir)) =
         (config.node_id, config.listen, config.data_dir.clone())
     else {
@@ -640,7 +660,26 @@ async fn start_member(config: MeshConfig, metrics: &Metrics) -> Result<Member, A
         snapshot_every: config.snapshot_every,
     };
     let tasks = Tasks::new();
-    let node = Node::start(&settings, socket, Tcp, metrics.mesh.clone(), &tasks).await?;
+    let server_tls = match &config.tls {
+        Some(t) => Some(Arc::new(tls::rotating_server(
+            t.server.clone(),
+            ServerMaterial::load(&t.server)?,
+            "mesh",
+            metrics.control.listener_cert("mesh"),
+            background,
+        ))),
+        None => None,
+    };
+    let connect = Tcp::new(client_tls.clone());
+    let node = Node::start(
+        &settings,
+        socket,
+        server_tls,
+        connect,
+        metrics.mesh.clone(),
+        &tasks,
+    )
+    .await?;
     tracing::info!(node_id, %listen, role = ?config.role, "mesh member started");
     // The member's own port; an unspecified listen address is reached over loopback.
     let own = match listen.ip() {
@@ -652,7 +691,7 @@ async fn start_member(config: MeshConfig, metrics: &Metrics) -> Result<Member, A
         }
         _ => listen,
     };
-    let client = MeshClient::new(vec![own.to_string()]);
+    let client = MeshClient::new(vec![own.to_string()], client_tls);
     Ok(Member {
         node,
         tasks,
@@ -694,6 +733,7 @@ impl Member {
             "term": m.current_term,
             "leader": m.current_leader,
             "last_log_index": m.last_log_index,
+            "commit_index": self.node.committed.load(std::sync::atomic::Ordering::Relaxed),
             "applied_index": m.last_applied.map(|l| l.index),
             "snapshot_index": m.snapshot.map(|l| l.index),
             "purged_index": m.purged.map(|l| l.index),
@@ -720,6 +760,9 @@ fn restart_needed(running: Option<&MeshConfig>, new: Option<&MeshConfig>) -> Opt
                 Some("mesh.role")
             } else if a.listen != b.listen {
                 Some("mesh.listen")
+            } else if a.tls != b.tls {
+                // Changed files rotate in place; moving to other files or identities does not.
+                Some("mesh.tls")
             } else if (a.heartbeat, a.election_timeout, a.snapshot_every)
                 != (b.heartbeat, b.election_timeout, b.snapshot_every)
             {

@@ -574,6 +574,23 @@ impl ClientTls {
             server_name,
         })
     }
+
+    /// Runs the client handshake on `tcp` to `host` (the SNI and the name checked, unless the
+    /// config fixed one) with the current material.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = match &self.server_name {
+            Some(n) => n.clone(),
+            None => ServerName::try_from(host.trim_matches(|c| c == '[' || c == ']').to_owned())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        };
+        tokio_rustls::TlsConnector::from(self.config.current())
+            .connect(name, tcp)
+            .await
+    }
 }
 
 /// Connects to upstream endpoints: TCP, then TLS when the cluster has it.
@@ -603,21 +620,14 @@ impl tower::Service<Uri> for UpstreamConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let tls = self.tls.clone();
-        let host = uri
-            .host()
-            .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_owned());
+        let host = uri.host().unwrap_or_default().to_owned();
         let connecting = self.http.call(uri);
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
             let Some(tls) = tls else {
                 return Ok(TokioIo::new(UpstreamStream::Plain(tcp)));
             };
-            let name = match &tls.server_name {
-                Some(n) => n.clone(),
-                None => ServerName::try_from(host.unwrap_or_default())?,
-            };
-            let connector = tokio_rustls::TlsConnector::from(tls.config.current());
-            let stream = connector.connect(name, tcp).await?;
+            let stream = tls.connect(tcp, &host).await?;
             Ok(TokioIo::new(UpstreamStream::Tls(Box::new(stream))))
         })
     }

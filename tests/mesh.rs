@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
+use support::pki::{self, Ca};
 use support::{body, eventually, get, h1_client, h2_client, send, HttpClient, Process};
 
 /// Polls `f` every 20 ms until it gives a value, for at most `within`.
@@ -155,6 +156,110 @@ async fn post(
         }
     }
     None
+}
+
+/// With `mesh.tls`, three members form their group over mutual TLS, a follower's admin port
+/// reaches the leader through it, and the mesh port refuses a caller without a certificate the
+/// mesh's CA signed (curl as the caller).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_group_forms_and_refuses_callers_without_a_mesh_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("mesh ca");
+    let ca_path = pki::write(dir.path(), "ca.pem", &ca.pem);
+    let stranger = Ca::new("another ca");
+    let members: Vec<(u64, String)> = (1..=3)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", 60 + i);
+            (i, format!("{ip}:{}", free_port(&ip)))
+        })
+        .collect();
+    let mut group = Vec::new();
+    for (id, addr) in &members {
+        let ip = addr.rsplit_once(':').unwrap().0;
+        let (cert, key) = pki::write_leaf(dir.path(), &format!("n{id}"), &ca.leaf(&[ip]));
+        let config = write_config(dir.path(), *id, &members);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!(
+            "  tls:\n    cert: {}\n    key: {}\n    ca: {}\n",
+            cert.display(),
+            key.display(),
+            ca_path.display()
+        ));
+        std::fs::write(&config, text).unwrap();
+        group.push(Member {
+            id: *id,
+            mesh: addr.clone(),
+            process: Some(Process::start(&config)),
+            config,
+        });
+    }
+    let (leader, _) = until(Duration::from_secs(30), || agreed_leader(&group))
+        .await
+        .expect("the group elected no leader over mutual TLS");
+    let follower = group
+        .iter()
+        .find(|m| m.id != leader)
+        .and_then(|m| m.process.as_ref())
+        .unwrap();
+    let (code, _, text) = get(
+        &h1_client(),
+        &follower.admin_url("/registry?consistent=true"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, StatusCode::OK, "{text}");
+
+    let url = format!("https://{}/v1/registry", members[0].1);
+    let curl = |extra: Vec<String>| {
+        let url = url.clone();
+        let ca_path = ca_path.clone();
+        async move {
+            tokio::process::Command::new("curl")
+                .args(["-sS", "--max-time", "5", "--cacert"])
+                .arg(&ca_path)
+                .args(extra)
+                .arg(&url)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let (cert, key) = pki::write_leaf(dir.path(), "caller", &ca.leaf(&["caller.mesh"]));
+    let ok = curl(vec![
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+    ])
+    .await;
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("\"services\""),
+        "{ok:?}"
+    );
+    let none = curl(vec![]).await;
+    assert!(
+        !none.status.success(),
+        "no client certificate was accepted: {none:?}"
+    );
+    let (cert, key) = pki::write_leaf(dir.path(), "stranger", &stranger.leaf(&["stranger"]));
+    let foreign = curl(vec![
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+    ])
+    .await;
+    assert!(
+        !foreign.status.success(),
+        "a foreign CA's certificate was accepted: {foreign:?}"
+    );
+    let plain = get(
+        &h2_client(),
+        &format!("http://{}/v1/registry", members[0].1),
+    )
+    .await;
+    assert!(plain.is_err(), "cleartext was answered: {plain:?}");
 }
 
 /// POSTs to a sidecar's admin API over HTTP/1.1, as an operator's curl would.

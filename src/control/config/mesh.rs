@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::tls::{ClientTlsConfig, RawClientTls, RawServerTls, ServerTlsConfig};
 use super::upstream::{HealthCheckConfig, RawHealthCheck};
 use super::validate::Validator;
 use crate::control::mesh::registry::{host_port, Registration};
@@ -57,6 +58,9 @@ pub struct RawMesh {
     /// Register the local application in the registry while it is healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub register: Option<RawRegister>,
+    /// Mutual TLS on the mesh port and for every call to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawMeshTls>,
 }
 
 /// The `mesh.register` block: how this sidecar's application appears in the registry.
@@ -136,9 +140,63 @@ pub struct MeshConfig {
     pub snapshot_every: u64,
     /// Self-registration, if set.
     pub register: Option<RegisterConfig>,
+    /// Mutual TLS on the mesh port and for every call to it, if set.
+    pub tls: Option<MeshTls>,
+}
+
+/// `mesh.tls`, as written: one certificate serves this sidecar as a member (server) and as a
+/// caller (client); one CA signs every mesh certificate.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMeshTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key of `cert`.
+    pub key: String,
+    /// PEM bundle of the CA that signs the mesh's certificates; peers without one are refused.
+    pub ca: String,
+    /// Name checked on members' certificates instead of the host of their address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Identities (SAN URI or DNS name) allowed to call this member; any certificate the CA
+    /// signed when empty. A trailing `*` matches a prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_identities: Vec<String>,
+}
+
+/// The validated `mesh.tls`: the server side of the mesh port and the client side of calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshTls {
+    /// Terminating on the mesh port, client certificates required.
+    pub server: ServerTlsConfig,
+    /// Calling members, presenting the same certificate.
+    pub client: ClientTlsConfig,
 }
 
 impl Validator {
+    /// Loads `mesh.tls` both ways; the client side first, so a bad CA is reported as `ca`.
+    fn mesh_tls(&mut self, t: &RawMeshTls) -> Option<MeshTls> {
+        let client = self.client_tls(
+            "mesh.tls",
+            &RawClientTls {
+                ca: Some(t.ca.clone()),
+                server_name: t.server_name.clone(),
+                cert: Some(t.cert.clone()),
+                key: Some(t.key.clone()),
+            },
+        )?;
+        let server = self.server_tls(
+            "mesh.tls",
+            &RawServerTls {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: Some(t.ca.clone()),
+                allowed_identities: t.allowed_identities.clone(),
+            },
+        )?;
+        Some(MeshTls { server, client })
+    }
+
     pub(super) fn mesh(&mut self, raw: &RawMesh) -> Option<MeshConfig> {
         let before = self.problems.len();
         let member = raw.role != Role::Client;
@@ -256,6 +314,7 @@ impl Validator {
             _ => None,
         };
         let register = raw.register.as_ref().and_then(|r| self.register(r));
+        let tls = raw.tls.as_ref().and_then(|t| self.mesh_tls(t));
         if self.problems.len() > before {
             return None;
         }
@@ -270,6 +329,7 @@ impl Validator {
             election_timeout,
             snapshot_every,
             register,
+            tls,
         })
     }
 

@@ -15,6 +15,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 
+use crate::tls::{ClientTls, UpstreamConnector};
+
 /// A call that got no usable answer from any member.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -25,18 +27,20 @@ pub struct CallError(pub String);
 pub struct MeshClient {
     members: Arc<[String]>,
     next: Arc<AtomicUsize>,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
+    http: HttpClient<UpstreamConnector, Full<Bytes>>,
 }
 
 /// Redirects followed before a call gives up on a member.
 const MAX_REDIRECTS: usize = 3;
 
 impl MeshClient {
-    /// A client of the members at `members` (`host:port` mesh addresses).
-    pub fn new(members: Vec<String>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+    /// A client of the members at `members` (`host:port` mesh addresses), over mutual TLS
+    /// when `tls` is given (the mesh's `tls` section).
+    pub fn new(members: Vec<String>, tls: Option<Arc<ClientTls>>) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(1)));
+        let connector = UpstreamConnector::new(http, tls);
         MeshClient {
             members: members.into(),
             next: Arc::new(AtomicUsize::new(0)),

@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 
 use super::types::{Member, Mesh, NodeId};
+use crate::tls::{ClientTls, UpstreamStream};
 
 /// Paths of the Raft RPCs on the mesh port.
 pub mod path {
@@ -54,17 +55,32 @@ pub trait Connect: Clone + Send + Sync + 'static {
     fn connect(&self, addr: &str) -> impl Future<Output = io::Result<Self::Io>> + Send;
 }
 
-/// Plain TCP.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Tcp;
+/// TCP, with mutual TLS when the mesh has a `tls` section.
+#[derive(Clone, Default)]
+pub struct Tcp {
+    tls: Option<Arc<ClientTls>>,
+}
+
+impl Tcp {
+    /// Dials with TLS (presenting this member's certificate) when `tls` is given.
+    pub fn new(tls: Option<Arc<ClientTls>>) -> Self {
+        Tcp { tls }
+    }
+}
 
 impl Connect for Tcp {
-    type Io = tokio::net::TcpStream;
+    type Io = UpstreamStream;
 
     async fn connect(&self, addr: &str) -> io::Result<Self::Io> {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        Ok(s)
+        match &self.tls {
+            None => Ok(UpstreamStream::Plain(s)),
+            Some(tls) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+                Ok(UpstreamStream::Tls(Box::new(tls.connect(s, host).await?)))
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use super::store::{self, State};
 use super::types::{Member, Mesh, NodeId};
 use crate::tasks::Tasks;
 use crate::telemetry::metrics::mesh::Families as MeshMetrics;
+use crate::tls::ServerTls;
 
 /// What a member needs to start.
 #[derive(Clone, Debug)]
@@ -75,6 +77,8 @@ pub struct Node {
     pub leases: Arc<LeaseTable>,
     /// When a leader last counted this member in.
     pub contact: Arc<Contact>,
+    /// The commit index as last polled from the Raft core (openraft's metrics leave it out).
+    pub committed: Arc<AtomicU64>,
 }
 
 impl Node {
@@ -83,6 +87,7 @@ impl Node {
     pub async fn start<C: Connect>(
         settings: &Settings,
         socket: TcpListener,
+        tls: Option<Arc<ServerTls>>,
         connect: C,
         metrics: MeshMetrics,
         tasks: &Tasks,
@@ -95,7 +100,7 @@ impl Node {
         let node = Node::run(settings, log, machine, connect, metrics, tasks).await?;
         tasks.spawn(
             "mesh_server",
-            server::serve(socket, node.context(), tasks.clone()),
+            server::serve(socket, node.context(), tasks.clone(), tls),
         );
         node.initialize(settings).await?;
         Ok(node)
@@ -129,9 +134,16 @@ impl Node {
         let network = Network::new(connect, settings.heartbeat);
         let raft = Raft::new(settings.node_id, Arc::new(config), network, log, machine).await?;
         let (proposer, leases) = group::start(raft.clone(), state.clone(), metrics.clone(), tasks);
+        let committed = Arc::new(AtomicU64::new(0));
         tasks.spawn(
             "mesh_metrics",
-            report(raft.clone(), state.clone(), leases.clone(), metrics),
+            report(
+                raft.clone(),
+                state.clone(),
+                leases.clone(),
+                committed.clone(),
+                metrics,
+            ),
         );
         Ok(Node {
             raft,
@@ -139,6 +151,7 @@ impl Node {
             proposer,
             leases,
             contact: Arc::new(Contact::default()),
+            committed,
         })
     }
 
@@ -186,6 +199,7 @@ async fn report(
     raft: Raft<Mesh>,
     mut state: watch::Receiver<Arc<State>>,
     leases: Arc<LeaseTable>,
+    committed: Arc<AtomicU64>,
     metrics: MeshMetrics,
 ) {
     let mut raft_metrics = raft.metrics();
@@ -218,8 +232,9 @@ async fn report(
                 // metrics change: the core republishes its metrics after each message it
                 // handles, this one included, and the two would chase each other.
                 let asked = raft.with_raft_state(|s| s.committed.map_or(0, |c| c.index));
-                if let Ok(committed) = asked.await {
-                    metrics.committed(committed);
+                if let Ok(index) = asked.await {
+                    committed.store(index, Ordering::Relaxed);
+                    metrics.committed(index);
                 }
             }
         }
@@ -406,7 +421,8 @@ mod tests {
                 Node::start(
                     &settings,
                     socket,
-                    Tcp,
+                    None,
+                    Tcp::default(),
                     crate::telemetry::metrics::Metrics::new().unwrap().mesh,
                     scope.tasks(),
                 )

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use super::group::{Contact, LeaseTable, Proposer, WriteError, Written};
 use super::leases::Renewal;
@@ -41,6 +42,7 @@ use super::registry::{Change, Instance, Lease, Registration};
 use super::store::State;
 use super::types::{LogId, Mesh, NodeId, Op};
 use crate::tasks::Tasks;
+use crate::tls::ServerTls;
 
 /// Largest request body accepted: a snapshot chunk (openraft's default chunk is 3 MiB) with room.
 pub const MAX_BODY: usize = 16 << 20;
@@ -73,8 +75,12 @@ pub struct Context {
     pub contact: Arc<Contact>,
 }
 
-/// Accepts connections on the mesh port until the tasks are cancelled.
-pub async fn serve(socket: TcpListener, ctx: Context, tasks: Tasks) {
+/// How long a peer has to finish the TLS handshake on the mesh port.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts connections on the mesh port until the tasks are cancelled; with `tls`, only peers
+/// that present a certificate the mesh's CA signed (and, if listed, an allowed identity).
+pub async fn serve(socket: TcpListener, ctx: Context, tasks: Tasks, tls: Option<Arc<ServerTls>>) {
     let stop = tasks.token().clone();
     loop {
         let (stream, _) = tokio::select! {
@@ -91,9 +97,26 @@ pub async fn serve(socket: TcpListener, ctx: Context, tasks: Tasks) {
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
         tasks.spawn("mesh_connection", async move {
+            let served = async {
+                match tls {
+                    None => connection(stream, ctx).await,
+                    Some(tls) => {
+                        let acceptor = TlsAcceptor::from(tls.current().config.clone());
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(stream)) => connection(stream, ctx).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "mesh TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!("mesh TLS handshake timed out"),
+                        }
+                    }
+                }
+            };
             tokio::select! {
-                () = connection(stream, ctx) => {}
+                () = served => {}
                 () = stop.cancelled() => {}
             }
         });

@@ -283,15 +283,7 @@ impl RaftLogStorage<Mesh> for LogStore {
         // Not worth an fsync of its own: the next append makes it durable, and a committed
         // position that is behind after a crash only means less is re-applied at start.
         self.disk
-            .run(move |db| {
-                write_meta(
-                    db,
-                    COMMITTED,
-                    &bytes,
-                    Durability::None,
-                    ErrorSubject::Store,
-                )
-            })
+            .run(move |db| write_meta(db, COMMITTED, &bytes, Durability::None, ErrorSubject::Store))
             .await
     }
 
