@@ -274,4 +274,62 @@ async fn main() {
         cpu_used / secs as f64,
         cpu_used * 1e6 / renewed.load(Ordering::Relaxed).max(1) as f64
     );
+
+    // 4. Expiry: an instance renews every TTL/3, as a sidecar does, then stops (a sidecar killed
+    // with kill -9 stops the same way). How long after its last renewal does it leave the
+    // registry? The design bound is the TTL plus one 100 ms expiry tick plus a commit.
+    let ttl = Duration::from_secs(2);
+    let read_url = register_url.replace("/register", "/expiry");
+    let mut overshoot = Vec::new();
+    for round in 0..5u64 {
+        let id = format!("exp{round}");
+        let reg = format!(
+            r#"{{"service":"expiry","id":"{id}","address":"10.9.0.1","port":80,"ttl_ms":{}}}"#,
+            ttl.as_millis()
+        );
+        let (status, body, _) = call(&http, &register_url, reg).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let renewal = format!(
+            r#"{{"leases":[{{"service":"expiry","id":"{id}","revision":{}}}]}}"#,
+            v["revision"]
+        );
+        let mut last = Instant::now();
+        for _ in 0..3 {
+            tokio::time::sleep(ttl / 3).await;
+            assert_eq!(
+                call(&http, &renew_url, renewal.clone()).await.0,
+                StatusCode::OK
+            );
+            last = Instant::now();
+        }
+        loop {
+            let req = Request::get(&read_url)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = http.request(req).await.unwrap();
+            let b = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            let present = v["services"]["expiry"]["instances"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|i| i["id"] == id.as_str()));
+            if !present {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let lived = Instant::now() - last;
+        assert!(
+            lived >= ttl,
+            "a lease expired {lived:?} after its renewal, before its TTL"
+        );
+        overshoot.push(lived - ttl);
+    }
+    overshoot.sort();
+    println!(
+        "lease expiry after the last renewal, TTL {} s, 5 rounds: TTL + {:.0} ms median, TTL + {:.0} ms max",
+        ttl.as_secs(),
+        percentile(&overshoot, 50.0).as_secs_f64() * 1e3,
+        overshoot.last().unwrap().as_secs_f64() * 1e3
+    );
 }
