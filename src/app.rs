@@ -681,17 +681,13 @@ async fn start_member(
     )
     .await?;
     tracing::info!(node_id, %listen, role = ?config.role, "mesh member started");
-    // The member's own port; an unspecified listen address is reached over loopback.
-    let own = match listen.ip() {
-        ip if ip.is_unspecified() && ip.is_ipv4() => {
-            SocketAddr::from(([127, 0, 0, 1], listen.port()))
-        }
-        ip if ip.is_unspecified() => {
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()))
-        }
-        _ => listen,
-    };
-    let client = MeshClient::new(vec![own.to_string()], client_tls);
+    // The admin port reaches the group through this member's advertised address: the name its
+    // certificate carries under mesh.tls (validation sets it for every voter and learner).
+    let own = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| listen.to_string());
+    let client = MeshClient::new(vec![own], client_tls);
     Ok(Member {
         node,
         tasks,
