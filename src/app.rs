@@ -541,7 +541,8 @@ impl Shared {
     }
 }
 
-/// The admin server's narrow, read-only view of the proxy.
+/// The admin server's narrow view of the proxy: read-only, but for the operator calls it
+/// forwards to the mesh group.
 struct AdminView(Arc<Shared>);
 
 impl View for AdminView {

@@ -8,8 +8,8 @@
 //! (`/registry?consistent=true`) — are handed to it through the view, which follows the group to
 //! its leader.
 //!
-//! It sees the proxy only through a [`View`] it is handed: a narrow, read-only window that the
-//! composition root implements, so this module imports nothing of the data path or the control
+//! It sees the proxy only through a [`View`] it is handed: a narrow window, read-only except for
+//! the calls it hands to the mesh group, that the composition root implements, so this module imports nothing of the data path or the control
 //! side. Connections are served on supervised tasks that end when the admin group is cancelled,
 //! which shutdown does last, so `/ready` answers `draining` for as long as listeners drain.
 
@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 
 use crate::tasks::Tasks;
 
-/// What the admin server may read of the running proxy.
+/// What the admin server may read of the running proxy, and the calls it may hand to the group.
 pub trait View: Send + Sync + 'static {
     /// Whether the proxy takes traffic (false while draining).
     fn ready(&self) -> bool;
