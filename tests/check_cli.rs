@@ -69,7 +69,7 @@ fn a_mesh_member_config_says_what_needs_a_restart() {
     let path = write(
         dir.path(),
         "member.yaml",
-        "mesh:\n  node_id: 1\n  listen: 127.0.0.1:7946\n  data_dir: /tmp/m1\n  members:\n    1: 127.0.0.1:7946\n",
+        "mesh:\n  node_id: 1\n  listen: 127.0.0.1:0\n  data_dir: /tmp/m1\n  members:\n    1: node1.mesh.internal:7946\n",
     );
     let (code, out) = check(&path);
     assert_eq!(code, 0, "{out}");

@@ -210,46 +210,31 @@ async fn a_tls_group_forms_and_refuses_callers_without_a_mesh_certificate() {
     assert_eq!(code, StatusCode::OK, "{text}");
 
     let url = format!("https://{}/v1/registry", members[0].1);
-    let curl = |extra: Vec<String>| {
-        let url = url.clone();
-        let ca_path = ca_path.clone();
-        async move {
-            tokio::process::Command::new("curl")
-                .args(["-sS", "--max-time", "5", "--cacert"])
-                .arg(&ca_path)
-                .args(extra)
-                .arg(&url)
-                .output()
-                .await
-                .unwrap()
+    // curl to the mesh port, presenting `identity` (certificate, key) if given.
+    let curl = |identity: Option<(std::path::PathBuf, std::path::PathBuf)>| {
+        let mut cmd = tokio::process::Command::new("curl");
+        cmd.args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&ca_path);
+        if let Some((cert, key)) = identity {
+            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
         }
+        cmd.arg(&url);
+        async move { cmd.output().await.unwrap() }
     };
-    let (cert, key) = pki::write_leaf(dir.path(), "caller", &ca.leaf(&["caller.mesh"]));
-    let ok = curl(vec![
-        "--cert".into(),
-        cert.display().to_string(),
-        "--key".into(),
-        key.display().to_string(),
-    ])
-    .await;
+    let caller = pki::write_leaf(dir.path(), "caller", &ca.leaf(&["caller.mesh"]));
+    let ok = curl(Some(caller)).await;
     assert!(ok.status.success(), "{ok:?}");
     assert!(
         String::from_utf8_lossy(&ok.stdout).contains("\"services\""),
         "{ok:?}"
     );
-    let none = curl(vec![]).await;
+    let none = curl(None).await;
     assert!(
         !none.status.success(),
         "no client certificate was accepted: {none:?}"
     );
-    let (cert, key) = pki::write_leaf(dir.path(), "stranger", &stranger.leaf(&["stranger"]));
-    let foreign = curl(vec![
-        "--cert".into(),
-        cert.display().to_string(),
-        "--key".into(),
-        key.display().to_string(),
-    ])
-    .await;
+    let stranger = pki::write_leaf(dir.path(), "stranger", &stranger.leaf(&["stranger"]));
+    let foreign = curl(Some(stranger)).await;
     assert!(
         !foreign.status.success(),
         "a foreign CA's certificate was accepted: {foreign:?}"
