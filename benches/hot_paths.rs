@@ -89,6 +89,7 @@ fn table(n: usize, metrics: &Metrics) -> RouteTable {
         None,
         metrics,
         &Rng::with_seed(1),
+        None,
     )
     .unwrap()
 }
@@ -197,9 +198,11 @@ fn stack(c: &mut Criterion) {
                 burst: 1_000_000,
                 key: RateKey::None,
                 max_delay: None,
+                mesh: None,
             },
             None,
             1,
+            None,
         )))))
         .layer(LoadShedLayer::new(Some(Arc::new(Limiter::new(
             LoadShedConfig {
@@ -294,6 +297,7 @@ fn config_handling(c: &mut Criterion) {
                 None,
                 &metrics,
                 &Rng::with_seed(1),
+                None,
             )
             .unwrap();
             live.store(Arc::new(t));

@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::control::config::mesh::{MeshConfig, Role};
 use crate::control::config::{self, ClusterConfig, ConfigErrors, ListenerConfig, Loaded};
 use crate::control::discovery::registry::Registry;
+use crate::control::mesh::allowance::Allowances;
 use crate::control::mesh::client::MeshClient;
 use crate::control::mesh::node::{Node, Settings};
 use crate::control::mesh::registrar::Registrar;
@@ -166,6 +167,8 @@ pub struct Shared {
     registry: Option<Registry>,
     /// Keeps the local application registered, if `mesh.register` is set.
     registrar: Option<Registrar>,
+    /// This sidecar's shares of mesh-wide rate limits, when it has a `mesh:` section.
+    allowances: Option<Arc<Allowances>>,
 }
 
 /// A running mesh member and the tasks that serve it.
@@ -184,6 +187,7 @@ const MESH_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 struct Build<'a> {
     metrics: &'a Metrics,
     registry: Option<&'a Registry>,
+    allowances: Option<&'a Allowances>,
     rng: &'a Rng,
     background: &'a Tasks,
     shutdown: &'a CancellationToken,
@@ -253,9 +257,21 @@ impl App {
             }
             None => (None, None),
         };
+        // Shares of mesh-wide rate limits, refreshed from the group in the background.
+        let allowances = loaded.config.mesh.as_ref().map(|m| {
+            let allowances = Allowances::new(metrics.mesh.clone());
+            let members = m.members.values().cloned().collect();
+            allowances.start(
+                MeshClient::new(members, mesh_tls.clone()),
+                rng.fork(),
+                &background,
+            );
+            allowances
+        });
         let build = Build {
             metrics: &metrics,
             registry: registry.as_ref(),
+            allowances: allowances.as_deref(),
             rng: &rng,
             background: &background,
             shutdown: &shutdown,
@@ -296,6 +312,7 @@ impl App {
             mesh,
             registry,
             registrar,
+            allowances,
         });
         let view: Arc<dyn View> = Arc::new(AdminView(shared.clone()));
         let admin_tasks = shared.admin.clone();
@@ -420,6 +437,7 @@ impl App {
         let build = Build {
             metrics: &s.metrics,
             registry: s.registry.as_ref(),
+            allowances: s.allowances.as_deref(),
             rng: &s.rng,
             background: &s.background,
             shutdown: &s.shutdown,
@@ -976,6 +994,7 @@ fn listener_state(
                 previous_routes,
                 b.metrics,
                 b.rng,
+                b.allowances,
             )?)
         }
         config::ListenerKind::Tcp { cluster } => ListenerKind::Tcp(

@@ -291,14 +291,6 @@ impl Drop for Children {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_listening(port: u16) {
     assert!(
         eventually(Duration::from_secs(10), || async move {
@@ -315,7 +307,9 @@ async fn wait_listening(port: u16) {
 async fn a_killed_endpoint_process_leaves_and_rejoins_with_no_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.html"), "hello from python\n").unwrap();
-    let ports = [free_port(), free_port(), free_port()];
+    // The victim comes back on its own port: held for the whole test, not bound and released.
+    let reserved = [(); 3].map(|()| ReservedPort::on("127.0.0.1"));
+    let ports = reserved.each_ref().map(|r| r.port);
     let mut children = Children(
         ports
             .iter()

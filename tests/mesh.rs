@@ -31,10 +31,9 @@ where
     None
 }
 
-/// Reserves a free loopback port (bound and released: the process binds it right after).
+/// A free loopback port that stays reserved while the member on it is killed and restarted.
 fn free_port(ip: &str) -> u16 {
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    l.local_addr().unwrap().port()
+    support::ReservedPort::for_the_run(ip)
 }
 
 struct Member {

@@ -16,6 +16,7 @@ use crate::control::config::validate::{PartitionConfig, PartitionMode};
 use crate::proxy::balance::{self, Weighted};
 use crate::proxy::cluster::Cluster;
 use crate::proxy::resilience::load_shed::Limiter;
+use crate::control::mesh::allowance::Allowances;
 use crate::proxy::stack::{self, RouteShared, RouteStack};
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
@@ -160,7 +161,10 @@ impl UnknownCluster {
 }
 
 impl RouteTable {
-    /// Compiles `routes` of `listener` against the running `clusters`.
+    /// Compiles `routes` of `listener` against the running `clusters`; mesh-wide rate limits
+    /// take their share from `allowances`.
+    // Each argument is a different part of the running proxy; bundling them would only rename.
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         listener: &str,
         routes: &[RouteConfig],
@@ -169,6 +173,7 @@ impl RouteTable {
         previous: Option<&RouteTable>,
         metrics: &Metrics,
         rng: &Rng,
+        allowances: Option<&Allowances>,
     ) -> Result<Self, UnknownCluster> {
         let families = Arc::new((metrics.http.clone(), Arc::<str>::from(listener)));
         let routes = routes
@@ -183,8 +188,9 @@ impl RouteTable {
                         })
                         .map(|p| p.shared.clone())
                 });
-                let shared =
-                    kept.unwrap_or_else(|| Arc::new(RouteShared::new(listener, r, metrics, rng)));
+                let shared = kept.unwrap_or_else(|| {
+                    Arc::new(RouteShared::new(listener, r, metrics, rng, allowances))
+                });
                 let targets = r
                     .targets
                     .iter()
@@ -392,6 +398,7 @@ mod tests {
                 None,
                 &metrics,
                 &Rng::with_seed(1),
+                None,
             )
             .unwrap(),
             metrics,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tower::ServiceBuilder;
 
 use crate::control::config::RouteConfig;
+use crate::control::mesh::allowance::Allowances;
 use crate::proxy::cluster::Cluster;
 use crate::proxy::connect::Upstream;
 use crate::proxy::resilience::breaker::{Breaker, BreakerLayer};
@@ -60,8 +61,14 @@ impl RouteShared {
     }
 
     /// Builds the route-level state of `route` on `listener`; faults and rate-limit hashing
-    /// draw from `rng`.
-    pub fn new(listener: &str, route: &RouteConfig, metrics: &Metrics, rng: &Rng) -> Self {
+    /// draw from `rng`, and a mesh-wide rate limit takes its share from `allowances`.
+    pub fn new(
+        listener: &str,
+        route: &RouteConfig,
+        metrics: &Metrics,
+        rng: &Rng,
+        allowances: Option<&Allowances>,
+    ) -> Self {
         let m = &metrics.resilience;
         Self {
             faults: route.fault.clone().map(|f| {
@@ -76,6 +83,7 @@ impl RouteShared {
                     r,
                     Some(m.rate_limit(listener, &route.name)),
                     rng.u64(),
+                    allowances.and_then(|a| a.get(r)),
                 ))
             }),
             bulkhead: route.bulkhead.as_ref().map(|b| {

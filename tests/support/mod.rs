@@ -334,6 +334,44 @@ pub async fn tcp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// A loopback port held for a process the test starts, kills and starts again on the same port.
+///
+/// A port that is merely bound and released can be handed to another test's `bind(0)` or used
+/// as a connection's source port while its process is down; the restarted process then fails to
+/// bind, or traffic meant for it reaches another test's server. The reservation is a socket bound
+/// with `SO_REUSEADDR` that never listens: the kernel skips the port for other sockets, while a
+/// process that also sets `SO_REUSEADDR` (Python's `http.server`, tokio) may bind and listen on
+/// it, and connections to it are refused whenever that process is down.
+pub struct ReservedPort {
+    _socket: tokio::net::TcpSocket,
+    /// The reserved port.
+    pub port: u16,
+}
+
+impl ReservedPort {
+    /// Reserves a free port on a loopback address.
+    pub fn on(ip: &str) -> ReservedPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket
+            .bind(SocketAddr::new(ip.parse().unwrap(), 0))
+            .unwrap();
+        let port = socket.local_addr().unwrap().port();
+        ReservedPort {
+            _socket: socket,
+            port,
+        }
+    }
+
+    /// Reserves a free port on a loopback address until the test process exits.
+    pub fn for_the_run(ip: &str) -> u16 {
+        let reserved = ReservedPort::on(ip);
+        let port = reserved.port;
+        std::mem::forget(reserved);
+        port
+    }
+}
+
 /// Adds a loopback admin address on port 0 unless the YAML names one.
 pub fn with_test_admin(yaml: &str) -> String {
     if yaml.contains("admin:") {

@@ -159,6 +159,16 @@ pub struct RawRateLimit {
     /// Longest delay in throttle mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delay: Option<String>,
+    /// `local` (this sidecar alone, the default) or `mesh` (shared by every sidecar serving it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The mesh-wide limit's name in the group (default: the route's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// With `scope: mesh`: `local_share` (default), `fail_open` or `fail_closed` while the group
+    /// cannot be reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_partition: Option<String>,
 }
 
 /// The `load_shed:` block of a listener.
@@ -461,6 +471,28 @@ pub struct RateLimitConfig {
     pub key: RateKey,
     /// `None` rejects at once; `Some(d)` throttles up to `d`.
     pub max_delay: Option<Duration>,
+    /// Set when the limit is shared by every sidecar that serves it (`scope: mesh`).
+    pub mesh: Option<MeshScope>,
+}
+
+/// A rate limit shared by the mesh: its name in the group and its behaviour when cut off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshScope {
+    /// The limit's name in the group (every sidecar naming it shares its rate).
+    pub name: String,
+    /// What the sidecar admits while it holds no unexpired share.
+    pub on_partition: OnPartition,
+}
+
+/// What a sidecar admits under a mesh-wide limit while it cannot reach the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPartition {
+    /// The rate divided by the sidecars it last knew shared the limit (the default).
+    LocalShare,
+    /// Everything: the limit is off until the group answers again.
+    FailOpen,
+    /// Nothing: every request is refused until the group answers again.
+    FailClosed,
 }
 
 /// The adaptive limiter's algorithm.
@@ -764,7 +796,12 @@ impl Validator {
         c
     }
 
-    pub(super) fn rate_limit(&mut self, path: &str, r: &RawRateLimit) -> Option<RateLimitConfig> {
+    pub(super) fn rate_limit(
+        &mut self,
+        path: &str,
+        route_name: &str,
+        r: &RawRateLimit,
+    ) -> Option<RateLimitConfig> {
         let before = self.problems.len();
         let p = |f: &str| format!("{path}.rate_limit.{f}");
         if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
@@ -825,11 +862,54 @@ impl Validator {
                 None
             }
         };
+        let on_partition = match r.on_partition.as_deref() {
+            None | Some("local_share") => OnPartition::LocalShare,
+            Some("fail_open") => OnPartition::FailOpen,
+            Some("fail_closed") => OnPartition::FailClosed,
+            Some(o) => {
+                self.problem_with_hint(
+                    p("on_partition"),
+                    format!("unknown on_partition `{o}`"),
+                    Some("`local_share`, `fail_open` or `fail_closed`".into()),
+                );
+                OnPartition::LocalShare
+            }
+        };
+        let mesh = match r.scope.as_deref() {
+            None | Some("local") => {
+                for (field, set) in [
+                    ("name", r.name.is_some()),
+                    ("on_partition", r.on_partition.is_some()),
+                ] {
+                    if set {
+                        self.problem_with_hint(
+                            p(field),
+                            format!("`{field}` only applies to a mesh-wide limit"),
+                            Some("add `scope: mesh`".into()),
+                        );
+                    }
+                }
+                None
+            }
+            Some("mesh") => Some(MeshScope {
+                name: r.name.clone().unwrap_or_else(|| route_name.to_owned()),
+                on_partition,
+            }),
+            Some(s) => {
+                self.problem_with_hint(
+                    p("scope"),
+                    format!("unknown scope `{s}`"),
+                    Some("`local` or `mesh`".into()),
+                );
+                None
+            }
+        };
         (self.problems.len() == before).then(|| RateLimitConfig {
             rate: r.requests_per_second,
             burst,
             key,
             max_delay,
+            mesh,
         })
     }
 

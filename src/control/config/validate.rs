@@ -4,7 +4,7 @@
 //! them in one `outrigger check`. A typed `Config` exists only if the list ends up empty, which is
 //! what keeps an invalid reload from ever reaching the live snapshot.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -442,6 +442,38 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    // Each mesh-wide limit belongs to one route of a sidecar: two routes sharing a name would
+    // each enforce the sidecar's whole share.
+    let mut mesh_limits: HashMap<String, String> = HashMap::new();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        for (j, r) in l.routes.iter().enumerate() {
+            let Some(limit) = r.rate_limit.as_ref() else {
+                continue;
+            };
+            if limit.scope.as_deref() != Some("mesh") {
+                continue;
+            }
+            let path = format!("listeners[{i}].routes[{j}].rate_limit.scope");
+            if raw.mesh.is_none() {
+                v.problem_with_hint(
+                    path.clone(),
+                    "a mesh-wide rate limit needs a `mesh:` section".into(),
+                    Some(
+                        "add `mesh:` with the group's `members` (`role: client` is enough)".into(),
+                    ),
+                );
+            }
+            let name = limit.name.clone().unwrap_or_else(|| r.name.clone());
+            if let Some(other) = mesh_limits.insert(name.clone(), r.name.clone()) {
+                v.problem_with_hint(
+                    format!("listeners[{i}].routes[{j}].rate_limit.name"),
+                    format!("mesh-wide limit `{name}` is already used by route `{other}`"),
+                    Some("give each route's mesh-wide limit its own `name`".into()),
+                );
+            }
+        }
+    }
+
     match (v.problems.is_empty(), admin_address) {
         (true, Some(admin_address)) => Ok(Config {
             admin_address,
@@ -857,7 +889,10 @@ impl Validator {
             r.idle_timeout.as_deref(),
             DEFAULT_STREAM_IDLE_TIMEOUT,
         );
-        let rate_limit = r.rate_limit.as_ref().and_then(|l| self.rate_limit(path, l));
+        let rate_limit = r
+            .rate_limit
+            .as_ref()
+            .and_then(|l| self.rate_limit(path, &r.name, l));
         let bulkhead = r.bulkhead.as_ref().map(|b| self.bulkhead(path, b));
         let fault = r.fault.as_ref().map(|f| self.fault(path, f));
         let allowed_identities = r

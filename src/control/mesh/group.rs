@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::leases::{Leases, Renewal};
+use super::quota::{milli, Allocator, Demand, Refresh, TICK};
 use super::registry::{Change, Lease, Outcome};
 use super::store::State;
 use super::types::{Applied, Command, LogId, Mesh, NodeId, Op};
@@ -120,14 +121,52 @@ impl Contact {
     }
 }
 
-/// The lease table, present only while this member leads and has caught up with the log.
+/// What a leader keeps in memory only, present while this member leads and has caught up with
+/// the log: the lease table and the rate-limit allocator.
 #[derive(Debug, Default)]
-pub struct LeaseTable(Mutex<Option<Leases>>);
+pub struct LeaderTables {
+    leases: Mutex<Option<Leases>>,
+    allocator: Mutex<Option<Allocator>>,
+}
 
-impl LeaseTable {
+impl LeaderTables {
     fn lock(&self) -> MutexGuard<'_, Option<Leases>> {
         // Nothing panics while holding this lock; a poisoned table is still whole.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn allocator(&self) -> MutexGuard<'_, Option<Allocator>> {
+        // As above: the allocator is whole whatever happened to another holder.
+        self.allocator.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a sidecar's rate-limit refresh; false while this member is not (yet) a leader
+    /// with an allocator.
+    pub fn refresh(&self, refresh: &Refresh) -> bool {
+        let mut allocator = self.allocator();
+        let Some(a) = allocator.as_mut() else {
+            return false;
+        };
+        let demands = refresh
+            .limits
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    Demand {
+                        rate: milli(l.rate),
+                        offered: milli(l.offered),
+                    },
+                )
+            })
+            .collect();
+        a.refresh(&refresh.client, refresh.holding, demands, Instant::now());
+        true
+    }
+
+    /// Sidecars the allocator heard from lately (0 when not leading).
+    pub fn quota_clients(&self) -> usize {
+        self.allocator().as_ref().map_or(0, Allocator::clients)
     }
 
     /// Renews each lease; `None` while this member is not (yet) a leader with a table.
@@ -185,14 +224,23 @@ pub fn start(
     state: watch::Receiver<Arc<State>>,
     metrics: MeshMetrics,
     tasks: &Tasks,
-) -> (Proposer, Arc<LeaseTable>) {
+) -> (Proposer, Arc<LeaderTables>) {
     let (tx, rx) = mpsc::channel(QUEUE);
     tasks.spawn("mesh_proposer", propose(raft.clone(), rx, metrics.clone()));
-    let table = Arc::new(LeaseTable::default());
+    let table = Arc::new(LeaderTables::default());
     let proposer = Proposer {
         tx,
         metrics: metrics.clone(),
     };
+    tasks.spawn(
+        "mesh_allocations",
+        allocation_clock(
+            state.clone(),
+            proposer.clone(),
+            table.clone(),
+            metrics.clone(),
+        ),
+    );
     tasks.spawn(
         "mesh_leases",
         lease_clock(
@@ -261,13 +309,53 @@ async fn propose(raft: Raft<Mesh>, mut rx: mpsc::Receiver<Pending>, metrics: Mes
     }
 }
 
+/// While this member leads with an allocator: every [`TICK`], commit the shares that changed,
+/// for every limit and sidecar in one entry.
+async fn allocation_clock(
+    state: watch::Receiver<Arc<State>>,
+    proposer: Proposer,
+    table: Arc<LeaderTables>,
+    metrics: MeshMetrics,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let quotas = state.borrow().quotas.clone();
+        let Some(allocation) = table
+            .allocator()
+            .as_mut()
+            .and_then(|a| a.tick(&quotas, Instant::now()))
+        else {
+            continue;
+        };
+        // Awaited: the next allocation starts from the state this one leaves.
+        let written = proposer.propose(Op::Quota(allocation)).await;
+        let mut allocator = table.allocator();
+        let Some(a) = allocator.as_mut() else {
+            continue;
+        };
+        match written {
+            Ok(w) => {
+                metrics.allocated();
+                a.committed(w.log_id.index, Instant::now());
+            }
+            Err(WriteError::NotLeader(_) | WriteError::Busy | WriteError::Stopped(_)) => {
+                // Not appended: its decreases never reach anyone.
+                a.abandoned(Instant::now(), Duration::ZERO);
+            }
+            Err(WriteError::Unknown(_)) => a.abandoned(Instant::now(), COMMIT_TIMEOUT),
+        }
+    }
+}
+
 /// While this member leads: build the lease table once the log is applied, keep it in line
 /// with the registry, and propose the expiry of lapsed leases.
 async fn lease_clock(
     raft: Raft<Mesh>,
     mut state: watch::Receiver<Arc<State>>,
     proposer: Proposer,
-    table: Arc<LeaseTable>,
+    table: Arc<LeaderTables>,
     metrics: MeshMetrics,
     tasks: Tasks,
 ) {
@@ -283,10 +371,12 @@ async fn lease_clock(
         if !leading {
             leading_term = None;
             *table.lock() = None;
+            *table.allocator() = None;
         } else if leading_term != Some(term) {
             // Newly elected: the table starts once everything committed before is applied,
             // with a fresh TTL for every lease (no failover expires a lease early).
             *table.lock() = None;
+            *table.allocator() = None;
             let caught_up = tokio::time::timeout(COMMIT_TIMEOUT, raft.ensure_linearizable()).await;
             if matches!(caught_up, Ok(Ok(_))) {
                 let snapshot = state.borrow_and_update().clone();
@@ -298,6 +388,7 @@ async fn lease_clock(
                     "mesh leader: lease clock started"
                 );
                 *table.lock() = Some(leases);
+                *table.allocator() = Some(Allocator::new(Instant::now()));
                 leading_term = Some(term);
             }
         }

@@ -7,11 +7,13 @@
 //! published after each applied batch, and a member that loses its disk stops voting rather than
 //! risk the group's safety.
 
+pub mod allowance;
 pub mod client;
 pub mod group;
 pub mod leases;
 pub mod network;
 pub mod node;
+pub mod quota;
 pub mod registrar;
 pub mod registry;
 pub mod server;

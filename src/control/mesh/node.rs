@@ -16,7 +16,7 @@ use openraft::{Config, Raft, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::group::{self, Contact, LeaseTable, Proposer};
+use super::group::{self, Contact, LeaderTables, Proposer};
 use super::network::{Connect, Network};
 use super::server::{self, Context};
 use super::store::{self, State};
@@ -74,7 +74,7 @@ pub struct Node {
     /// Where this member's writes go.
     pub proposer: Proposer,
     /// The lease table while this member leads.
-    pub leases: Arc<LeaseTable>,
+    pub leases: Arc<LeaderTables>,
     /// When a leader last counted this member in.
     pub contact: Arc<Contact>,
     /// The commit index as last polled from the Raft core (openraft's metrics leave it out).
@@ -198,7 +198,7 @@ const COMMIT_POLL: Duration = Duration::from_secs(1);
 async fn report(
     raft: Raft<Mesh>,
     mut state: watch::Receiver<Arc<State>>,
-    leases: Arc<LeaseTable>,
+    leases: Arc<LeaderTables>,
     committed: Arc<AtomicU64>,
     metrics: MeshMetrics,
 ) {

@@ -35,8 +35,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use super::group::{Contact, LeaseTable, Proposer, WriteError, Written};
+use super::group::{Contact, LeaderTables, Proposer, WriteError, Written};
 use super::leases::Renewal;
+use super::quota::Refresh;
 use super::network::path;
 use super::registry::{Change, Instance, Lease, Registration};
 use super::store::State;
@@ -70,7 +71,7 @@ pub struct Context {
     /// Where writes go.
     pub proposer: Proposer,
     /// The leader's lease table.
-    pub leases: Arc<LeaseTable>,
+    pub leases: Arc<LeaderTables>,
     /// When a leader last counted this member in.
     pub contact: Arc<Contact>,
 }
@@ -242,6 +243,10 @@ pub async fn answer(ctx: &Context, req: Request<Incoming>) -> Response<Full<Byte
             Ok(r) => renew(ctx, &route, &r.leases),
             Err(r) => r,
         },
+        "/v1/quota/refresh" => match decode::<Refresh>(&body) {
+            Ok(r) => quota_refresh(ctx, &route, r).await,
+            Err(r) => r,
+        },
         _ => text(StatusCode::NOT_FOUND, "no such mesh RPC\n"),
     }
 }
@@ -409,27 +414,48 @@ fn renew(ctx: &Context, route: &str, leases: &[Lease]) -> Response<Full<Bytes>> 
                 })
                 .collect(),
         }),
-        None => {
-            let m = ctx.raft.metrics().borrow().clone();
-            if m.state == ServerState::Leader {
-                // Elected, but the table starts once the log is applied: ask again shortly
-                // rather than have every instance register again.
-                reason(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "mesh_leader_starting",
-                    "the new leader is catching up\n",
-                )
-            } else {
-                let leader = m.current_leader.and_then(|id| {
-                    m.membership_config
-                        .membership()
-                        .get_node(&id)
-                        .map(|n| (id, n.addr.clone()))
-                });
-                redirect(ctx, route, leader)
-            }
-        }
+        // Rather than have every instance register again, it asks again shortly.
+        None => not_leading(ctx, route),
     }
+}
+
+/// A sidecar's rate-limit refresh: its demand goes to the leader's allocator, and the answer
+/// (its shares) waits up to `wait_ms` for one of them to change past what it holds.
+async fn quota_refresh(ctx: &Context, route: &str, r: Refresh) -> Response<Full<Bytes>> {
+    if !ctx.leases.refresh(&r) {
+        return not_leading(ctx, route);
+    }
+    let wait = Duration::from_millis(r.wait_ms).min(MAX_QUOTA_WAIT);
+    let mut rx = ctx.state.clone();
+    let changed = |s: &Arc<State>| s.quotas.changed_for(&r.client, &r.limits, r.holding);
+    let _ = tokio::time::timeout(wait, rx.wait_for(changed)).await;
+    let state = rx.borrow().clone();
+    let index = state.applied.map_or(0, |l| l.index);
+    json(&state.quotas.granted(&r.client, &r.limits, index))
+}
+
+/// Longest a rate-limit refresh is held for a change.
+pub const MAX_QUOTA_WAIT: Duration = Duration::from_secs(5);
+
+/// The answer of a member that is not a leader with its tables: wait for the new leader's
+/// tables, or go to the leader.
+fn not_leading(ctx: &Context, route: &str) -> Response<Full<Bytes>> {
+    let m = ctx.raft.metrics().borrow().clone();
+    if m.state == ServerState::Leader {
+        // Elected, but the tables start once the log is applied: ask again shortly.
+        return reason(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "mesh_leader_starting",
+            "the new leader is catching up\n",
+        );
+    }
+    let leader = m.current_leader.and_then(|id| {
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| (id, n.addr.clone()))
+    });
+    redirect(ctx, route, leader)
 }
 
 fn redirect(

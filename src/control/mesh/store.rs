@@ -32,6 +32,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::quota::Quotas;
 use super::registry::Registry;
 use super::types::{Applied, LogId, Member, Membership, Mesh, NodeId, Op, Reply, StorageError};
 
@@ -396,12 +397,17 @@ pub struct State {
     pub membership: Membership,
     /// The service registry.
     pub registry: Registry,
+    /// Shares of the mesh-wide rate limits.
+    pub quotas: Quotas,
 }
 
 /// The snapshot's payload; the membership and position travel in openraft's metadata.
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
     registry: Registry,
+    /// Absent from snapshots taken before mesh-wide rate limits existed.
+    #[serde(default)]
+    quotas: Quotas,
 }
 
 /// The state machine: applies committed entries in memory and publishes each applied state as
@@ -464,6 +470,7 @@ fn restore(meta: &SnapshotMeta<NodeId, Member>, data: &[u8]) -> Result<State, St
         applied: meta.last_log_id,
         membership: meta.last_membership.clone(),
         registry: body.registry,
+        quotas: body.quotas,
     })
 }
 
@@ -485,6 +492,7 @@ impl RaftSnapshotBuilder<Mesh> for StateMachine {
             ErrorSubject::Snapshot(Some(meta.signature())),
             &SnapshotBody {
                 registry: state.registry,
+                quotas: state.quotas,
             },
         )?;
         save_snapshot(&self.disk, meta.clone(), data.clone()).await?;
@@ -558,6 +566,9 @@ impl RaftStateMachine<Mesh> for StateMachine {
                             Op::Registry(change) => {
                                 Applied::Registry(state.registry.apply(entry.log_id.index, change))
                             }
+                            Op::Quota(allocation) => Applied::Quota {
+                                changed: state.quotas.apply(entry.log_id.index, allocation),
+                            },
                         });
                     }
                 }

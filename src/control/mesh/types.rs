@@ -9,6 +9,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+use super::quota::Allocation;
 use super::registry::{Change, Outcome};
 
 /// A member's id in the mesh group (`mesh.node_id`).
@@ -42,6 +43,8 @@ pub struct Command {
 pub enum Op {
     /// A change to the service registry.
     Registry(Change),
+    /// An allocation of mesh-wide rate-limit shares.
+    Quota(Allocation),
 }
 
 /// What applying an entry did: one result per operation, in order (empty for Raft's own
@@ -58,6 +61,11 @@ pub struct Reply {
 pub enum Applied {
     /// What a registry change did.
     Registry(Outcome),
+    /// How many shares an allocation changed.
+    Quota {
+        /// Shares set or removed.
+        changed: usize,
+    },
 }
 
 /// A log position: the term of the leader that wrote it and its index.

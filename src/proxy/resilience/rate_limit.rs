@@ -18,6 +18,7 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::control::config::resilience::{RateKey, RateLimitConfig};
+use crate::control::mesh::allowance::Allowance;
 use crate::error::{ProxyError, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 use crate::telemetry::metrics::RateLimitMetrics;
@@ -71,11 +72,18 @@ pub struct RateLimiter {
     shards: Box<[Shard]>,
     seed: u64,
     metrics: Option<RateLimitMetrics>,
+    /// A mesh-wide limit's share, re-sized in the background; `None` for a local limit.
+    mesh: Option<Arc<Allowance>>,
 }
 
 impl RateLimiter {
-    /// A limiter for `cfg`.
-    pub fn new(cfg: &RateLimitConfig, metrics: Option<RateLimitMetrics>, seed: u64) -> Self {
+    /// A limiter for `cfg`; a mesh-wide one (`cfg.mesh`) admits what `mesh` allows.
+    pub fn new(
+        cfg: &RateLimitConfig,
+        metrics: Option<RateLimitMetrics>,
+        seed: u64,
+        mesh: Option<Arc<Allowance>>,
+    ) -> Self {
         let interval = (1e9 / cfg.rate).max(1.0) as u64;
         Self {
             interval,
@@ -93,6 +101,7 @@ impl RateLimiter {
                 .collect(),
             seed,
             metrics,
+            mesh,
         }
     }
 
@@ -100,15 +109,20 @@ impl RateLimiter {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// GCRA on one bucket: `tat` in, the new `tat` (if it changes) and the decision out.
-    fn gcra(&self, tat: u64, now: u64) -> (Option<u64>, Decision) {
-        let new = tat.max(now).saturating_add(self.interval);
+    /// GCRA on one bucket with the given emission interval and tolerance: `tat` in, the new
+    /// `tat` (if it changes) and the decision out.
+    fn gcra(&self, tat: u64, now: u64, (interval, tolerance): (u64, u64)) -> (Option<u64>, Decision) {
+        if interval == 0 {
+            // A mesh-wide limit failing open.
+            return (None, Decision::Admit { remaining: self.burst });
+        }
+        let new = tat.max(now).saturating_add(interval);
         let ahead = new - now;
-        if ahead <= self.tolerance {
-            let remaining = ((self.tolerance - ahead) / self.interval) as u32;
+        if ahead <= tolerance {
+            let remaining = ((tolerance - ahead) / interval) as u32;
             return (Some(new), Decision::Admit { remaining });
         }
-        let wait = ahead - self.tolerance;
+        let wait = ahead - tolerance;
         match self.max_delay {
             Some(max) if wait <= max => (Some(new), Decision::Delay(Duration::from_nanos(wait))),
             _ => (None, Decision::Reject(Duration::from_nanos(wait))),
@@ -118,10 +132,17 @@ impl RateLimiter {
     /// Decides on a request with the given key bytes (`None`: the unkeyed bucket).
     pub fn check(&self, key: Option<&[u8]>) -> Decision {
         let now = self.now();
+        let limits = match &self.mesh {
+            Some(share) => {
+                share.offer();
+                share.limits()
+            }
+            None => (self.interval, self.tolerance),
+        };
         let Some(key) = key else {
             let mut tat = self.single.load(Ordering::Acquire);
             loop {
-                let (new, decision) = self.gcra(tat, now);
+                let (new, decision) = self.gcra(tat, now, limits);
                 let Some(new) = new else { return decision };
                 match self.single.compare_exchange_weak(
                     tat,
@@ -141,7 +162,7 @@ impl RateLimiter {
             return Decision::Admit { remaining: 0 };
         };
         let tat = b.tat.get(&h).copied().unwrap_or(0);
-        let (new, decision) = self.gcra(tat, now);
+        let (new, decision) = self.gcra(tat, now, limits);
         if let Some(new) = new {
             if let Some(t) = b.tat.get_mut(&h) {
                 *t = new;
@@ -250,9 +271,11 @@ mod tests {
                 burst,
                 key: RateKey::None,
                 max_delay,
+                mesh: None,
             },
             None,
             7,
+            None,
         )
     }
 

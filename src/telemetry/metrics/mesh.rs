@@ -1,7 +1,7 @@
 //! The embedded Raft group's metrics: its term and leader, log positions, proposals and their
 //! commit latency, snapshots, and the registry's instances and expired leases.
 
-use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
+use prometheus::{GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
 
 use super::Register;
 
@@ -20,6 +20,10 @@ pub struct Families {
     instances: IntGaugeVec,
     leases: IntGaugeVec,
     expired: IntCounterVec,
+    share: GaugeVec,
+    fallback: IntGaugeVec,
+    refreshes: IntCounterVec,
+    allocations: IntCounterVec,
 }
 
 /// Commit latency buckets, in seconds: an fsync'd, replicated entry takes milliseconds.
@@ -114,6 +118,28 @@ impl Families {
                 "Leases expired by a committed expiry this member proposed as leader.",
                 &[],
             )?,
+            share: r.add(GaugeVec::new(
+                Opts::new(
+                    "outrigger_mesh_rate_limit_share",
+                    "Requests per second this sidecar admits under a mesh-wide rate limit: its leased share, or its on_partition fallback.",
+                ),
+                &["limit"],
+            )?)?,
+            fallback: r.gauge(
+                "outrigger_mesh_rate_limit_fallback",
+                "1 while a mesh-wide rate limit runs on its on_partition setting (no unexpired share), else 0.",
+                &["limit"],
+            )?,
+            refreshes: r.counter(
+                "outrigger_mesh_rate_limit_refreshes_total",
+                "Share refreshes this sidecar sent to the group, by result (ok, failed).",
+                &["result"],
+            )?,
+            allocations: r.counter(
+                "outrigger_mesh_rate_limit_allocations_total",
+                "Share allocations this member committed as leader (one log entry each, for every limit and sidecar).",
+                &[],
+            )?,
         })
     }
 
@@ -175,5 +201,25 @@ impl Families {
         self.leases
             .with_label_values(&[] as &[&str])
             .set(leases as i64);
+    }
+
+    /// The share gauge and fallback flag of one mesh-wide limit.
+    pub fn rate_limit(&self, limit: &str) -> (prometheus::Gauge, prometheus::IntGauge) {
+        (
+            self.share.with_label_values(&[limit]),
+            self.fallback.with_label_values(&[limit]),
+        )
+    }
+
+    /// Counts a share refresh.
+    pub fn refreshed(&self, ok: bool) {
+        self.refreshes
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
+    }
+
+    /// Counts a committed allocation.
+    pub fn allocated(&self) {
+        self.allocations.with_label_values(&[] as &[&str]).inc();
     }
 }
