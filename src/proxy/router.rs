@@ -13,10 +13,10 @@ use crate::control::config::{HeaderValueMatch, PathMatch, RouteConfig, RouteMatc
 use std::net::SocketAddr;
 
 use crate::control::config::validate::{PartitionConfig, PartitionMode};
+use crate::control::mesh::allowance::Allowances;
 use crate::proxy::balance::{self, Weighted};
 use crate::proxy::cluster::Cluster;
 use crate::proxy::resilience::load_shed::Limiter;
-use crate::control::mesh::allowance::Allowances;
 use crate::proxy::stack::{self, RouteShared, RouteStack};
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;

@@ -154,8 +154,7 @@ impl Allowances {
         let scope = cfg.mesh.as_ref()?;
         let mut limits = self.lock();
         if let Some(a) = limits.get(&scope.name).and_then(Weak::upgrade) {
-            if a.rate == cfg.rate && a.burst == cfg.burst && a.on_partition == scope.on_partition
-            {
+            if a.rate == cfg.rate && a.burst == cfg.burst && a.on_partition == scope.on_partition {
                 return Some(a);
             }
         }

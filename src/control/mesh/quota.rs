@@ -570,7 +570,10 @@ mod tests {
         a.refresh("a", 0, demand(100_000, 90_000), later);
         a.refresh("b", 0, demand(100_000, 10_000), later);
         assert!(commit(&mut a, &mut q, &mut index, later));
-        assert_eq!(shares(&q), BTreeMap::from([("a".into(), 90_000), ("b".into(), 10_000)]));
+        assert_eq!(
+            shares(&q),
+            BTreeMap::from([("a".into(), 90_000), ("b".into(), 10_000)])
+        );
 
         // The skew flips: b now wants 90, a 10. a's decrease commits at once; b's increase
         // waits, since a may not have heard yet.
@@ -579,7 +582,11 @@ mod tests {
         a.refresh("b", index, demand(100_000, 90_000), t1);
         assert!(commit(&mut a, &mut q, &mut index, t1));
         assert_eq!(shares(&q)["a"], 10_000);
-        assert_eq!(shares(&q)["b"], 10_000, "no room until a holds its decrease");
+        assert_eq!(
+            shares(&q)["b"],
+            10_000,
+            "no room until a holds its decrease"
+        );
         assert!(in_force(&a, &q) <= 100_000);
         assert!(!commit(&mut a, &mut q, &mut index, t1 + TICK));
 
@@ -661,7 +668,11 @@ mod tests {
             now += TICK;
             a.refresh("a", index, demand(100_000, 100_000), now);
             commit(&mut a, &mut q, &mut index, now);
-            assert_eq!(shares(&q)["b"], 50_000, "b keeps its share while it may be alive");
+            assert_eq!(
+                shares(&q)["b"],
+                50_000,
+                "b keeps its share while it may be alive"
+            );
         }
         // Dropped, and its share goes to a in the same allocation: b's grant ran out long ago.
         now += 2 * TICK;

@@ -37,8 +37,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::group::{Contact, LeaderTables, Proposer, WriteError, Written};
 use super::leases::Renewal;
-use super::quota::Refresh;
 use super::network::path;
+use super::quota::Refresh;
 use super::registry::{Change, Instance, Lease, Registration};
 use super::store::State;
 use super::types::{LogId, Mesh, NodeId, Op};

@@ -111,10 +111,20 @@ impl RateLimiter {
 
     /// GCRA on one bucket with the given emission interval and tolerance: `tat` in, the new
     /// `tat` (if it changes) and the decision out.
-    fn gcra(&self, tat: u64, now: u64, (interval, tolerance): (u64, u64)) -> (Option<u64>, Decision) {
+    fn gcra(
+        &self,
+        tat: u64,
+        now: u64,
+        (interval, tolerance): (u64, u64),
+    ) -> (Option<u64>, Decision) {
         if interval == 0 {
             // A mesh-wide limit failing open.
-            return (None, Decision::Admit { remaining: self.burst });
+            return (
+                None,
+                Decision::Admit {
+                    remaining: self.burst,
+                },
+            );
         }
         let new = tat.max(now).saturating_add(interval);
         let ahead = new - now;
