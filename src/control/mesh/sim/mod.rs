@@ -3,7 +3,9 @@
 //! from a seed — partitions, one-way partitions, held (delayed) and lossy links, slow links, and
 //! crashes with restarts from the member's disk. Clients register, deregister and read
 //! linearizably; every service's history must pass the linearizability checker, and once healed
-//! every member must hold the same registry.
+//! every member must hold the same registry. Sidecars meanwhile refresh their shares of a
+//! mesh-wide rate limit with demands that jump at random, and the shares they may be enforcing
+//! (each for its grant from the moment it asked) must never add up to more than the rate.
 //!
 //! How far a run replays: the fault schedule and the clients' choices come from the seed alone,
 //! and each member's election timeout is fixed by the seed (openraft draws it from the OS random
@@ -34,6 +36,7 @@ use self::linearizability::{Call, Model};
 use self::schedule::{Fault, Schedule};
 use super::network::Connect;
 use super::node::{Node, Settings};
+use super::quota::{self, Granted, LimitDemand, Refresh};
 use super::registry::Registration;
 use super::server::{self, ReadAnswer, WriteAnswer};
 use super::store::{self, State};
@@ -59,6 +62,10 @@ const CLIENTS: usize = 3;
 const TICK_MS: u64 = 10;
 /// How long a client waits for one HTTP exchange.
 const ATTEMPT: Duration = Duration::from_millis(1_000);
+/// Sidecars sharing one mesh-wide rate limit.
+const SIDECARS: usize = 3;
+/// The limit's rate, requests per second.
+const QUOTA_RATE: f64 = 100.0;
 
 /// A member's disk: the bytes of its redb file, kept by the simulation across crashes, and
 /// whether a database has it open (a restart while the crashed member's database still lived
@@ -172,6 +179,36 @@ struct Run {
     finals: BTreeMap<u8, Vec<(String, String, String)>>,
     /// The highest term any member reached: how many elections the faults caused.
     term: u64,
+    /// What the sidecars held of the mesh-wide limit.
+    quota: Quota,
+}
+
+/// The shares the simulated sidecars hold, each with the moment its grant runs out (simulated
+/// microseconds).
+#[derive(Debug, Default)]
+struct Quota {
+    held: BTreeMap<usize, (u64, u64)>,
+    /// The most ever in force at once, in thousandths of a request per second.
+    worst: u64,
+    /// Refreshes answered.
+    answered: usize,
+}
+
+impl Quota {
+    /// Records `share` as what sidecar `me` enforces until `until` (the newest answer replaces
+    /// the one before), and the sum of the unexpired shares: it can only grow at such a moment.
+    fn hold(&mut self, me: usize, share: u64, until: u64) {
+        self.answered += 1;
+        self.held.insert(me, (share, until));
+        let now = now_us();
+        let in_force = self
+            .held
+            .values()
+            .filter(|(_, until)| *until > now)
+            .map(|(s, _)| s)
+            .sum();
+        self.worst = self.worst.max(in_force);
+    }
 }
 
 impl Run {
@@ -210,7 +247,10 @@ impl Run {
 
     /// A compact, comparable account of the run.
     fn fingerprint(&self) -> String {
-        format!("{:?} {:?}", self.histories, self.finals)
+        format!(
+            "{:?} {:?} {:?}",
+            self.histories, self.finals, self.quota.held
+        )
     }
 }
 
@@ -325,6 +365,14 @@ fn simulate(case: &Case) -> Result<Run, String> {
         );
     }
     sim.client("final", final_reads(ids.clone(), histories.clone()));
+    let quota: Rc<RefCell<Quota>> = Rc::default();
+    for me in 0..SIDECARS {
+        let seed = case.seed ^ ((me as u64 + 1) << 40);
+        sim.client(
+            format!("s{me}"),
+            sidecar(me, seed, ids.clone(), quota.clone()),
+        );
+    }
 
     let mut pending = case.schedule.events.iter().peekable();
     let mut crashed: Vec<u8> = Vec::new();
@@ -370,10 +418,12 @@ fn simulate(case: &Case) -> Result<Run, String> {
         .map(|n| n.raft.metrics().borrow().current_term)
         .max()
         .unwrap_or(0);
+    let quota = quota.take();
     Ok(Run {
         histories,
         finals,
         term,
+        quota,
     })
 }
 
@@ -486,6 +536,72 @@ async fn client(
                 op,
             });
         tokio::time::sleep(Duration::from_millis(rng.u64(0..30))).await;
+    }
+    Ok(())
+}
+
+/// A sidecar refreshing its share of one mesh-wide limit until [`RUN_MS`], its demand jumping
+/// at random, through random members (following redirects), as `allowance.rs` does.
+async fn sidecar(
+    me: usize,
+    seed: u64,
+    ids: Vec<u8>,
+    quota: Rc<RefCell<Quota>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut holding = 0;
+    while now_us() < RUN_MS * 1_000 {
+        let refresh = Refresh {
+            client: format!("s{me}"),
+            holding,
+            limits: vec![LimitDemand {
+                name: "api".into(),
+                rate: QUOTA_RATE,
+                offered: rng.f64() * 2.0 * QUOTA_RATE,
+            }],
+            wait_ms: 500,
+        };
+        let body = serde_json::to_vec(&refresh)?;
+        let asked = now_us();
+        let mut to = addr(ids[rng.usize(..ids.len())]);
+        let mut path = "/v1/quota/refresh".to_owned();
+        let mut granted = None;
+        for _ in 0..4 {
+            let answer =
+                tokio::time::timeout(ATTEMPT, exchange(&to, Method::POST, &path, body.clone()))
+                    .await;
+            match answer {
+                Ok(Ok((StatusCode::OK, _, _, bytes))) => {
+                    granted = serde_json::from_slice::<Granted>(&bytes).ok();
+                    break;
+                }
+                Ok(Ok((StatusCode::TEMPORARY_REDIRECT, Some(location), _, _))) => {
+                    let Some((host, rest)) = location
+                        .strip_prefix("http://")
+                        .and_then(|l| l.find('/').map(|i| (l[..i].to_owned(), l[i..].to_owned())))
+                    else {
+                        break;
+                    };
+                    to = host;
+                    path = rest;
+                }
+                _ => break,
+            }
+        }
+        match granted {
+            Some(g) => {
+                holding = g.index;
+                let share = g
+                    .limits
+                    .first()
+                    .and_then(|l| l.share)
+                    .map_or(0, quota::milli);
+                let until = asked + quota::GRANT.as_micros() as u64;
+                quota.borrow_mut().hold(me, share, until);
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..100))).await;
+            }
+            None => tokio::time::sleep(Duration::from_millis(rng.u64(50..150))).await,
+        }
     }
     Ok(())
 }
@@ -701,6 +817,12 @@ fn verdict(case: &Case) -> Result<Run, String> {
     if run.diverged() {
         problems.push(format!("members diverged: {:?}", run.finals));
     }
+    if run.quota.worst > quota::milli(QUOTA_RATE) {
+        problems.push(format!(
+            "the sidecars' unexpired shares added up to {:.3}/s, over the limit's {QUOTA_RATE}/s",
+            run.quota.worst as f64 / quota::MILLI
+        ));
+    }
     if run.finals.len() != usize::from(case.voters) {
         problems.push(format!("only {} members ran", run.finals.len()));
     }
@@ -740,21 +862,24 @@ fn seeds(base: u64, block: u64) -> Vec<u64> {
 
 fn run_seeds(voters: u8, seeds: &[u64]) {
     let mut failures = Vec::new();
-    let (mut answered, mut unknown, mut terms) = (0, 0, 0);
+    let (mut answered, mut unknown, mut terms, mut refreshes, mut worst) = (0, 0, 0, 0, 0);
     for &seed in seeds {
         match verdict(&Case::drawn(voters, seed)) {
             Ok(run) => {
                 answered += run.answered();
                 unknown += run.unknown();
                 terms += run.term;
+                refreshes += run.quota.answered;
+                worst = worst.max(run.quota.worst);
             }
             Err(e) => failures.push(e),
         }
     }
     eprintln!(
-        "{} seeds, {voters} voters: {answered} answered operations, {unknown} with unknown outcome, {:.1} terms per run, {} failed",
+        "{} seeds, {voters} voters: {answered} answered operations, {unknown} with unknown outcome, {:.1} terms per run, {refreshes} share refreshes answered (at most {:.1}/s of {QUOTA_RATE}/s in force), {} failed",
         seeds.len(),
         terms as f64 / seeds.len().max(1) as f64,
+        worst as f64 / quota::MILLI,
         failures.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
