@@ -26,11 +26,12 @@ use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Request;
 use outrigger::control::config::resilience::{
-    BreakerConfig, BudgetConfig, BulkheadConfig, LoadShedConfig, RateKey, RateLimitConfig,
-    RetryConfig, ShedAlgorithm,
+    BreakerConfig, BudgetConfig, BulkheadConfig, LoadShedConfig, MeshScope, OnPartition, RateKey,
+    RateLimitConfig, RetryConfig, ShedAlgorithm,
 };
 use outrigger::control::config::upstream::Balancer;
 use outrigger::control::config::{self, ListenerKind};
+use outrigger::control::mesh::allowance::Allowances;
 use outrigger::error::ProxyError;
 use outrigger::proxy::balance::{hash, PickRequest, Picker};
 use outrigger::proxy::body::{ProxyBody, ReqBody};
@@ -190,48 +191,62 @@ fn stack(c: &mut Criterion) {
         ))
     };
     let bulkhead = || Some(Arc::new(Bulkhead::new(&BulkheadConfig::default(), None)));
-    let on = ServiceBuilder::new()
-        .layer(FaultLayer::new(None))
-        .layer(RateLimitLayer::new(Some(Arc::new(RateLimiter::new(
-            &RateLimitConfig {
-                rate: 1e9,
-                burst: 1_000_000,
-                key: RateKey::None,
-                max_delay: None,
-                mesh: None,
-            },
-            None,
-            1,
-            None,
-        )))))
-        .layer(LoadShedLayer::new(Some(Arc::new(Limiter::new(
-            LoadShedConfig {
-                algorithm: ShedAlgorithm::Gradient,
-                initial_limit: 1000,
-                min_limit: 1000,
-                max_limit: 1000,
-                queue_timeout: Duration::from_millis(2),
-                max_queue: 1000,
-                priority_header: http::HeaderName::from_static("x-outrigger-priority"),
-                tolerance: 1.2,
-            },
-            None,
-        )))))
-        .layer(BulkheadLayer::new(bulkhead()))
-        .layer(RouteTimeoutLayer::new(Some(Arc::new(RouteDeadline::new(
-            Some(Duration::from_secs(15)),
-        )))))
-        .layer(RetryLayer::new(policy(RetryConfig::default())))
-        .layer(BreakerLayer::new(Some(Arc::new(CircuitBreaker::new(
-            BreakerConfig::default(),
-            0,
-            None,
-        )))))
-        .layer(PerTryTimeoutLayer::new(Some(Arc::new(TryDeadline::new(
-            Some(Duration::from_secs(5)),
-        )))))
-        .layer(BulkheadLayer::new(bulkhead()))
-        .service(Instant200);
+    // A local limit, and a mesh-wide one of the same rate (its allowance on its local_share
+    // fallback: the same rate, read through the allowance's atomics, each request counted).
+    let limit = |mesh: Option<MeshScope>| RateLimitConfig {
+        rate: 1e9,
+        burst: 1_000_000,
+        key: RateKey::None,
+        max_delay: None,
+        mesh,
+    };
+    let local = Arc::new(RateLimiter::new(&limit(None), None, 1, None));
+    let mesh_cfg = limit(Some(MeshScope {
+        name: "bench".into(),
+        on_partition: OnPartition::LocalShare,
+    }));
+    let allowances = Allowances::new(Metrics::new().unwrap().mesh);
+    let shared = Arc::new(RateLimiter::new(
+        &mesh_cfg,
+        None,
+        1,
+        allowances.get(&mesh_cfg),
+    ));
+    let on_with = |limiter: Arc<RateLimiter>| {
+        ServiceBuilder::new()
+            .layer(FaultLayer::new(None))
+            .layer(RateLimitLayer::new(Some(limiter)))
+            .layer(LoadShedLayer::new(Some(Arc::new(Limiter::new(
+                LoadShedConfig {
+                    algorithm: ShedAlgorithm::Gradient,
+                    initial_limit: 1000,
+                    min_limit: 1000,
+                    max_limit: 1000,
+                    queue_timeout: Duration::from_millis(2),
+                    max_queue: 1000,
+                    priority_header: http::HeaderName::from_static("x-outrigger-priority"),
+                    tolerance: 1.2,
+                },
+                None,
+            )))))
+            .layer(BulkheadLayer::new(bulkhead()))
+            .layer(RouteTimeoutLayer::new(Some(Arc::new(RouteDeadline::new(
+                Some(Duration::from_secs(15)),
+            )))))
+            .layer(RetryLayer::new(policy(RetryConfig::default())))
+            .layer(BreakerLayer::new(Some(Arc::new(CircuitBreaker::new(
+                BreakerConfig::default(),
+                0,
+                None,
+            )))))
+            .layer(PerTryTimeoutLayer::new(Some(Arc::new(TryDeadline::new(
+                Some(Duration::from_secs(5)),
+            )))))
+            .layer(BulkheadLayer::new(bulkhead()))
+            .service(Instant200)
+    };
+    let on = on_with(local);
+    let on_mesh = on_with(shared);
     let off = ServiceBuilder::new()
         .layer(FaultLayer::new(None))
         .layer(RateLimitLayer::new(None))
@@ -253,6 +268,9 @@ fn stack(c: &mut Criterion) {
     let mut g = c.benchmark_group("stack");
     g.bench_function("all_layers_on", |b| {
         b.iter(|| rt.block_on(on.clone().call(call())).is_ok())
+    });
+    g.bench_function("all_layers_on_mesh_limit", |b| {
+        b.iter(|| rt.block_on(on_mesh.clone().call(call())).is_ok())
     });
     g.bench_function("all_layers_off", |b| {
         b.iter(|| rt.block_on(off.clone().call(call())).is_ok())

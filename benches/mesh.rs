@@ -8,7 +8,12 @@
 //! 1. commit latency of registrations offered open loop at 1,000 writes/s for 5 s: p50, p99, max;
 //! 2. write throughput with batching: 256 writers in a closed loop for 5 s;
 //! 3. lease renewals per second the leader sustains (one lease per call, 64 connections, closed
-//!    loop, 5 s), and the leader's CPU while doing it (from /proc).
+//!    loop, 5 s), and the leader's CPU while doing it (from /proc);
+//! 4. how long a lease outlives its last renewal;
+//! 5. a fleet of 10,000 simulated sidecars (`OUTRIGGER_FLEET` to change it) for 20 s, each
+//!    renewing its registry lease every 10 s and refreshing its share of a mesh-wide rate limit
+//!    every second with a demand that wobbles, so shares are reallocated on every tick: the leader's CPU, commit p50/p99 (from its commit histogram), log entries
+//!    per second, and the refresh and renewal latency the sidecars see.
 //!
 //! Run: `cargo build --release && cargo bench --bench mesh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -116,12 +121,15 @@ async fn main() {
         .map(|(i, a)| format!("    {i}: {a}\n"))
         .collect();
     let mut procs = Vec::new();
+    let mut admins = Vec::new();
     for (id, addr) in &members {
         let cfg = dir.path().join(format!("n{id}.yaml"));
+        let admin = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+        admins.push(admin.clone());
         std::fs::write(
             &cfg,
             format!(
-                "admin:\n  address: 127.0.0.1:0\nmesh:\n  node_id: {id}\n  listen: {addr}\n  data_dir: {}\n  members:\n{list}",
+                "admin:\n  address: {admin}\nmesh:\n  node_id: {id}\n  listen: {addr}\n  data_dir: {}\n  members:\n{list}",
                 dir.path().join(format!("data{id}")).display()
             ),
         )
@@ -169,11 +177,9 @@ async fn main() {
         .next()
         .unwrap()
         .to_owned();
-    let leader_pid = members
-        .iter()
-        .position(|(_, a)| *a == leader_addr)
-        .map(|i| procs[i].0.id())
-        .unwrap();
+    let leader_index = members.iter().position(|(_, a)| *a == leader_addr).unwrap();
+    let leader_pid = procs[leader_index].0.id();
+    let leader_admin = admins[leader_index].clone();
     println!("mesh bench: 3 voters, stores on {}", dir.path().display());
 
     // 1. Open loop at 1,000 writes/s for 5 s.
@@ -331,5 +337,195 @@ async fn main() {
         ttl.as_secs(),
         percentile(&overshoot, 50.0).as_secs_f64() * 1e3,
         overshoot.last().unwrap().as_secs_f64() * 1e3
+    );
+
+    fleet(&register_url, leader_pid, &leader_admin).await;
+}
+
+/// The leader's commit histogram: (upper bound in seconds, cumulative count) per bucket.
+async fn commit_histogram(admin: &str) -> Vec<(f64, f64)> {
+    scrape(admin)
+        .await
+        .lines()
+        .filter_map(|l| l.strip_prefix("outrigger_mesh_commit_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.parse().unwrap_or(f64::INFINITY), count.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A percentile from the difference of two cumulative histograms, as the upper bound of the
+/// bucket it falls in.
+fn bucket_percentile(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> f64 {
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .zip(before)
+        .map(|((le, a), (_, b))| (*le, a - b))
+        .collect();
+    let total = diff.last().map_or(0.0, |(_, c)| *c);
+    diff.iter()
+        .find(|(_, c)| *c >= total * p / 100.0)
+        .map_or(f64::NAN, |(le, _)| *le)
+}
+
+fn last_log_index(text: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("outrigger_mesh_last_log_index "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn scrape(admin: &str) -> String {
+    let h1: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let req = Request::get(format!("http://{admin}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+/// 5. The fleet: every simulated sidecar registers, then renews every 10 s and refreshes its
+/// rate-limit share every second, phases spread evenly, on 32 connections.
+async fn fleet(register_url: &str, leader_pid: u32, leader_admin: &str) {
+    let clients: u64 = std::env::var("OUTRIGGER_FLEET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let secs = 20u64;
+    let conns: Vec<Http> = (0..32)
+        .map(|_| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector)
+        })
+        .collect();
+    // Registration first (batched by the proposer), as a fleet that has been running.
+    let mut set = JoinSet::new();
+    for n in 0..clients {
+        let (http, url) = (conns[(n % 32) as usize].clone(), register_url.to_owned());
+        set.spawn(async move {
+            let reg = format!(
+                r#"{{"service":"fleet","id":"s{n}","address":"10.1.{}.{}","port":80,"ttl_ms":30000}}"#,
+                (n / 250) % 250,
+                n % 250
+            );
+            loop {
+                let (status, body, _) = call(&http, &url, reg.clone()).await;
+                if status == StatusCode::OK {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    return (n, v["revision"].as_u64().unwrap());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+    let mut revisions = vec![0; clients as usize];
+    while let Some(r) = set.join_next().await {
+        let (n, rev) = r.unwrap();
+        revisions[n as usize] = rev;
+    }
+    let renew_url = register_url.replace("/v1/registry/register", "/v1/registry/renew");
+    let refresh_url = register_url.replace("/v1/registry/register", "/v1/quota/refresh");
+
+    let refreshes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let renewals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let failed = Arc::new(AtomicU64::new(0));
+    let hist_before = commit_histogram(leader_admin).await;
+    let log_before = last_log_index(&scrape(leader_admin).await);
+    let cpu_before = cpu(leader_pid);
+    let start = Instant::now();
+    let until = start + Duration::from_secs(secs);
+    let mut set = JoinSet::new();
+    for n in 0..clients {
+        let http = conns[(n % 32) as usize].clone();
+        let (renew_url, refresh_url) = (renew_url.clone(), refresh_url.clone());
+        let (refreshes, renewals, failed) = (refreshes.clone(), renewals.clone(), failed.clone());
+        let renewal = format!(
+            r#"{{"leases":[{{"service":"fleet","id":"s{n}","revision":{}}}]}}"#,
+            revisions[n as usize]
+        );
+        set.spawn(async move {
+            // Each sidecar's second starts at its own offset, so the fleet's load is even.
+            let offset = Duration::from_micros(n * 1_000_000 / clients);
+            let mut holding = 0u64;
+            let mut mine = Vec::new();
+            let mut renewed = Vec::new();
+            let mut k = 0u64;
+            loop {
+                let due = start + offset + Duration::from_secs(k);
+                if due >= until {
+                    break;
+                }
+                tokio::time::sleep_until(due).await;
+                // Demand wobbles from second to second (0.5 to 1.5 requests/s), so the leader
+                // reallocates on every tick: the heavy case, not the steady one.
+                let offered = 0.5 + ((n * 7919 + k * 104_729) % 100) as f64 / 100.0;
+                let body = format!(
+                    r#"{{"client":"s{n}","holding":{holding},"limits":[{{"name":"fleet","rate":{clients},"offered":{offered}}}],"wait_ms":0}}"#
+                );
+                let (status, b, _) = call(&http, &refresh_url, body).await;
+                if status == StatusCode::OK {
+                    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+                    holding = v["index"].as_u64().unwrap_or(holding);
+                    mine.push(Instant::now() - due);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                if k % 10 == n % 10 {
+                    let at = Instant::now();
+                    if call(&http, &renew_url, renewal.clone()).await.0 == StatusCode::OK {
+                        renewed.push(Instant::now() - at);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                k += 1;
+            }
+            refreshes.lock().unwrap().extend(mine);
+            renewals.lock().unwrap().extend(renewed);
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu_used = cpu(leader_pid) - cpu_before;
+    let hist_after = commit_histogram(leader_admin).await;
+    let after = scrape(leader_admin).await;
+    let entries = last_log_index(&after) - log_before;
+    let mut refreshes = refreshes.lock().unwrap().clone();
+    let mut renewals = renewals.lock().unwrap().clone();
+    refreshes.sort();
+    renewals.sort();
+    println!(
+        "fleet of {clients} sidecars for {secs} s: {} share refreshes ({:.0}/s), {} lease renewals, {} failed",
+        refreshes.len(),
+        refreshes.len() as f64 / elapsed,
+        renewals.len(),
+        failed.load(Ordering::Relaxed)
+    );
+    println!(
+        "  leader CPU {:.2} cores; {:.1} log entries/s; commit p50 <= {} ms, p99 <= {} ms (histogram buckets)",
+        cpu_used / elapsed,
+        entries / elapsed,
+        bucket_percentile(&hist_before, &hist_after, 50.0) * 1e3,
+        bucket_percentile(&hist_before, &hist_after, 99.0) * 1e3,
+    );
+    println!(
+        "  refresh latency seen by the sidecars p50 {:.2} ms, p99 {:.2} ms; renewal p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&refreshes, 50.0).as_secs_f64() * 1e3,
+        percentile(&refreshes, 99.0).as_secs_f64() * 1e3,
+        percentile(&renewals, 50.0).as_secs_f64() * 1e3,
+        percentile(&renewals, 99.0).as_secs_f64() * 1e3,
     );
 }

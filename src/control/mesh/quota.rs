@@ -333,14 +333,18 @@ impl Allocator {
         let mut changes = Vec::new();
         let mut increases = Vec::new();
         let mut decreased = Vec::new();
-        let step = (rate / 200).max(1);
+        // A share moves only by 2% of itself or more: measured demand wobbles, and a fleet of
+        // thousands must not rewrite every share on every tick.
+        let step = |a: u64, b: u64| (a.max(b) / 50).max(1);
         for ((client, _), target) in live.iter().zip(&targets) {
             let now_share = current.shares.get(*client).map_or(0, |s| s.rate);
-            if *target < now_share && now_share - target >= step {
+            if *target < now_share && now_share - target >= step(now_share, *target) {
                 changes.push(((*client).to_owned(), *target));
                 decreased.push(((*client).to_owned(), now_share));
                 bound += held(client, now_share);
-            } else if *target > now_share && (target - now_share >= step || now_share == 0) {
+            } else if *target > now_share
+                && (target - now_share >= step(now_share, *target) || now_share == 0)
+            {
                 increases.push(((*client).to_owned(), now_share, *target));
                 bound += held(client, now_share);
             } else {
@@ -359,7 +363,7 @@ impl Allocator {
                     // u128: room × deficit can pass u64 for very large rates.
                     (u128::from(room) * u128::from(deficit) / u128::from(wanted)) as u64
                 };
-                if given >= step || (given > 0 && given == deficit) {
+                if given >= step(now_share, target) || (given > 0 && given == deficit) {
                     changes.push((client, now_share + given));
                 }
             }
