@@ -394,8 +394,8 @@ async fn scrape(admin: &str) -> String {
     .unwrap()
 }
 
-/// 5. The fleet: every simulated sidecar registers, then renews every 10 s and refreshes its
-/// rate-limit share every second, phases spread evenly, on 32 connections.
+/// Phase 5, the fleet: every simulated sidecar registers, then renews every 10 s and refreshes
+/// its rate-limit share every second, phases spread evenly, on 32 connections.
 async fn fleet(register_url: &str, leader_pid: u32, leader_admin: &str) {
     let clients: u64 = std::env::var("OUTRIGGER_FLEET")
         .ok()

@@ -31,6 +31,7 @@ use crate::control::config::{self, ClusterConfig, ConfigErrors, ListenerConfig, 
 use crate::control::discovery::registry::Registry;
 use crate::control::mesh::allowance::Allowances;
 use crate::control::mesh::client::MeshClient;
+use crate::control::mesh::hints;
 use crate::control::mesh::node::{Node, Settings};
 use crate::control::mesh::registrar::Registrar;
 use crate::control::mesh::{self, network::Tcp};
@@ -169,6 +170,8 @@ pub struct Shared {
     registrar: Option<Registrar>,
     /// This sidecar's shares of mesh-wide rate limits, when it has a `mesh:` section.
     allowances: Option<Arc<Allowances>>,
+    /// Failure hints, when the mesh shares them.
+    hints: Option<Arc<hints::Exchange>>,
 }
 
 /// A running mesh member and the tasks that serve it.
@@ -188,6 +191,7 @@ struct Build<'a> {
     metrics: &'a Metrics,
     registry: Option<&'a Registry>,
     allowances: Option<&'a Allowances>,
+    hints: Option<&'a Arc<hints::Exchange>>,
     rng: &'a Rng,
     background: &'a Tasks,
     shutdown: &'a CancellationToken,
@@ -257,9 +261,17 @@ impl App {
             }
             None => (None, None),
         };
-        // Shares of mesh-wide rate limits, refreshed from the group in the background.
+        // Shares of mesh-wide rate limits, refreshed from the group in the background, and
+        // failure hints exchanged on the same refreshes.
+        let (hints, hints_in) = match loaded.config.mesh.as_ref() {
+            Some(m) if m.failure_hints => {
+                let (exchange, rx) = hints::Exchange::new(&metrics.mesh);
+                (Some(exchange), Some(rx))
+            }
+            _ => (None, None),
+        };
         let allowances = loaded.config.mesh.as_ref().map(|m| {
-            let allowances = Allowances::new(metrics.mesh.clone());
+            let allowances = Allowances::new(metrics.mesh.clone(), hints.clone());
             let members = m.members.values().cloned().collect();
             allowances.start(
                 MeshClient::new(members, mesh_tls.clone()),
@@ -272,6 +284,7 @@ impl App {
             metrics: &metrics,
             registry: registry.as_ref(),
             allowances: allowances.as_deref(),
+            hints: hints.as_ref(),
             rng: &rng,
             background: &background,
             shutdown: &shutdown,
@@ -313,7 +326,13 @@ impl App {
             registry,
             registrar,
             allowances,
+            hints,
         });
+        if let Some(rx) = hints_in {
+            shared
+                .background
+                .spawn("failure_hints", take_hints(Arc::downgrade(&shared), rx));
+        }
         let view: Arc<dyn View> = Arc::new(AdminView(shared.clone()));
         let admin_tasks = shared.admin.clone();
         shared
@@ -438,6 +457,7 @@ impl App {
             metrics: &s.metrics,
             registry: s.registry.as_ref(),
             allowances: s.allowances.as_deref(),
+            hints: s.hints.as_ref(),
             rng: &s.rng,
             background: &s.background,
             shutdown: &s.shutdown,
@@ -790,15 +810,33 @@ fn restart_needed(running: Option<&MeshConfig>, new: Option<&MeshConfig>) -> Opt
     }
 }
 
+/// Applies the failure hints other sidecars publish to every running cluster that sends to the
+/// endpoint they name, until the proxy stops.
+async fn take_hints(shared: std::sync::Weak<Shared>, mut rx: mpsc::Receiver<Vec<hints::Hint>>) {
+    while let Some(batch) = rx.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let active = shared.active.load();
+        for h in batch {
+            let Ok(authority) = h.report.endpoint.parse::<http::uri::Authority>() else {
+                continue;
+            };
+            let period = std::time::Duration::from_millis(h.left_ms);
+            for c in &active.clusters {
+                c.hint(&authority, period);
+            }
+        }
+    }
+}
+
 /// Builds cluster `c` and starts what feeds it: its discovery source, its health checks (if
 /// configured) and the follower that applies both. All of them end when the cluster is dropped.
 fn start_cluster(c: &ClusterConfig, b: &Build<'_>) -> Result<Arc<Cluster>, LoadError> {
-    let cluster = Arc::new(Cluster::new(
-        c.clone(),
-        b.metrics,
-        b.rng.fork(),
-        b.background.child(),
-    )?);
+    let cluster = Arc::new(
+        Cluster::new(c.clone(), b.metrics, b.rng.fork(), b.background.child())?
+            .with_hints(b.hints.cloned()),
+    );
     let own = cluster.tasks();
     let endpoints = discovery::start(
         &c.name,

@@ -5,6 +5,7 @@
 //! Windows are counted in load ticks, not read from a clock: a generator sends one request per
 //! tick of a fixed-period interval, so request `k` of a generator at `rate`/s belongs to window
 //! `k / (rate × window seconds)`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod support;
 

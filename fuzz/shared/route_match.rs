@@ -41,6 +41,7 @@ pub fn table() -> &'static RouteTable {
             None,
             &metrics,
             &Rng::with_seed(1),
+            None,
         )
         .expect("table")
     })

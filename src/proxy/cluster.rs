@@ -26,12 +26,13 @@ use crate::control::config::upstream::Discovery;
 use crate::control::config::{ClusterConfig, UpstreamProtocol};
 use crate::control::discovery::{self, Endpoints, Subscription};
 use crate::control::health::{Health, Verdict};
+use crate::control::mesh::hints::{Exchange, Report};
 use crate::error::ProxyError;
 use crate::proxy::balance::{self, PickRequest, Picker, RoundRobin};
 use crate::proxy::connect::Client;
 use crate::proxy::endpoint::Endpoint;
 use crate::proxy::outlier;
-use crate::proxy::resilience::breaker::{CircuitBreaker, Permit};
+use crate::proxy::resilience::breaker::{CircuitBreaker, Permit, State};
 use crate::proxy::resilience::bulkhead::Bulkhead;
 use crate::proxy::resilience::classify::Outcome;
 use crate::proxy::resilience::latency::LatencyWindow;
@@ -77,6 +78,8 @@ pub struct Cluster {
     pub latency: Arc<LatencyWindow>,
     /// Passive outlier detection.
     pub outlier: outlier::Detector,
+    /// Where failure hints go out, and what counts them; `None` when hints are off.
+    hints: Option<Arc<Exchange>>,
     rng: Arc<Rng>,
     scope: Scope,
 }
@@ -125,9 +128,17 @@ impl Cluster {
             client,
             cursor: RoundRobin::default(),
             epoch: Instant::now(),
+            hints: None,
             rng: Arc::new(rng),
             scope,
         })
+    }
+
+    /// Publishes this cluster's ejections and opened endpoint breakers as failure hints, and
+    /// counts the hints it takes, through `hints`.
+    pub fn with_hints(mut self, hints: Option<Arc<Exchange>>) -> Self {
+        self.hints = hints;
+        self
     }
 
     /// A cluster with its static endpoints and no background task, for tools that compile
@@ -352,7 +363,9 @@ impl Cluster {
             set.picker.pick(&set.endpoints, req, admits)
         } else {
             set.picker
-                .pick(&set.endpoints, req, |e| e.ready() && admits(e))
+                .pick(&set.endpoints, req, |e| {
+                    e.ready() && admits(e) && e.outlier.lets_through(e.now())
+                })
                 // Endpoints waiting out a reconnect backoff are used when nothing else is.
                 .or_else(|| {
                     set.picker
@@ -392,29 +405,73 @@ impl Cluster {
         Ok((ep, i, permit))
     }
 
-    /// Feeds a try's outcome to outlier detection; recounts availability after an ejection.
+    /// Feeds a try's outcome to outlier detection; recounts availability after an ejection and
+    /// publishes it as a failure hint. A hint on the endpoint is weighed against the outcome.
     pub fn observe(&self, endpoint: &Endpoint, outcome: Outcome) {
         let set = self.set.load();
-        if self.outlier.observe(&set.endpoints, endpoint, outcome) {
+        let ejected = self.outlier.observe(&set.endpoints, endpoint, outcome);
+        if let Some(h) = &self.hints {
+            if self.outlier.weigh_hint(endpoint, outcome, ejected) {
+                h.counters.overridden.inc();
+            }
+        }
+        if ejected {
             tracing::warn!(cluster = %self.name(), endpoint = %endpoint.authority, "endpoint ejected");
             self.refresh_availability(&set);
+            self.publish_hint(endpoint, "ejected", endpoint.ejected_for());
         }
     }
 
-    /// Takes a failure hint about `authority` from elsewhere (see [`outlier::Detector::hint`]).
-    pub fn hint(&self, authority: &Authority) -> bool {
+    /// After a try's outcome reached the endpoint's breaker (in state `before`): if that
+    /// opened it, says so to the fleet.
+    pub fn after_breaker(&self, endpoint: &Endpoint, before: Option<State>) {
+        if let Some(b) = &endpoint.breaker {
+            if before != Some(State::Open) && b.state() == State::Open {
+                self.publish_hint(endpoint, "breaker_open", b.open_for());
+            }
+        }
+    }
+
+    fn publish_hint(&self, endpoint: &Endpoint, reason: &str, period: Option<std::time::Duration>) {
+        let (Some(h), Some(period)) = (&self.hints, period) else {
+            return;
+        };
+        h.publish(Report {
+            endpoint: endpoint.authority.to_string(),
+            reason: reason.to_owned(),
+            ttl_ms: period.as_millis() as u64,
+        });
+    }
+
+    /// Takes a failure hint about `authority` from another sidecar, held for `period` (see
+    /// [`outlier::Detector::hint`]): the endpoint gets no requests while this sidecar probes it
+    /// with TCP connections, and the probes decide. Returns whether it named one of this
+    /// cluster's endpoints.
+    pub fn hint(self: &Arc<Self>, authority: &Authority, period: std::time::Duration) -> bool {
         let set = self.set.load();
-        let ejected = self.outlier.hint(&set.endpoints, authority);
-        if ejected {
-            self.refresh_availability(&set);
+        let Some(endpoint) = self.outlier.hint(&set.endpoints, authority, period) else {
+            return false;
+        };
+        if let Some(h) = &self.hints {
+            h.counters.acted_on.inc();
         }
-        ejected
+        self.scope
+            .tasks()
+            .spawn("hint_probe", probe(Arc::downgrade(self), endpoint));
+        true
     }
 
-    /// Counts a failed connection attempt to `endpoint`.
-    pub fn connect_failed(&self, endpoint: &Endpoint) {
+    /// Counts a failed connection attempt to `endpoint`; a refused one (nothing listens) is
+    /// published as a failure hint at once, at most once per base ejection time.
+    pub fn connect_failed(&self, endpoint: &Endpoint, refused: bool) {
         endpoint.connect_failures.fetch_add(1, Ordering::Relaxed);
         self.metrics.connect_errors.inc();
+        if let (true, Some(_), Some(cfg)) = (refused, &self.hints, &self.config.upstream.outlier) {
+            let period = cfg.base_ejection_time;
+            if endpoint.outlier.publish_refusal(endpoint.now(), period) {
+                self.publish_hint(endpoint, "refused", Some(period));
+            }
+        }
     }
 
     /// Notes a TCP connection attempt's result: reconnect backoff and outlier detection.
@@ -444,6 +501,7 @@ impl Cluster {
                     "ejected": e.ejected_for().is_some(),
                     "ejected_ms": e.ejected_for().map(|d| d.as_millis() as u64),
                     "ejections": e.outlier.ejections.load(Ordering::Relaxed),
+                    "hinted": e.outlier.hinted(e.now()),
                     "reconnect_in_ms": e.reconnect_in().map(|d| d.as_millis() as u64),
                     "latency_ewma_ms": e.latency().map(|d| d.as_secs_f64() * 1000.0),
                     "requests": e.requests.load(Ordering::Relaxed),
@@ -476,6 +534,50 @@ impl Cluster {
             },
             "endpoints": endpoints,
         })
+    }
+}
+
+/// Probes between two TCP connections to a hinted endpoint.
+const PROBE_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Probes a hinted endpoint with TCP connections until this sidecar's evidence decides: the
+/// first failure ejects it (the hint was right), [`outlier::HINT_OVERRIDE`] successes lift the
+/// hint (it was wrong for this sidecar). Ends early if the cluster goes or the hint runs out.
+async fn probe(cluster: std::sync::Weak<Cluster>, endpoint: Arc<Endpoint>) {
+    loop {
+        let Some(timeout) = cluster.upgrade().map(|c| c.config.connect_timeout) else {
+            return;
+        };
+        if !endpoint.outlier.hinted(endpoint.now()) {
+            return;
+        }
+        let alive = matches!(
+            tokio::time::timeout(
+                timeout,
+                tokio::net::TcpStream::connect(endpoint.authority.as_str())
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        let Some(c) = cluster.upgrade() else {
+            return;
+        };
+        let set = c.set.load();
+        if !alive {
+            if c.outlier.probed(&set.endpoints, &endpoint, false) {
+                c.refresh_availability(&set);
+            }
+            return;
+        }
+        if endpoint.outlier.ok_against_hint() {
+            if let Some(h) = &c.hints {
+                h.counters.overridden.inc();
+            }
+            tracing::info!(endpoint = %endpoint.authority, "failure hint lifted: the endpoint answers this sidecar's probes");
+            return;
+        }
+        drop((set, c));
+        tokio::time::sleep(PROBE_GAP).await;
     }
 }
 

@@ -194,7 +194,7 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
             None => ProxyError::ClientAbort(Box::new(e)),
         }),
         Ok(Err(e)) if e.is_connect() => {
-            cluster.connect_failed(&endpoint);
+            cluster.connect_failed(&endpoint, refused(&e));
             Err(ProxyError::UpstreamConnect(Box::new(e)))
         }
         Ok(Err(e)) if refused_stream(&e) => Err(ProxyError::RefusedStream(Box::new(e))),
@@ -209,7 +209,9 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
     }
     cluster.observe(&endpoint, outcome);
     if let Some(p) = permit {
+        let before = endpoint.breaker.as_ref().map(|b| b.state());
         p.record(outcome);
+        cluster.after_breaker(&endpoint, before);
     }
     result
 }
@@ -329,4 +331,16 @@ impl Service<Call> for Upstream {
     fn call(&mut self, call: Call) -> ResponseFuture {
         Box::pin(send(self.cluster.clone(), call))
     }
+}
+
+/// Whether a connect error is a refusal: nothing listens on the endpoint's port.
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        source = err.source();
+    }
+    false
 }

@@ -33,7 +33,17 @@ pub struct Outlier {
     ejected_until: AtomicU64,
     /// Times the endpoint was ejected.
     pub ejections: AtomicU32,
+    /// Endpoint-clock nanoseconds until which a failure hint from another sidecar holds.
+    hinted_until: AtomicU64,
+    /// Successes while hinted: at [`HINT_OVERRIDE`] this sidecar's evidence lifts the hint.
+    hint_ok: AtomicU32,
+    /// Endpoint-clock nanoseconds until which a refused connection published needs no repeat.
+    refusal_published_until: AtomicU64,
 }
+
+/// Successes of a hinted endpoint (probes, or requests when nothing else is left) that lift
+/// the hint: this sidecar's own evidence disagrees.
+pub const HINT_OVERRIDE: u32 = 3;
 
 impl Outlier {
     /// Counts a try's outcome; returns true when the endpoint crossed an ejection threshold.
@@ -64,6 +74,52 @@ impl Outlier {
                 bump(&self.consecutive_connect, cfg.consecutive_connect_failures) || a || b
             }
         }
+    }
+
+    /// Whether the balancer may pick the endpoint at endpoint-clock `now` while others are
+    /// left: not while a hint holds (probes ask it instead).
+    #[inline]
+    pub fn lets_through(&self, now: u64) -> bool {
+        self.hinted_until.load(Ordering::Relaxed) <= now
+    }
+
+    /// Whether a refused connection should be published now (not within `period` of the last).
+    pub fn publish_refusal(&self, now: u64, period: Duration) -> bool {
+        let until = self.refusal_published_until.load(Ordering::Relaxed);
+        until <= now
+            && self
+                .refusal_published_until
+                .compare_exchange(
+                    until,
+                    now + period.as_nanos() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Whether a hint holds at endpoint-clock `now`.
+    pub fn hinted(&self, now: u64) -> bool {
+        self.hinted_until.load(Ordering::Relaxed) > now
+    }
+
+    fn hint_for(&self, now: u64, period: Duration) {
+        self.hint_ok.store(0, Ordering::Relaxed);
+        self.hinted_until
+            .store(now + period.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn lift_hint(&self) {
+        self.hinted_until.store(0, Ordering::Relaxed);
+    }
+
+    /// Counts a success against the hint; true when that lifted it.
+    pub fn ok_against_hint(&self) -> bool {
+        if self.hint_ok.fetch_add(1, Ordering::Relaxed) + 1 >= HINT_OVERRIDE {
+            self.lift_hint();
+            return true;
+        }
+        false
     }
 
     /// Time left in the current ejection at endpoint-clock `now`.
@@ -126,24 +182,65 @@ impl Detector {
         true
     }
 
-    /// Takes a failure hint about `authority` from elsewhere: ejects it for one base period, if
-    /// it is one of `endpoints`, not ejected already, and the cluster may lose it. Returns whether
-    /// it was ejected. The endpoint's own ejection count is not raised: a hint is not evidence.
-    pub fn hint(&self, endpoints: &[Arc<Endpoint>], authority: &Authority) -> bool {
+    /// Takes a failure hint about `authority` from another sidecar, to hold for `period`: the
+    /// endpoint, if it is one of `endpoints` and not ejected already, gets no requests while
+    /// others are left, until the hint runs out or this sidecar's own evidence decides (see
+    /// [`Detector::probed`]). Returns the endpoint it acted on. Its ejection count is not
+    /// raised: a hint is not evidence.
+    pub fn hint(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        authority: &Authority,
+        period: Duration,
+    ) -> Option<Arc<Endpoint>> {
+        self.cfg.as_ref()?;
+        let endpoint = endpoints.iter().find(|e| e.authority == *authority)?;
+        let now = endpoint.now();
+        if endpoint.ejected_for().is_some() || endpoint.outlier.hinted(now) {
+            return None;
+        }
+        endpoint.outlier.hint_for(now, period);
+        tracing::info!(endpoint = %authority, ?period, "failure hint: the endpoint is probed before it gets requests again");
+        Some(endpoint.clone())
+    }
+
+    /// This sidecar's own probe of a hinted endpoint: a failure agrees with the hint and ejects
+    /// the endpoint as its own evidence would (within `max_ejection_percent`); returns whether
+    /// it did. A success counts towards lifting the hint; returns false.
+    pub fn probed(&self, endpoints: &[Arc<Endpoint>], endpoint: &Endpoint, alive: bool) -> bool {
         let Some(cfg) = &self.cfg else {
             return false;
         };
-        let Some(endpoint) = endpoints.iter().find(|e| e.authority == *authority) else {
+        if alive {
             return false;
-        };
+        }
+        endpoint.outlier.lift_hint();
         if endpoint.ejected_for().is_some() || !may_eject(endpoints, cfg) {
             return false;
         }
-        endpoint
-            .outlier
-            .eject_for(endpoint.now(), cfg.base_ejection_time);
-        tracing::info!(endpoint = %authority, "ejected on a failure hint");
+        let period = endpoint.outlier.eject(endpoint.now(), cfg);
+        self.ejections.inc();
+        tracing::warn!(endpoint = %endpoint.authority, ejected_for = ?period, "outlier ejected: a hinted endpoint failed its probe");
         true
+    }
+
+    /// Counts a try's outcome against a hint on `endpoint`; true when the hint was lifted by
+    /// this sidecar's own successes. An ejection (own evidence agreeing) lifts it too.
+    pub fn weigh_hint(&self, endpoint: &Endpoint, outcome: Outcome, ejected: bool) -> bool {
+        let o = &endpoint.outlier;
+        if !o.hinted(endpoint.now()) {
+            return false;
+        }
+        if ejected {
+            o.lift_hint();
+            return false;
+        }
+        if outcome == Outcome::Success && o.ok_against_hint() {
+            o.lift_hint();
+            tracing::info!(endpoint = %endpoint.authority, "failure hint lifted: the endpoint answers this sidecar");
+            return true;
+        }
+        false
     }
 }
 
@@ -256,27 +353,57 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn ejections_and_hints_stay_within_the_percentage() {
+    async fn a_hint_holds_requests_back_until_it_runs_out() {
         let eps = endpoints(4);
         let d = Detector::new(Some(cfg()), IntCounter::new("e", "e").unwrap());
-        assert!(d.hint(&eps, &eps[1].authority));
+        let ten = Duration::from_secs(10);
+        assert!(d.hint(&eps, &eps[1].authority, ten).is_some());
         assert_eq!(eps[1].outlier.ejections.load(Ordering::Relaxed), 0);
-        assert!(!d.hint(&eps, &eps[1].authority), "already ejected");
-        assert!(d.hint(&eps, &eps[2].authority), "2 of 4 is within 50%");
-        assert!(!d.hint(&eps, &eps[3].authority), "3 of 4 is not");
-        for _ in 0..5 {
-            d.observe(&eps, &eps[0], Outcome::GatewayError);
-        }
         assert!(
-            eps[0].ejected_for().is_none(),
-            "the cap holds for evidence too"
+            d.hint(&eps, &eps[1].authority, ten).is_none(),
+            "already hinted"
         );
+        assert!(eps[1].ejected_for().is_none(), "a hint ejects nothing");
+        assert!(!eps[1].outlier.lets_through(eps[1].now()));
         let unknown: Authority = "127.0.0.1:99".parse().unwrap();
-        assert!(!d.hint(&eps, &unknown));
-        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(d.hint(&eps, &unknown, ten).is_none());
+        tokio::time::advance(ten).await;
         assert!(
-            eps[1].ejected_for().is_none(),
-            "a hint lasts one base period"
+            eps[1].outlier.lets_through(eps[1].now()),
+            "a hint lasts its period"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_evidence_decides_on_a_hint_either_way() {
+        let eps = endpoints(4);
+        let d = Detector::new(Some(cfg()), IntCounter::new("e", "e").unwrap());
+        let ten = Duration::from_secs(10);
+        assert!(d.hint(&eps, &eps[0].authority, ten).is_some());
+        assert!(!d.probed(&eps, &eps[0], true));
+        assert!(!eps[0].outlier.ok_against_hint());
+        assert!(!eps[0].outlier.ok_against_hint());
+        assert!(
+            eps[0].outlier.ok_against_hint(),
+            "three successes disagree with the hint"
+        );
+        assert!(eps[0].outlier.lets_through(eps[0].now()));
+        assert!(d.hint(&eps, &eps[1].authority, ten).is_some());
+        assert!(d.probed(&eps, &eps[1], false), "a failed probe agrees");
+        assert_eq!(eps[1].ejected_for(), Some(Duration::from_secs(10)));
+        assert_eq!(d.ejections.get(), 1, "and it counts as its own ejection");
+        assert!(
+            !d.weigh_hint(&eps[2], Outcome::Success, false),
+            "no hint, no weighing"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_published_once_per_period() {
+        let o = Outlier::default();
+        let ten = Duration::from_secs(10);
+        assert!(o.publish_refusal(0, ten));
+        assert!(!o.publish_refusal(1, ten));
+        assert!(o.publish_refusal(ten.as_nanos() as u64, ten));
     }
 }

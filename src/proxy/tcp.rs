@@ -40,13 +40,14 @@ pub async fn splice(
         }
         Ok(Err(e)) => {
             cluster.tcp_connected(&endpoint, false);
-            cluster.connect_failed(&endpoint);
+            let refused = e.kind() == std::io::ErrorKind::ConnectionRefused;
+            cluster.connect_failed(&endpoint, refused);
             tracing::debug!(listener, %peer, endpoint = %endpoint.authority, error = %e, "tcp connect failed");
             return;
         }
         Err(_) => {
             cluster.tcp_connected(&endpoint, false);
-            cluster.connect_failed(&endpoint);
+            cluster.connect_failed(&endpoint, false);
             tracing::debug!(listener, %peer, endpoint = %endpoint.authority, "tcp connect timed out");
             return;
         }

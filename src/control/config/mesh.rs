@@ -61,6 +61,9 @@ pub struct RawMesh {
     /// Mutual TLS on the mesh port and for every call to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<RawMeshTls>,
+    /// Share failure hints (ejections, open endpoint breakers) with the fleet (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_hints: Option<bool>,
 }
 
 /// The `mesh.register` block: how this sidecar's application appears in the registry.
@@ -142,6 +145,8 @@ pub struct MeshConfig {
     pub register: Option<RegisterConfig>,
     /// Mutual TLS on the mesh port and for every call to it, if set.
     pub tls: Option<MeshTls>,
+    /// Whether this sidecar publishes and takes failure hints.
+    pub failure_hints: bool,
 }
 
 /// `mesh.tls`, as written: one certificate serves this sidecar as a member (server) and as a
@@ -330,6 +335,7 @@ impl Validator {
             snapshot_every,
             register,
             tls,
+            failure_hints: raw.failure_hints.unwrap_or(true),
         })
     }
 

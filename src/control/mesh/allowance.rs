@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::client::MeshClient;
+use super::hints::Exchange;
 use super::quota::{Granted, LimitDemand, Refresh, GRANT, REFRESH};
 use crate::control::config::resilience::{OnPartition, RateLimitConfig};
 use crate::rng::Rng;
@@ -131,15 +132,19 @@ pub struct Allowances {
     limits: Mutex<HashMap<String, Weak<Allowance>>>,
     added: Notify,
     metrics: MeshMetrics,
+    /// Failure hints sent and received on the same refreshes, when they are on.
+    hints: Option<Arc<Exchange>>,
 }
 
 impl Allowances {
-    /// An empty set reporting to `metrics`.
-    pub fn new(metrics: MeshMetrics) -> Arc<Self> {
+    /// An empty set reporting to `metrics`; with `hints`, the refreshes also carry failure
+    /// hints both ways.
+    pub fn new(metrics: MeshMetrics, hints: Option<Arc<Exchange>>) -> Arc<Self> {
         Arc::new(Allowances {
             limits: Mutex::new(HashMap::new()),
             added: Notify::new(),
             metrics,
+            hints,
         })
     }
 
@@ -247,17 +252,23 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
     let mut sample = tokio::time::interval(SAMPLE);
     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut holding = 0;
+    let (mut hints_seen, mut hints_epoch) = (0, 0);
     // When the shares last answered stop being enforceable (their grant, from the asking).
     let mut valid_until: Option<Instant> = None;
+    let hints = allowances.hints.clone();
     loop {
         let live = allowances.live();
         demand.sample(&live, Instant::now());
-        if live.is_empty() {
-            // No mesh-wide limit in the running config: wait for one.
+        if live.is_empty() && hints.is_none() {
+            // No mesh-wide limit in the running config and no hints to share: wait for one.
             allowances.added.notified().await;
             continue;
         }
+        let reports = hints.as_ref().map(|h| h.take()).unwrap_or_default();
         let body = Refresh {
+            hints: reports.clone(),
+            hints_seen,
+            hints_epoch,
             client: id.clone(),
             holding,
             limits: live
@@ -291,10 +302,22 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
                 }
                 // A reload added a limit: ask again now, with it.
                 () = allowances.added.notified() => break None,
+                // A hint to publish goes out now, not with the next refresh.
+                () = async {
+                    match &hints {
+                        Some(h) => h.published().await,
+                        None => std::future::pending().await,
+                    }
+                } => break None,
             }
         };
         let granted = match answer {
-            None => continue,
+            None => {
+                if let Some(h) = &hints {
+                    h.unsent(reports);
+                }
+                continue;
+            }
             Some(Ok((StatusCode::OK, text))) => serde_json::from_slice::<Granted>(&text)
                 .map_err(|e| format!("unreadable answer: {e}")),
             Some(Ok((status, text))) => Err(format!(
@@ -307,6 +330,10 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
             Ok(g) => {
                 metrics.refreshed(true);
                 holding = g.index;
+                (hints_seen, hints_epoch) = (g.hints_seen, g.hints_epoch);
+                if let Some(h) = &hints {
+                    h.deliver(g.hints);
+                }
                 valid_until = Some(asked + GRANT);
                 for (a, l) in live.iter().zip(&g.limits) {
                     match l.share {
@@ -322,6 +349,9 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
             }
             Err(e) => {
                 metrics.refreshed(false);
+                if let Some(h) = &hints {
+                    h.unsent(reports);
+                }
                 tracing::debug!(error = %e, "mesh rate-limit refresh failed; will retry");
                 // Not in a tight loop when every member refuses at once.
                 let retry_at = Instant::now() + SAMPLE + Duration::from_millis(rng.below(100));

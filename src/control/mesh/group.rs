@@ -16,6 +16,7 @@ use openraft::{Raft, ServerState};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::hints::Board;
 use super::leases::{Leases, Renewal};
 use super::quota::{milli, Allocator, Demand, Refresh, TICK};
 use super::registry::{Change, Lease, Outcome};
@@ -127,6 +128,8 @@ impl Contact {
 pub struct LeaderTables {
     leases: Mutex<Option<Leases>>,
     allocator: Mutex<Option<Allocator>>,
+    /// Live failure hints (meaningful while leading; emptied at each new leadership).
+    pub board: Board,
 }
 
 impl LeaderTables {
@@ -389,6 +392,7 @@ async fn lease_clock(
                 );
                 *table.lock() = Some(leases);
                 *table.allocator() = Some(Allocator::new(Instant::now()));
+                table.board.reset(term);
                 leading_term = Some(term);
             }
         }

@@ -10,6 +10,7 @@
 pub mod allowance;
 pub mod client;
 pub mod group;
+pub mod hints;
 pub mod leases;
 pub mod network;
 pub mod node;

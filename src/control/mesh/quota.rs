@@ -21,6 +21,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::hints::{Hint, Report};
+
 /// How often a sidecar refreshes its shares (a long poll: a change is sent to it at once).
 pub const REFRESH: Duration = Duration::from_secs(1);
 /// How long a sidecar enforces a share after it asked for it: two refreshes, so one lost refresh
@@ -227,7 +229,7 @@ impl Allocator {
     ) {
         for per_client in self.superseded.values_mut() {
             if let Some(old) = per_client.get_mut(client) {
-                old.retain(|s| s.by.is_none_or(|by| holding < by));
+                old.retain(|s| s.by.map_or(true, |by| holding < by));
             }
         }
         match self.seen.get_mut(client) {
@@ -262,7 +264,7 @@ impl Allocator {
             .retain(|_, s| now.saturating_duration_since(s.at) < CLIENT_TTL);
         for per_client in self.superseded.values_mut() {
             for old in per_client.values_mut() {
-                old.retain(|s| s.until.is_none_or(|u| u > now));
+                old.retain(|s| s.until.map_or(true, |u| u > now));
             }
             per_client.retain(|_, v| !v.is_empty());
         }
@@ -436,6 +438,15 @@ pub struct Refresh {
     /// How long the leader may hold the call for a change, in milliseconds.
     #[serde(default)]
     pub wait_ms: u64,
+    /// Failure hints this sidecar publishes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hints: Vec<Report>,
+    /// The hint version of the last answer it holds (with `hints_epoch`).
+    #[serde(default)]
+    pub hints_seen: u64,
+    /// The hint epoch of the last answer it holds.
+    #[serde(default)]
+    pub hints_epoch: u64,
 }
 
 /// One limit in a refresh.
@@ -456,6 +467,15 @@ pub struct Granted {
     pub index: u64,
     /// One entry per limit of the refresh, in the same order.
     pub limits: Vec<LimitGrant>,
+    /// Live failure hints from the other sidecars, newer than the refresh's `hints_seen`.
+    #[serde(default)]
+    pub hints: Vec<Hint>,
+    /// The hint version this answer reflects.
+    #[serde(default)]
+    pub hints_seen: u64,
+    /// The leader's hint epoch (its term): versions of another epoch are not comparable.
+    #[serde(default)]
+    pub hints_epoch: u64,
 }
 
 /// A sidecar's share of one limit.
@@ -476,6 +496,9 @@ impl Quotas {
     pub fn granted(&self, client: &str, names: &[LimitDemand], index: u64) -> Granted {
         Granted {
             index,
+            hints: Vec::new(),
+            hints_seen: 0,
+            hints_epoch: 0,
             limits: names
                 .iter()
                 .map(|d| {

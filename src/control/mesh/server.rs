@@ -425,13 +425,32 @@ async fn quota_refresh(ctx: &Context, route: &str, r: Refresh) -> Response<Full<
     if !ctx.leases.refresh(&r) {
         return not_leading(ctx, route);
     }
+    let board = &ctx.leases.board;
+    board.post(&r.client, &r.hints, tokio::time::Instant::now());
+    // Hint versions of another leader's board say nothing about this one.
+    let seen = if r.hints_epoch == board.epoch() {
+        r.hints_seen
+    } else {
+        0
+    };
     let wait = Duration::from_millis(r.wait_ms).min(MAX_QUOTA_WAIT);
     let mut rx = ctx.state.clone();
     let changed = |s: &Arc<State>| s.quotas.changed_for(&r.client, &r.limits, r.holding);
-    let _ = tokio::time::timeout(wait, rx.wait_for(changed)).await;
+    let _ = tokio::time::timeout(wait, async {
+        tokio::select! {
+            _ = rx.wait_for(changed) => {}
+            () = board.newer_than(seen) => {}
+        }
+    })
+    .await;
     let state = rx.borrow().clone();
     let index = state.applied.map_or(0, |l| l.index);
-    json(&state.quotas.granted(&r.client, &r.limits, index))
+    let mut granted = state.quotas.granted(&r.client, &r.limits, index);
+    let (hints, version) = board.since(&r.client, seen, tokio::time::Instant::now());
+    granted.hints = hints;
+    granted.hints_seen = version;
+    granted.hints_epoch = board.epoch();
+    json(&granted)
 }
 
 /// Longest a rate-limit refresh is held for a change.

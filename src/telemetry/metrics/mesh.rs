@@ -24,6 +24,7 @@ pub struct Families {
     fallback: IntGaugeVec,
     refreshes: IntCounterVec,
     allocations: IntCounterVec,
+    hints: IntCounterVec,
 }
 
 /// Commit latency buckets, in seconds: an fsync'd, replicated entry takes milliseconds.
@@ -135,6 +136,11 @@ impl Families {
                 "Share refreshes this sidecar sent to the group, by result (ok, failed).",
                 &["result"],
             )?,
+            hints: r.counter(
+                "outrigger_failure_hints_total",
+                "Failure hints: sent (this sidecar published one), received (from the group), acted_on (it named one of this sidecar's endpoints, now given a small share), overridden (lifted early by this sidecar's own successes).",
+                &["event"],
+            )?,
             allocations: r.counter(
                 "outrigger_mesh_rate_limit_allocations_total",
                 "Share allocations this member committed as leader (one log entry each, for every limit and sidecar).",
@@ -221,5 +227,10 @@ impl Families {
     /// Counts a committed allocation.
     pub fn allocated(&self) {
         self.allocations.with_label_values(&[] as &[&str]).inc();
+    }
+
+    /// The failure hint counter of `event` (sent, received, acted_on, overridden).
+    pub fn hint(&self, event: &str) -> prometheus::IntCounter {
+        self.hints.with_label_values(&[event])
     }
 }

@@ -560,6 +560,9 @@ async fn sidecar(
                 offered: rng.f64() * 2.0 * QUOTA_RATE,
             }],
             wait_ms: 500,
+            hints: Vec::new(),
+            hints_seen: 0,
+            hints_epoch: 0,
         };
         let body = serde_json::to_vec(&refresh)?;
         let asked = now_us();
