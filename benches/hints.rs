@@ -10,8 +10,10 @@
 //! Run: `cargo build --release && cargo bench --bench hints` (or set `OUTRIGGER_BIN`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,37 +25,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use common::{binary, free_port, Proc};
+
 type Http = Client<HttpConnector, Empty<Bytes>>;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn binary() -> PathBuf {
-    if let Ok(p) = std::env::var("OUTRIGGER_BIN") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/outrigger");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --release` first",
-        p.display()
-    );
-    p
-}
 
 fn python_origin(port: u16, dir: &Path) -> Proc {
     let script = "import http.server as h, sys\n\
@@ -91,14 +65,14 @@ fn metric(text: &str, series: &str) -> f64 {
 async fn run(hints: bool) -> (f64, u64, f64) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.html"), "hello\n").unwrap();
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..4).map(|_| free_port("127.0.0.1")).collect();
     let mut origins: Vec<Option<Proc>> = ports
         .iter()
         .map(|p| Some(python_origin(*p, dir.path())))
         .collect();
     let endpoints: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
     let members: Vec<(u64, String)> = (1..=3)
-        .map(|i| (i, format!("127.0.0.1:{}", free_port())))
+        .map(|i| (i, format!("127.0.0.1:{}", free_port("127.0.0.1"))))
         .collect();
     let list: String = members
         .iter()
@@ -108,7 +82,7 @@ async fn run(hints: bool) -> (f64, u64, f64) {
     let mut urls = Vec::new();
     let mut admins = Vec::new();
     for n in 1..=5u64 {
-        let (admin, listen) = (free_port(), free_port());
+        let (admin, listen) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
         let mesh = if n <= 3 {
             format!(
                 "mesh:\n  node_id: {n}\n  listen: {}\n  data_dir: {}\n  failure_hints: {hints}\n  members:\n{list}",

@@ -18,8 +18,9 @@
 //! Run: `cargo build --release && cargo bench --bench mesh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,16 +34,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use common::{binary, free_port, Proc};
+
 type Http = Client<HttpConnector, Full<Bytes>>;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// User + system CPU seconds of `pid` so far.
 fn cpu(pid: u32) -> f64 {
@@ -50,27 +44,6 @@ fn cpu(pid: u32) -> f64 {
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
-}
-
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn binary() -> PathBuf {
-    if let Ok(p) = std::env::var("OUTRIGGER_BIN") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/outrigger");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --release` first",
-        p.display()
-    );
-    p
 }
 
 async fn call(http: &Http, url: &str, body: String) -> (StatusCode, Bytes, Option<String>) {

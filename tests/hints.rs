@@ -7,7 +7,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{eventually, get, h1_client, metric, Origin, Process, ReservedPort};
+use support::{eventually, get, h1_client, member_list, metric, Origin, Process, ReservedPort};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -18,10 +18,7 @@ fn config(
     endpoints: &str,
     hints: bool,
 ) -> std::path::PathBuf {
-    let list: String = members
-        .iter()
-        .map(|(i, a)| format!("    {i}: {a}\n"))
-        .collect();
+    let list = member_list(members);
     let path = dir.join(format!("s{n}.yaml"));
     std::fs::write(
         &path,

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
 use support::pki::{self, Ca};
-use support::{body, eventually, get, h1_client, h2_client, send, HttpClient, Process};
+use support::{
+    body, eventually, get, h1_client, h2_client, member_list, send, HttpClient, Process,
+};
 
 /// Polls `f` every 20 ms until it gives a value, for at most `within`.
 async fn until<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
@@ -67,14 +69,6 @@ fn write_member_config(
     )
     .unwrap();
     path
-}
-
-/// The `members:` lines of a config naming `members`.
-fn member_list(members: &[(u64, String)]) -> String {
-    members
-        .iter()
-        .map(|(i, a)| format!("    {i}: {a}\n"))
-        .collect()
 }
 
 /// Starts three voter processes on 127.0.0.{ip_base + id} and waits for them to agree on a

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{eventually, get, h1_client, metric, Origin, Process, ReservedPort};
+use support::{eventually, get, h1_client, member_list, metric, Origin, Process, ReservedPort};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -40,13 +40,6 @@ fn sidecar_config(
     )
     .unwrap();
     path
-}
-
-fn member_list(members: &[(u64, String)]) -> String {
-    members
-        .iter()
-        .map(|(i, a)| format!("    {i}: {a}\n"))
-        .collect()
 }
 
 /// Three voters, each a sidecar serving the limit; returns them and the members' addresses.

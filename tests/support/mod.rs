@@ -372,6 +372,14 @@ impl ReservedPort {
     }
 }
 
+/// The `members:` lines of a mesh config naming `members` (id, mesh address).
+pub fn member_list(members: &[(u64, String)]) -> String {
+    members
+        .iter()
+        .map(|(i, a)| format!("    {i}: {a}\n"))
+        .collect()
+}
+
 /// Adds a loopback admin address on port 0 unless the YAML names one.
 pub fn with_test_admin(yaml: &str) -> String {
     if yaml.contains("admin:") {
