@@ -90,6 +90,7 @@ async fn check(client: &Http, addr: SocketAddr) -> bool {
 
 fn cfg(detector: Detector, unhealthy_threshold: u32) -> HealthCheckConfig {
     HealthCheckConfig {
+        coordinated: false,
         kind: CheckKind::Tcp,
         interval: INTERVAL,
         unhealthy_interval: INTERVAL,

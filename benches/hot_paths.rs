@@ -205,7 +205,7 @@ fn stack(c: &mut Criterion) {
         name: "bench".into(),
         on_partition: OnPartition::LocalShare,
     }));
-    let allowances = Allowances::new(Metrics::new().unwrap().mesh, None);
+    let allowances = Allowances::new(Metrics::new().unwrap().mesh, None, None);
     let shared = Arc::new(RateLimiter::new(
         &mesh_cfg,
         None,

@@ -30,6 +30,7 @@ use crate::control::config::mesh::{MeshConfig, Role};
 use crate::control::config::{self, ClusterConfig, ConfigErrors, ListenerConfig, Loaded};
 use crate::control::discovery::registry::Registry;
 use crate::control::mesh::allowance::Allowances;
+use crate::control::mesh::checks::Coordination;
 use crate::control::mesh::client::MeshClient;
 use crate::control::mesh::hints;
 use crate::control::mesh::node::{Node, Settings};
@@ -172,6 +173,8 @@ pub struct Shared {
     allowances: Option<Arc<Allowances>>,
     /// Failure hints, when the mesh shares them.
     hints: Option<Arc<hints::Exchange>>,
+    /// Coordinated health checking, when there is a mesh.
+    coordination: Option<Arc<Coordination>>,
 }
 
 /// A running mesh member and the tasks that serve it.
@@ -192,6 +195,7 @@ struct Build<'a> {
     registry: Option<&'a Registry>,
     allowances: Option<&'a Allowances>,
     hints: Option<&'a Arc<hints::Exchange>>,
+    coordination: Option<&'a Arc<Coordination>>,
     rng: &'a Rng,
     background: &'a Tasks,
     shutdown: &'a CancellationToken,
@@ -270,11 +274,20 @@ impl App {
             }
             _ => (None, None),
         };
+        // One id for this sidecar in every refresh: its shares, hints and coordinated checks.
+        let sidecar_id = format!("{:016x}", rng.u64());
+        let coordination = loaded
+            .config
+            .mesh
+            .as_ref()
+            .map(|_| Coordination::new(sidecar_id.clone()));
         let allowances = loaded.config.mesh.as_ref().map(|m| {
-            let allowances = Allowances::new(metrics.mesh.clone(), hints.clone());
+            let allowances =
+                Allowances::new(metrics.mesh.clone(), hints.clone(), coordination.clone());
             let members = m.members.values().cloned().collect();
             allowances.start(
                 MeshClient::new(members, mesh_tls.clone()),
+                sidecar_id.clone(),
                 rng.fork(),
                 &background,
             );
@@ -285,6 +298,7 @@ impl App {
             registry: registry.as_ref(),
             allowances: allowances.as_deref(),
             hints: hints.as_ref(),
+            coordination: coordination.as_ref(),
             rng: &rng,
             background: &background,
             shutdown: &shutdown,
@@ -327,6 +341,7 @@ impl App {
             registrar,
             allowances,
             hints,
+            coordination,
         });
         if let Some(rx) = hints_in {
             shared
@@ -458,6 +473,7 @@ impl App {
             registry: s.registry.as_ref(),
             allowances: s.allowances.as_deref(),
             hints: s.hints.as_ref(),
+            coordination: s.coordination.as_ref(),
             rng: &s.rng,
             background: &s.background,
             shutdown: &s.shutdown,
@@ -848,9 +864,16 @@ fn start_cluster(c: &ClusterConfig, b: &Build<'_>) -> Result<Arc<Cluster>, LoadE
     );
     let (verdicts, verdicts_rx) = mpsc::channel(VERDICT_QUEUE);
     if let Some(cfg) = &c.upstream.health_check {
+        // Coordinated: this sidecar probes the endpoints it owns, the others' verdicts come in
+        // on the same channel as its own.
+        let owner = match b.coordination {
+            Some(coord) if cfg.coordinated => Some(coord.join(&c.name, verdicts.clone())),
+            _ => None,
+        };
         let target = health::Target {
             cluster: c.name.as_str().into(),
             endpoints: endpoints.clone(),
+            owner,
             verdicts,
             tls: cluster.client.tls.clone(),
             metrics: b.metrics.control.health(&c.name),

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 
 use crate::control::config::upstream::{CheckKind, Detector, HealthCheckConfig};
 use crate::control::discovery::Subscription;
+use crate::control::mesh::checks::Owner;
 use crate::rng::Rng;
 use crate::tasks::{Scope, Tasks};
 use crate::telemetry::metrics::HealthMetrics;
@@ -76,6 +77,9 @@ pub struct Target {
     pub cluster: Arc<str>,
     /// The endpoint sets to check.
     pub endpoints: Subscription,
+    /// With coordinated checking, which endpoints this sidecar probes (and where its verdicts
+    /// are shared); `None` probes every endpoint.
+    pub owner: Option<Owner>,
     /// Where verdicts go.
     pub verdicts: mpsc::Sender<Verdict>,
     /// TLS to the endpoints, if the cluster speaks it.
@@ -99,6 +103,7 @@ async fn supervise(mut target: Target, checker: Arc<Checker>, tasks: Tasks) {
         verdicts: target.verdicts.clone(),
         metrics: target.metrics.clone(),
         rng: target.rng.fork(),
+        owner: target.owner.take(),
     });
     let mut checks: HashMap<Authority, Scope> = HashMap::new();
     loop {
@@ -131,6 +136,7 @@ struct Shared {
     verdicts: mpsc::Sender<Verdict>,
     metrics: HealthMetrics,
     rng: Rng,
+    owner: Option<Owner>,
 }
 
 /// What a cluster's checks share: settings and clients.
@@ -278,15 +284,34 @@ async fn watch(authority: Authority, checker: Arc<Checker>, shared: Arc<Shared>)
             health,
         })
     };
+    let mut roster = shared.owner.as_ref().map(Owner::roster);
     // Spread the first checks of a fleet over one jitter period.
     tokio::time::sleep(jitter(cfg.jitter, &shared.rng)).await;
     loop {
+        if let (Some(owner), Some(roster)) = (&shared.owner, roster.as_mut()) {
+            if !owner.mine(&authority) {
+                // Another sidecar probes it and its verdicts come in through the group. When
+                // the endpoint comes back to this one, its checks start from nothing.
+                owner.release(&authority);
+                (state, health) = (Detection::new(cfg.detector, cfg.timeout), Health::Unchecked);
+                // A roster change (its prober left) hands the endpoint over at once.
+                let next = cfg.interval + jitter(cfg.jitter, &shared.rng);
+                if let Ok(Err(_)) = tokio::time::timeout(next, roster.changed()).await {
+                    // The roster is gone (the cluster is going): no change will wake this.
+                    tokio::time::sleep(next).await;
+                }
+                continue;
+            }
+        }
         let passed = checker.check(&authority).await;
         shared.metrics.count(passed);
         let after = state.observe(passed, Instant::now(), health, cfg);
         if after != health {
             health = after;
             tracing::info!(cluster = %shared.cluster, endpoint = %authority, health = health.name(), "health changed");
+            if let Some(owner) = &shared.owner {
+                owner.publish(&authority, health);
+            }
             if publish(health).await.is_err() {
                 return;
             }
@@ -309,6 +334,9 @@ async fn watch(authority: Authority, checker: Arc<Checker>, shared: Arc<Shared>)
             if health != Health::Unhealthy && state.suspect(Instant::now()) {
                 health = Health::Unhealthy;
                 tracing::info!(cluster = %shared.cluster, endpoint = %authority, "health changed (phi)");
+                if let Some(owner) = &shared.owner {
+                    owner.publish(&authority, health);
+                }
                 if publish(health).await.is_err() {
                     return;
                 }
@@ -463,6 +491,7 @@ mod tests {
 
     fn cfg() -> HealthCheckConfig {
         HealthCheckConfig {
+            coordinated: false,
             kind: CheckKind::Tcp,
             interval: Duration::from_secs(1),
             unhealthy_interval: Duration::from_secs(1),
@@ -539,6 +568,7 @@ mod tests {
             verdicts: tx,
             metrics: metrics.clone(),
             rng: Rng::with_seed(1),
+            owner: None,
         });
         let checker = Arc::new(Checker::new(cfg, None));
         let authority: Authority = addr.to_string().parse().unwrap();

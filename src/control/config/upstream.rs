@@ -101,6 +101,9 @@ pub struct RawHealthCheck {
     /// Suspicion level at which the phi detector declares an endpoint down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phi_threshold: Option<f64>,
+    /// One sidecar of the fleet probes each endpoint and shares its verdicts through the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinated: Option<bool>,
 }
 
 /// The `outlier_detection:` block of a cluster.
@@ -300,6 +303,8 @@ pub struct HealthCheckConfig {
     pub unhealthy_threshold: u32,
     /// Failure detector.
     pub detector: Detector,
+    /// Whether one sidecar of the fleet probes each endpoint for all (`coordinated: true`).
+    pub coordinated: bool,
 }
 
 /// Passive ejection settings.
@@ -751,6 +756,7 @@ impl Validator {
             healthy_threshold,
             unhealthy_threshold,
             detector,
+            coordinated: h.coordinated.unwrap_or(false),
         })
     }
 

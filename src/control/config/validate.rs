@@ -349,6 +349,13 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let mesh = raw.mesh.as_ref().and_then(|m| v.mesh(m));
     if raw.mesh.is_none() {
         for (i, c) in raw.clusters.iter().enumerate() {
+            if c.health_check.as_ref().and_then(|h| h.coordinated) == Some(true) {
+                v.problem_with_hint(
+                    format!("clusters[{i}].health_check.coordinated"),
+                    "coordinated health checks need a `mesh:` section".into(),
+                    Some("add `mesh:` with the group's `members`, or drop `coordinated`".into()),
+                );
+            }
             if c.registry.is_some() {
                 v.problem_with_hint(
                     format!("clusters[{i}].registry"),

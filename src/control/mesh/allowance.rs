@@ -19,8 +19,9 @@ use http::{Method, StatusCode};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::checks::{CheckVerdict, Coordination};
 use super::client::MeshClient;
-use super::hints::Exchange;
+use super::hints::{Exchange, Report};
 use super::quota::{Granted, LimitDemand, Refresh, GRANT, REFRESH};
 use crate::control::config::resilience::{OnPartition, RateLimitConfig};
 use crate::rng::Rng;
@@ -118,7 +119,9 @@ impl Allowance {
         }
     }
 
-    fn grant(&self, share: f64, sidecars: usize) {
+    /// Admits `share` requests per second, one of `sidecars` sharing the limit (what the
+    /// refresh task does with the group's answer).
+    pub fn grant(&self, share: f64, sidecars: usize) {
         self.fallback.set(0);
         self.sidecars.store(sidecars.max(1), Ordering::Relaxed);
         self.set(share);
@@ -134,17 +137,24 @@ pub struct Allowances {
     metrics: MeshMetrics,
     /// Failure hints sent and received on the same refreshes, when they are on.
     hints: Option<Arc<Exchange>>,
+    /// Coordinated health checking's rosters and verdicts, on the same refreshes.
+    coordination: Option<Arc<Coordination>>,
 }
 
 impl Allowances {
     /// An empty set reporting to `metrics`; with `hints`, the refreshes also carry failure
-    /// hints both ways.
-    pub fn new(metrics: MeshMetrics, hints: Option<Arc<Exchange>>) -> Arc<Self> {
+    /// hints both ways, and with `coordination`, coordinated checking's rosters and verdicts.
+    pub fn new(
+        metrics: MeshMetrics,
+        hints: Option<Arc<Exchange>>,
+        coordination: Option<Arc<Coordination>>,
+    ) -> Arc<Self> {
         Arc::new(Allowances {
             limits: Mutex::new(HashMap::new()),
             added: Notify::new(),
             metrics,
             hints,
+            coordination,
         })
     }
 
@@ -184,10 +194,10 @@ impl Allowances {
         live
     }
 
-    /// Starts refreshing the shares through `client` until the tasks are cancelled.
-    pub fn start(self: &Arc<Self>, client: MeshClient, rng: Rng, tasks: &Tasks) {
-        let id = format!("{:016x}", rng.u64());
-        tasks.spawn("mesh_rate_limits", refresh(self.clone(), client, id, rng));
+    /// Starts refreshing the shares through `client` as sidecar `id` until the tasks are
+    /// cancelled.
+    pub fn start(self: &Arc<Self>, client: MeshClient, id: String, rng: Rng, tasks: &Tasks) {
+        tasks.spawn("mesh_refresh", refresh(self.clone(), client, id, rng));
     }
 }
 
@@ -256,16 +266,37 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
     // When the shares last answered stop being enforceable (their grant, from the asking).
     let mut valid_until: Option<Instant> = None;
     let hints = allowances.hints.clone();
+    let coordination = allowances.coordination.clone();
+    let (mut checks_seen, mut resend_verdicts) = (0, false);
     loop {
         let live = allowances.live();
         demand.sample(&live, Instant::now());
-        if live.is_empty() && hints.is_none() {
-            // No mesh-wide limit in the running config and no hints to share: wait for one.
-            allowances.added.notified().await;
+        let checks = coordination
+            .as_ref()
+            .map(|c| c.clusters())
+            .unwrap_or_default();
+        if live.is_empty() && hints.is_none() && checks.is_empty() {
+            // No mesh-wide limit, no hints and no coordinated check: nothing to refresh yet.
+            tokio::select! {
+                () = allowances.added.notified() => {}
+                () = async {
+                    match &coordination {
+                        Some(c) => c.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
             continue;
         }
         let reports = hints.as_ref().map(|h| h.take()).unwrap_or_default();
+        let verdicts = coordination
+            .as_ref()
+            .map(|c| c.take(resend_verdicts))
+            .unwrap_or_default();
         let body = Refresh {
+            checks,
+            verdicts: verdicts.clone(),
+            checks_seen,
             hints: reports.clone(),
             hints_seen,
             hints_epoch,
@@ -309,13 +340,26 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
                         None => std::future::pending().await,
                     }
                 } => break None,
+                // So does a verdict, and a cluster that starts coordinated checking.
+                () = async {
+                    match &coordination {
+                        Some(c) => c.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => break None,
+            }
+        };
+        let unsent = |reports: Vec<Report>, verdicts: Vec<CheckVerdict>| {
+            if let Some(h) = &hints {
+                h.unsent(reports);
+            }
+            if let Some(c) = &coordination {
+                c.unsent(verdicts);
             }
         };
         let granted = match answer {
             None => {
-                if let Some(h) = &hints {
-                    h.unsent(reports);
-                }
+                unsent(reports, verdicts);
                 continue;
             }
             Some(Ok((StatusCode::OK, text))) => serde_json::from_slice::<Granted>(&text)
@@ -330,9 +374,15 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
             Ok(g) => {
                 metrics.refreshed(true);
                 holding = g.index;
-                (hints_seen, hints_epoch) = (g.hints_seen, g.hints_epoch);
+                // A new leader starts with empty boards: send it every owned verdict again.
+                resend_verdicts = g.hints_epoch != hints_epoch;
+                (hints_seen, hints_epoch, checks_seen) =
+                    (g.hints_seen, g.hints_epoch, g.checks_seen);
                 if let Some(h) = &hints {
                     h.deliver(g.hints);
+                }
+                if let Some(c) = &coordination {
+                    c.apply(g.checks);
                 }
                 valid_until = Some(asked + GRANT);
                 for (a, l) in live.iter().zip(&g.limits) {
@@ -349,9 +399,7 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
             }
             Err(e) => {
                 metrics.refreshed(false);
-                if let Some(h) = &hints {
-                    h.unsent(reports);
-                }
+                unsent(reports, verdicts);
                 tracing::debug!(error = %e, "mesh rate-limit refresh failed; will retry");
                 // Not in a tight loop when every member refuses at once.
                 let retry_at = Instant::now() + SAMPLE + Duration::from_millis(rng.below(100));

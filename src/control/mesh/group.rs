@@ -16,6 +16,7 @@ use openraft::{Raft, ServerState};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::checks::CheckBoard;
 use super::hints::Board;
 use super::leases::{Leases, Renewal};
 use super::quota::{milli, Allocator, Demand, Refresh, TICK};
@@ -130,6 +131,8 @@ pub struct LeaderTables {
     allocator: Mutex<Option<Allocator>>,
     /// Live failure hints (meaningful while leading; emptied at each new leadership).
     pub board: Board,
+    /// Coordinated checking's rosters and verdicts (as the board).
+    pub checks: CheckBoard,
 }
 
 impl LeaderTables {
@@ -324,6 +327,7 @@ async fn allocation_clock(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        table.checks.sweep(Instant::now());
         let quotas = state.borrow().quotas.clone();
         let Some(allocation) = table
             .allocator()
@@ -393,6 +397,7 @@ async fn lease_clock(
                 *table.lock() = Some(leases);
                 *table.allocator() = Some(Allocator::new(Instant::now()));
                 table.board.reset(term);
+                table.checks.reset();
                 leading_term = Some(term);
             }
         }

@@ -8,6 +8,7 @@
 //! risk the group's safety.
 
 pub mod allowance;
+pub mod checks;
 pub mod client;
 pub mod group;
 pub mod hints;

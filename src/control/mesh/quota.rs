@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::checks::{CheckVerdict, Checks};
 use super::hints::{Hint, Report};
 
 /// How often a sidecar refreshes its shares (a long poll: a change is sent to it at once).
@@ -447,6 +448,15 @@ pub struct Refresh {
     /// The hint epoch of the last answer it holds.
     #[serde(default)]
     pub hints_epoch: u64,
+    /// The `coordinated` clusters this sidecar checks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<String>,
+    /// Verdicts on endpoints it owns, decided since its last refresh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<CheckVerdict>,
+    /// The check version of the last answer it holds (in the same epoch as the hints).
+    #[serde(default)]
+    pub checks_seen: u64,
 }
 
 /// One limit in a refresh.
@@ -476,6 +486,12 @@ pub struct Granted {
     /// The leader's hint epoch (its term): versions of another epoch are not comparable.
     #[serde(default)]
     pub hints_epoch: u64,
+    /// Rosters and verdicts of the sidecar's coordinated clusters.
+    #[serde(default)]
+    pub checks: Checks,
+    /// The check version this answer reflects.
+    #[serde(default)]
+    pub checks_seen: u64,
 }
 
 /// A sidecar's share of one limit.
@@ -499,6 +515,8 @@ impl Quotas {
             hints: Vec::new(),
             hints_seen: 0,
             hints_epoch: 0,
+            checks: Checks::default(),
+            checks_seen: 0,
             limits: names
                 .iter()
                 .map(|d| {

@@ -59,6 +59,7 @@ impl Registrar {
                 let target = health::Target {
                     cluster: Arc::from(format!("register:{}", r.service)),
                     endpoints,
+                    owner: None,
                     verdicts: verdict_tx,
                     tls: None,
                     metrics,

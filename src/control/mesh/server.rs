@@ -426,12 +426,15 @@ async fn quota_refresh(ctx: &Context, route: &str, r: Refresh) -> Response<Full<
         return not_leading(ctx, route);
     }
     let board = &ctx.leases.board;
-    board.post(&r.client, &r.hints, tokio::time::Instant::now());
-    // Hint versions of another leader's board say nothing about this one.
-    let seen = if r.hints_epoch == board.epoch() {
-        r.hints_seen
+    let checks = &ctx.leases.checks;
+    let now = tokio::time::Instant::now();
+    board.post(&r.client, &r.hints, now);
+    checks.refresh(&r.client, &r.checks, &r.verdicts, now);
+    // Versions of another leader's boards say nothing about this one's.
+    let (seen, checks_seen) = if r.hints_epoch == board.epoch() {
+        (r.hints_seen, r.checks_seen)
     } else {
-        0
+        (0, 0)
     };
     let wait = Duration::from_millis(r.wait_ms).min(MAX_QUOTA_WAIT);
     let mut rx = ctx.state.clone();
@@ -440,6 +443,7 @@ async fn quota_refresh(ctx: &Context, route: &str, r: Refresh) -> Response<Full<
         tokio::select! {
             _ = rx.wait_for(changed) => {}
             () = board.newer_than(seen) => {}
+            () = checks.newer_than(checks_seen), if !r.checks.is_empty() => {}
         }
     })
     .await;
@@ -450,6 +454,7 @@ async fn quota_refresh(ctx: &Context, route: &str, r: Refresh) -> Response<Full<
     granted.hints = hints;
     granted.hints_seen = version;
     granted.hints_epoch = board.epoch();
+    (granted.checks, granted.checks_seen) = checks.answer(&r.checks, checks_seen);
     json(&granted)
 }
 

@@ -360,4 +360,38 @@ mod tests {
         assert!(matches!(l.check(Some(b"b")), Decision::Admit { .. }));
         assert!(matches!(l.check(Some(b"a")), Decision::Reject(_)));
     }
+
+    /// More sidecars than requests per second: each gets a fraction of one, never nothing, and
+    /// the fleet still admits R.
+    #[tokio::test(start_paused = true)]
+    async fn a_fractional_mesh_share_admits_one_request_per_its_interval() {
+        use crate::control::config::resilience::{MeshScope, OnPartition};
+        use crate::control::mesh::allowance::Allowances;
+        let cfg = RateLimitConfig {
+            rate: 2.0,
+            burst: 2,
+            key: RateKey::None,
+            max_delay: None,
+            mesh: Some(MeshScope {
+                name: "api".into(),
+                on_partition: OnPartition::LocalShare,
+            }),
+        };
+        let metrics = crate::telemetry::metrics::Metrics::new().unwrap().mesh;
+        let allowances = Allowances::new(metrics, None, None);
+        let share = allowances.get(&cfg).unwrap();
+        // Five sidecars share 2 requests/s: 0.4/s each.
+        share.grant(0.4, 5);
+        let l = RateLimiter::new(&cfg, None, 7, Some(share));
+        let mut admitted = 0;
+        // 10 requests/s offered for 25 s.
+        for _ in 0..250 {
+            if matches!(l.check(None), Decision::Admit { .. }) {
+                admitted += 1;
+            }
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        // 0.4/s for 25 s, plus the burst of one (2 × 0.4 / 2, at least 1).
+        assert!((10..=11).contains(&admitted), "{admitted}");
+    }
 }

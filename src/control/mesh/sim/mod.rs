@@ -563,6 +563,9 @@ async fn sidecar(
             hints: Vec::new(),
             hints_seen: 0,
             hints_epoch: 0,
+            checks: Vec::new(),
+            verdicts: Vec::new(),
+            checks_seen: 0,
         };
         let body = serde_json::to_vec(&refresh)?;
         let asked = now_us();
