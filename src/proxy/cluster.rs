@@ -364,7 +364,7 @@ impl Cluster {
         } else {
             set.picker
                 .pick(&set.endpoints, req, |e| {
-                    e.ready() && admits(e) && e.outlier.lets_through(e.now())
+                    e.ready() && admits(e) && e.outlier.lets_through(|| e.now())
                 })
                 // Endpoints waiting out a reconnect backoff are used when nothing else is.
                 .or_else(|| {

@@ -76,11 +76,23 @@ impl Outlier {
         }
     }
 
-    /// Whether the balancer may pick the endpoint at endpoint-clock `now` while others are
-    /// left: not while a hint holds (probes ask it instead).
+    /// Whether the balancer may pick the endpoint while others are left: not while a hint
+    /// holds (probes ask it instead). The clock (`now`) is read only while a hint is set, so
+    /// the common case costs one relaxed load.
     #[inline]
-    pub fn lets_through(&self, now: u64) -> bool {
-        self.hinted_until.load(Ordering::Relaxed) <= now
+    pub fn lets_through(&self, now: impl FnOnce() -> u64) -> bool {
+        let until = self.hinted_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if until <= now() {
+            // Expired: forget it, so the next picks skip the clock again.
+            let _ =
+                self.hinted_until
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// Whether a refused connection should be published now (not within `period` of the last).
@@ -364,12 +376,12 @@ mod tests {
             "already hinted"
         );
         assert!(eps[1].ejected_for().is_none(), "a hint ejects nothing");
-        assert!(!eps[1].outlier.lets_through(eps[1].now()));
+        assert!(!eps[1].outlier.lets_through(|| eps[1].now()));
         let unknown: Authority = "127.0.0.1:99".parse().unwrap();
         assert!(d.hint(&eps, &unknown, ten).is_none());
         tokio::time::advance(ten).await;
         assert!(
-            eps[1].outlier.lets_through(eps[1].now()),
+            eps[1].outlier.lets_through(|| eps[1].now()),
             "a hint lasts its period"
         );
     }
@@ -387,7 +399,7 @@ mod tests {
             eps[0].outlier.ok_against_hint(),
             "three successes disagree with the hint"
         );
-        assert!(eps[0].outlier.lets_through(eps[0].now()));
+        assert!(eps[0].outlier.lets_through(|| eps[0].now()));
         assert!(d.hint(&eps, &eps[1].authority, ten).is_some());
         assert!(d.probed(&eps, &eps[1], false), "a failed probe agrees");
         assert_eq!(eps[1].ejected_for(), Some(Duration::from_secs(10)));
