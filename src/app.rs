@@ -818,6 +818,8 @@ fn restart_needed(running: Option<&MeshConfig>, new: Option<&MeshConfig>) -> Opt
                 != (b.heartbeat, b.election_timeout, b.snapshot_every)
             {
                 Some("mesh timing (heartbeat, election_timeout, snapshot_every)")
+            } else if a.failure_hints != b.failure_hints {
+                Some("mesh.failure_hints")
             } else {
                 None
             }
