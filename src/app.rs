@@ -1105,5 +1105,7 @@ fn listener_state(
         shed,
         tls,
         limits: l.limits,
+        request_id: l.request_id,
+        rng: b.rng.fork(),
     })
 }

@@ -143,6 +143,27 @@ impl ErrorKind {
         }
     }
 
+    /// The `grpc-message` of the reply to a gRPC call: what happened, in words (no byte that
+    /// gRPC's percent-encoding would have to escape).
+    pub const fn grpc_message(self) -> &'static str {
+        match self {
+            ErrorKind::NoRoute => "outrigger: no route matched the call",
+            ErrorKind::UpstreamConnect => "outrigger: connecting to the upstream failed",
+            ErrorKind::UpstreamReset => "outrigger: the upstream reset the call",
+            ErrorKind::Timeout => "outrigger: the upstream did not answer in time",
+            ErrorKind::Overloaded => "outrigger: overloaded",
+            ErrorKind::CircuitOpen => "outrigger: the circuit to the upstream is open",
+            ErrorKind::BulkheadFull => "outrigger: the bulkhead is full",
+            ErrorKind::RateLimited => "outrigger: rate limited",
+            ErrorKind::FaultInjected => "outrigger: fault injected",
+            ErrorKind::DeadlineExceeded => "outrigger: the caller's deadline passed",
+            ErrorKind::ClientAbort => "outrigger: the request body failed",
+            ErrorKind::BodyTooLarge => "outrigger: the request body is too large",
+            ErrorKind::Forbidden => "outrigger: the caller's identity is not allowed here",
+            ErrorKind::NotAccepted => "outrigger: the request form is not accepted",
+        }
+    }
+
     /// The status code of the local reply (an injected fault may choose another).
     pub const fn status(self) -> StatusCode {
         match self {
@@ -158,6 +179,26 @@ impl ErrorKind {
             ErrorKind::ClientAbort | ErrorKind::NotAccepted => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The gRPC status of the reply to a gRPC call, as gRPC clients expect it: a timeout is
+    /// `DEADLINE_EXCEEDED` (not the `UNAVAILABLE` an HTTP 504 becomes, which invites a retry),
+    /// the proxy's own refusals for capacity are `UNAVAILABLE` or `RESOURCE_EXHAUSTED`.
+    pub const fn grpc_code(self) -> u32 {
+        match self {
+            ErrorKind::Timeout | ErrorKind::DeadlineExceeded => GRPC_DEADLINE_EXCEEDED,
+            ErrorKind::RateLimited | ErrorKind::BodyTooLarge => GRPC_RESOURCE_EXHAUSTED,
+            ErrorKind::UpstreamConnect
+            | ErrorKind::UpstreamReset
+            | ErrorKind::Overloaded
+            | ErrorKind::CircuitOpen
+            | ErrorKind::BulkheadFull => GRPC_UNAVAILABLE,
+            ErrorKind::NoRoute => GRPC_UNIMPLEMENTED,
+            ErrorKind::Forbidden => GRPC_PERMISSION_DENIED,
+            ErrorKind::ClientAbort => GRPC_CANCELLED,
+            ErrorKind::NotAccepted => GRPC_INTERNAL,
+            ErrorKind::FaultInjected => grpc_code_of_status(StatusCode::SERVICE_UNAVAILABLE),
         }
     }
 
@@ -188,6 +229,28 @@ impl ProxyError {
         }
     }
 
+    /// The local reply to a gRPC call: trailers-only (HTTP 200 with `grpc-status` and
+    /// `grpc-message` in the headers and no body), which is what gRPC clients read a status
+    /// from. `x-outrigger-error` and the rate-limit headers are kept.
+    pub fn into_grpc_response<B: From<Bytes>>(self) -> Response<B> {
+        let kind = self.kind();
+        let code = match &self {
+            ProxyError::Fault(status) => grpc_code_of_status(*status),
+            _ => kind.grpc_code(),
+        };
+        let mut resp = self.into_response::<B>();
+        *resp.status_mut() = StatusCode::OK;
+        *resp.body_mut() = B::from(Bytes::new());
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(GRPC_STATUS, HeaderValue::from(code));
+        headers.insert(GRPC_MESSAGE, HeaderValue::from_static(kind.grpc_message()));
+        resp
+    }
+
     /// The well-formed local reply for this error.
     pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
         let mut resp = local_reply(self.kind());
@@ -204,6 +267,41 @@ impl ProxyError {
             _ => {}
         }
         resp
+    }
+}
+
+/// gRPC's `CANCELLED`.
+pub const GRPC_CANCELLED: u32 = 1;
+/// gRPC's `DEADLINE_EXCEEDED`.
+pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+/// gRPC's `PERMISSION_DENIED`.
+pub const GRPC_PERMISSION_DENIED: u32 = 7;
+/// gRPC's `RESOURCE_EXHAUSTED`.
+pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+/// gRPC's `UNIMPLEMENTED`.
+pub const GRPC_UNIMPLEMENTED: u32 = 12;
+/// gRPC's `INTERNAL`.
+pub const GRPC_INTERNAL: u32 = 13;
+/// gRPC's `UNAVAILABLE`.
+pub const GRPC_UNAVAILABLE: u32 = 14;
+/// gRPC's `UNKNOWN`.
+pub const GRPC_UNKNOWN: u32 = 2;
+/// gRPC's `UNAUTHENTICATED`.
+pub const GRPC_UNAUTHENTICATED: u32 = 16;
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
+/// The gRPC status for an HTTP status, as gRPC's own HTTP-to-gRPC mapping has it (used for an
+/// injected abort, whose status the operator chose).
+pub const fn grpc_code_of_status(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => GRPC_INTERNAL,
+        401 => GRPC_UNAUTHENTICATED,
+        403 => GRPC_PERMISSION_DENIED,
+        404 => GRPC_UNIMPLEMENTED,
+        429 | 502 | 503 | 504 => GRPC_UNAVAILABLE,
+        _ => GRPC_UNKNOWN,
     }
 }
 
@@ -252,6 +350,41 @@ mod tests {
     fn kinds_index_their_own_position() {
         for (i, k) in ErrorKind::ALL.iter().enumerate() {
             assert_eq!(k.index(), i);
+        }
+    }
+
+    #[test]
+    fn grpc_replies_are_trailers_only_with_the_mapped_code() {
+        let cases = [
+            (ProxyError::Timeout, 4),
+            (ProxyError::DeadlineExceeded, 4),
+            (
+                ProxyError::RateLimited {
+                    retry_after: std::time::Duration::from_millis(1500),
+                    limit: 5,
+                },
+                8,
+            ),
+            (ProxyError::CircuitOpen, 14),
+            (ProxyError::BulkheadFull, 14),
+            (ProxyError::Overloaded, 14),
+            (ProxyError::UpstreamConnect("refused".into()), 14),
+            (ProxyError::UpstreamReset("reset".into()), 14),
+            (ProxyError::NoRoute, 12),
+            (ProxyError::Forbidden, 7),
+            (ProxyError::Fault(StatusCode::NOT_FOUND), 12),
+            (ProxyError::Fault(StatusCode::INTERNAL_SERVER_ERROR), 2),
+        ];
+        for (e, code) in cases {
+            let reason = e.kind().reason();
+            let r: Response<Bytes> = e.into_grpc_response();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert!(r.body().is_empty(), "trailers-only: no body");
+            assert_eq!(r.headers()["content-type"], "application/grpc");
+            assert_eq!(r.headers()["grpc-status"], code.to_string().as_str());
+            assert_eq!(r.headers()[REASON_HEADER], reason);
+            let msg = r.headers()["grpc-message"].to_str().unwrap();
+            assert!(msg.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%'));
         }
     }
 

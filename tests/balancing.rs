@@ -6,7 +6,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +88,91 @@ clusters:
     // answered in 1 ms), then almost none.
     assert!(slow >= 1, "an unmeasured endpoint gets tried");
     assert!(share < 0.10, "{slow} of {total}");
+}
+
+/// Sends `n` requests from `workers` closed-loop workers and returns how many each origin got.
+async fn spread(url: &str, workers: usize, n: usize) -> HashMap<String, usize> {
+    let client = h1_client();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url) = (client.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut seen = HashMap::<String, usize>::new();
+            for _ in 0..n / workers {
+                let (s, h, _) = get(&client, &url).await.unwrap();
+                assert_eq!(s, 200);
+                *seen
+                    .entry(h["x-origin"].to_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+            seen
+        }));
+    }
+    let mut all = HashMap::new();
+    for t in tasks {
+        for (k, v) in t.await.unwrap() {
+            *all.entry(k).or_default() += v;
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_balancer_splits_by_weight_one_at_a_time_and_concurrently() {
+    // Equal endpoints that take 5 ms per request, as a service doing some work would: loopback
+    // scheduling noise is small against that.
+    let (heavy, light) = (Origin::start("heavy").await, Origin::start("light").await);
+    heavy.control.set_delay(5);
+    light.control.set_delay(5);
+    let balancers = [
+        ("peak_ewma", ""),
+        ("least_request", ""),
+        ("round_robin", ""),
+        ("random", ""),
+        ("ring_hash", "    hash_on: header:x-user\n"),
+        ("maglev", "    hash_on: header:x-user\n"),
+    ];
+    let mut routes = String::new();
+    let mut clusters = String::new();
+    for (b, extra) in balancers {
+        routes.push_str(&format!(
+            "      - name: {b}\n        match: {{ prefix: /{b} }}\n        cluster: {b}\n"
+        ));
+        clusters.push_str(&format!(
+            "  - name: {b}\n    load_balancer: {b}\n{extra}    endpoints:\n      - {{ address: \"{}\", weight: 3 }}\n      - {{ address: \"{}\", weight: 1 }}\n",
+            heavy.addr, light.addr
+        ));
+    }
+    let proxy = Proxy::start(&format!(
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n{routes}clusters:\n{clusters}"
+    ))
+    .await;
+    // The balancers run side by side; each sends its own 400 + 400 requests.
+    let mut runs = Vec::new();
+    for (b, _) in balancers {
+        // Without the hash header, the hashing balancers place each request at random.
+        let url = proxy.url("in", &format!("/{b}"));
+        runs.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for workers in [1, 8] {
+                let got = spread(&url, workers, 400).await;
+                let share = got.get("heavy").copied().unwrap_or(0) as f64 / 400.0;
+                println!(
+                    "{b:<14} {workers} at a time: {got:?} ({:.1}% heavy)",
+                    share * 100.0
+                );
+                if (share - 0.75).abs() > 0.10 {
+                    out.push(format!("{b}, {workers} at a time: {got:?}"));
+                }
+            }
+            out
+        }));
+    }
+    let mut failures = Vec::new();
+    for run in runs {
+        failures.extend(run.await.unwrap());
+    }
+    assert!(failures.is_empty(), "not 75% ± 10%: {failures:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,45 +348,6 @@ clusters:
     );
 }
 
-/// Python's `http.server` on a port: a real endpoint process to kill. Its listen backlog is
-/// raised from socketserver's 5, which can drop a connection even under this light load.
-fn python_origin(port: u16, dir: &std::path::Path) -> Child {
-    let script = "import http.server as h, sys\n\
-                  h.ThreadingHTTPServer.request_queue_size = 256\n\
-                  h.test(HandlerClass=h.SimpleHTTPRequestHandler, port=int(sys.argv[1]), bind='127.0.0.1')";
-    Command::new("python3")
-        .args(["-c", script, &port.to_string()])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 is installed by .ci/run")
-}
-
-/// Endpoint processes, killed when dropped (also when a test fails half-way).
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-async fn wait_listening(port: u16) {
-    assert!(
-        eventually(Duration::from_secs(10), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await,
-        "python origin on {port} did not start"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_endpoint_process_leaves_and_rejoins_with_no_failed_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -322,8 +367,8 @@ async fn a_killed_endpoint_process_leaves_and_rejoins_with_no_failed_request() {
     // How soon the checks notice (interval × thresholds) is the checker's timing, covered with
     // paused time in src/control/health.rs; here only the order of events is asserted. The
     // timeout is generous so that a slow answer on a loaded machine is not a failed check.
-    // Outlier detection is off: the tries that hit the dead process before the checks notice
-    // would otherwise eject it for 30 s, and the health checks alone are under test here.
+    // The first refused connection ejects the victim for five minutes, far past the test's
+    // deadlines: it can only rejoin because its passing checks lift the ejection.
     let proxy = Proxy::start(&format!(
         "listeners:
   - name: in
@@ -341,7 +386,10 @@ clusters:
       jitter: 0s
       unhealthy_threshold: 2
       healthy_threshold: 2
-    outlier_detection: {{ enabled: false }}
+    outlier_detection:
+      consecutive_connect_failures: 1
+      base_ejection_time: 300s
+      max_ejection_time: 300s
 ",
         ports[0], ports[1], ports[2]
     ))
@@ -400,6 +448,14 @@ clusters:
     children.0[1].kill().unwrap();
     children.0[1].wait().unwrap();
     assert!(health_is("unhealthy").await, "the checks notice the kill");
+    assert!(
+        eventually(WAIT, || {
+            let a = admin.clone();
+            async move { field(a, "ejections").await.as_u64().unwrap_or(0) >= 1 }
+        })
+        .await,
+        "the refused tries eject the victim"
+    );
 
     children.0[1] = python_origin(ports[1], dir.path());
     wait_listening(ports[1]).await;
@@ -412,8 +468,9 @@ clusters:
             async move { field(a, "requests").await.as_u64().unwrap_or(0) >= rejoined + 5 }
         })
         .await,
-        "the restarted endpoint gets traffic again"
+        "the restarted endpoint gets traffic again, within its ejection time"
     );
+    assert_eq!(field(admin.clone(), "ejected").await, false);
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();

@@ -103,6 +103,7 @@ async fn forwarding_headers_are_added_and_hop_by_hop_removed() {
     let req = Request::get(proxy.url("in", "/headers"))
         .header("host", "svc.example")
         .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
         .header("connection", "x-private")
         .header("x-private", "secret")
         .header("keep-alive", "timeout=5")
@@ -115,7 +116,9 @@ async fn forwarding_headers_are_added_and_hop_by_hop_removed() {
         seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"),
         "{seen}"
     );
+    // The client's claim of `https` over a plain connection is replaced, not passed on.
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert_eq!(seen.matches("x-forwarded-proto").count(), 1, "{seen}");
     assert!(seen.contains("host: svc.example\n"), "{seen}");
     assert!(seen.contains("x-app: kept\n"), "{seen}");
     assert!(!seen.contains("x-private"), "{seen}");
@@ -127,6 +130,43 @@ async fn forwarding_headers_are_added_and_hop_by_hop_removed() {
         .unwrap();
     let expected = format!("host: {}\n", proxy.addr("in"));
     assert!(seen.contains(&expected), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_upstream_does_not_end_the_clients_keep_alive() {
+    // Python's `http.server` answers `HTTP/1.0` and closes after each response.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "from python\n").unwrap();
+    let port = ReservedPort::on("127.0.0.1");
+    let _python = Children(vec![python_origin(port.port, dir.path())]);
+    wait_listening(port.port).await;
+    let yaml = format!(
+        "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: all\n        match: {{ prefix: / }}\n        cluster: py\nclusters:\n  - name: py\n    endpoints: [\"127.0.0.1:{}\"]\n",
+        port.port
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let url = proxy.url("in", "/index.html");
+    // One curl, two transfers: the second reuses the first's connection only if the answer
+    // was HTTP/1.1 and kept it alive.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "--http1.1", "-o", "/dev/null", "-o", "/dev/null"])
+            .args(["-w", "%{http_code} %{http_version} %{num_connects}\n"])
+            .args([&url, &url])
+            .output()
+            .expect("curl is installed")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200 1.1 1\n200 1.1 0\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

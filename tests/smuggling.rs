@@ -16,12 +16,14 @@ struct Case {
     name: String,
     expect: Vec<u16>,
     upstream: (usize, usize),
+    /// Shut the sending side once the bytes are written.
+    half_close: bool,
     bytes: Vec<u8>,
 }
 
 fn parse(path: &Path) -> Case {
     let text = std::fs::read_to_string(path).unwrap();
-    let (mut expect, mut upstream) = (None, None);
+    let (mut expect, mut upstream, mut half_close) = (None, None, false);
     let mut body = String::new();
     for line in text.lines() {
         if let Some(field) = line.strip_prefix("# ") {
@@ -32,6 +34,8 @@ fn parse(path: &Path) -> Case {
                     Some((lo, hi)) => (lo.parse().unwrap(), hi.parse().unwrap()),
                     None => (v.parse().unwrap(), v.parse().unwrap()),
                 });
+            } else if let Some(v) = field.strip_prefix("half_close: ") {
+                half_close = v.parse().unwrap();
             }
         } else {
             body.push_str(line);
@@ -41,6 +45,7 @@ fn parse(path: &Path) -> Case {
         name: path.file_name().unwrap().to_string_lossy().into_owned(),
         expect: expect.expect("an `# expect:` line"),
         upstream: upstream.expect("an `# upstream:` line"),
+        half_close,
         bytes: unescape(&body),
     }
 }
@@ -119,6 +124,9 @@ async fn every_malformed_request_gets_its_documented_answer() {
         let hits = origin.hits();
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream.write_all(&case.bytes).await.unwrap();
+        if case.half_close {
+            stream.shutdown().await.unwrap();
+        }
         let mut answer = Vec::new();
         let read =
             tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer)).await;

@@ -69,6 +69,9 @@ pub struct Verdict {
     pub authority: Authority,
     /// Its health now.
     pub health: Health,
+    /// The checks saw it fail, then pass `healthy_threshold` times in a row: it is back, and an
+    /// outlier ejection (which its failures may have caused) is lifted.
+    pub recovered: bool,
 }
 
 /// What a cluster's checker needs besides its settings.
@@ -278,10 +281,11 @@ async fn watch(authority: Authority, checker: Arc<Checker>, shared: Arc<Shared>)
     let cfg = &checker.cfg;
     let mut state = Detection::new(cfg.detector, cfg.timeout);
     let mut health = Health::Unchecked;
-    let publish = |health: Health| {
+    let publish = |health: Health, recovered: bool| {
         shared.verdicts.send(Verdict {
             authority: authority.clone(),
             health,
+            recovered,
         })
     };
     let mut roster = shared.owner.as_ref().map(Owner::roster);
@@ -306,13 +310,16 @@ async fn watch(authority: Authority, checker: Arc<Checker>, shared: Arc<Shared>)
         let passed = checker.check(&authority).await;
         shared.metrics.count(passed);
         let after = state.observe(passed, Instant::now(), health, cfg);
-        if after != health {
-            health = after;
-            tracing::info!(cluster = %shared.cluster, endpoint = %authority, health = health.name(), "health changed");
-            if let Some(owner) = &shared.owner {
-                owner.publish(&authority, health);
+        let recovered = passed && state.recovered(cfg);
+        if after != health || recovered {
+            if after != health {
+                tracing::info!(cluster = %shared.cluster, endpoint = %authority, health = after.name(), "health changed");
+                if let Some(owner) = &shared.owner {
+                    owner.publish(&authority, after);
+                }
             }
-            if publish(health).await.is_err() {
+            health = after;
+            if publish(health, recovered).await.is_err() {
                 return;
             }
         }
@@ -337,7 +344,7 @@ async fn watch(authority: Authority, checker: Arc<Checker>, shared: Arc<Shared>)
                 if let Some(owner) = &shared.owner {
                     owner.publish(&authority, health);
                 }
-                if publish(health).await.is_err() {
+                if publish(health, false).await.is_err() {
                     return;
                 }
             }
@@ -359,6 +366,8 @@ pub struct Detection {
     detector: Detector,
     passes: u32,
     failures: u32,
+    /// A check failed since the last recovery was reported.
+    failed: bool,
     phi: PhiAccrual,
 }
 
@@ -370,6 +379,7 @@ impl Detection {
             detector,
             passes: 0,
             failures: 0,
+            failed: false,
             phi: PhiAccrual::new(PHI_WINDOW, pause),
         }
     }
@@ -394,6 +404,7 @@ impl Detection {
         }
         self.failures += 1;
         self.passes = 0;
+        self.failed = true;
         let down = match self.detector {
             // Without two heartbeats there is no history to judge by: fall back to the count.
             Detector::Phi(t) if self.phi.has_history() => self.phi.phi(now) >= t,
@@ -404,6 +415,16 @@ impl Detection {
         } else {
             current
         }
+    }
+
+    /// Whether the checks just saw the endpoint come back: `healthy_threshold` passes in a row
+    /// after a failure. True once per recovery.
+    pub fn recovered(&mut self, cfg: &HealthCheckConfig) -> bool {
+        if self.failed && self.passes >= cfg.healthy_threshold {
+            self.failed = false;
+            return true;
+        }
+        false
     }
 
     /// Whether the phi detector suspects the endpoint at `now` (always false for thresholds).
@@ -501,6 +522,26 @@ mod tests {
             unhealthy_threshold: 3,
             detector: Detector::Threshold,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recovery_is_reported_once_after_a_failure() {
+        let c = cfg();
+        let mut d = Detection::new(Detector::Threshold, Duration::ZERO);
+        let now = Instant::now();
+        let mut h = Health::Unchecked;
+        let mut events = Vec::new();
+        // Passes from the start are no recovery; one failure (healthy still) and two passes
+        // are; further passes are not again.
+        for passed in [true, true, true, false, true, true, true, true] {
+            h = d.observe(passed, now, h, &c);
+            events.push(passed && d.recovered(&c));
+        }
+        assert_eq!(
+            events,
+            [false, false, false, false, false, true, false, false]
+        );
+        assert_eq!(h, Health::Healthy);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,6 +18,13 @@ const RING_POINTS_PER_WEIGHT: usize = 160;
 const MAGLEV_SIZE: usize = 65_537;
 /// Largest weighted round-robin schedule precomputed; larger weight sums use blocks.
 const MAX_SCHEDULE: u64 = 16_384;
+/// How much cheaper the second peak-EWMA candidate must be to win over the first. Latency
+/// estimates hold their peaks, so two equal endpoints' costs differ by their noise; the first
+/// candidate is drawn by weight, and keeping it unless the other is clearly better is what keeps
+/// the split proportional to weight between otherwise equal endpoints.
+const PEAK_EWMA_MARGIN: f64 = 2.0;
+/// The cost of an endpoint not measured yet, in nanoseconds: as fast as 1 ms.
+const UNMEASURED_NANOS: f64 = 1_000_000.0;
 
 /// A stable 64-bit hash (XXH3): the same key hashes alike in every sidecar and every version.
 pub fn hash(bytes: &[u8]) -> u64 {
@@ -72,9 +79,9 @@ pub enum Picker {
         /// Shared cursor.
         next: AtomicUsize,
     },
-    /// Power of two choices on load per weight.
+    /// Power of two choices on load per weight, candidates drawn by weight.
     LeastRequest(Cumulative),
-    /// Power of two choices on peak-EWMA cost.
+    /// Power of two choices on peak-EWMA cost, candidates drawn by weight.
     PeakEwma(Cumulative),
     /// Weighted random.
     Random(Cumulative),
@@ -215,12 +222,19 @@ impl Picker {
             .filter(|&i| i < n)
     }
 
+    /// Of two candidates, `a` drawn first by weight: `b` if it is less loaded (least-request) or
+    /// clearly cheaper (peak-EWMA), else `a`. Ties going to the weight-drawn `a` make the split
+    /// proportional to weight among equal endpoints, for one request at a time as for many.
     fn better(&self, endpoints: &[Arc<Endpoint>], a: usize, b: usize) -> usize {
-        let cost = |i: usize| match self {
-            Picker::PeakEwma(_) => endpoints[i].cost(1_000_000.0),
-            _ => endpoints[i].load(),
+        let b_wins = match self {
+            Picker::PeakEwma(_) => {
+                let now = tokio::time::Instant::now();
+                let cost = |i: usize| endpoints[i].cost(now, UNMEASURED_NANOS);
+                cost(b) * PEAK_EWMA_MARGIN < cost(a)
+            }
+            _ => endpoints[b].load() < endpoints[a].load(),
         };
-        if cost(b) < cost(a) {
+        if b_wins {
             b
         } else {
             a
@@ -521,11 +535,10 @@ mod tests {
             idle[3] > idle[0] && idle[3] > idle[1],
             "the unmeasured one wins its pairs: {idle:?}"
         );
-        // Load counts too: ten requests in flight on each fast endpoint (cost 10 ms × 11) and
-        // on the unmeasured one (1 ms × 11) make the idle slow one (100 ms × 1) cheaper than
-        // the fast ones.
+        // Load counts too: thirty requests in flight on each fast endpoint (cost 10 ms × 31)
+        // make the idle slow one (100 ms × 1) clearly cheaper than the fast ones.
         for e in [&eps[0], &eps[1], &eps[3]] {
-            e.in_flight.store(10, Ordering::Relaxed);
+            e.in_flight.store(30, Ordering::Relaxed);
         }
         let busy = picks(&p);
         assert!(
@@ -533,6 +546,98 @@ mod tests {
             "the idle slow endpoint now wins against the busy fast ones: {busy:?}"
         );
         assert!(busy[2] > 0 && busy[0] > 0 && busy[3] > 0, "{busy:?}");
+    }
+
+    fn weighted(weights: &[u32]) -> Vec<Arc<Endpoint>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                Arc::new(Endpoint::new(
+                    format!("10.0.0.{i}:80").parse().unwrap(),
+                    "static",
+                    *w,
+                    None,
+                    Arc::new(crate::rng::Rng::with_seed(1)),
+                ))
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_balancer_splits_equal_endpoints_by_weight() {
+        for weights in [&[3, 1][..], &[3, 1, 1, 1], &[1, 2, 5]] {
+            let total: u32 = weights.iter().sum();
+            for kind in [
+                Balancer::RoundRobin,
+                Balancer::LeastRequest,
+                Balancer::PeakEwma,
+                Balancer::Random,
+                Balancer::RingHash,
+                Balancer::Maglev,
+            ] {
+                let eps = weighted(weights);
+                // Equal latency, with noise under the margin.
+                for (i, e) in eps.iter().enumerate() {
+                    e.observe_latency(Duration::from_micros(500 + 100 * i as u64));
+                }
+                let p = Picker::build(kind, &eps);
+                let n = 8_000;
+                let mut counts = vec![0usize; eps.len()];
+                for seed in 0..n as u64 {
+                    let r = PickRequest {
+                        key: None,
+                        tried: 0,
+                        seed: hash(&seed.to_le_bytes()),
+                    };
+                    counts[p.pick(&eps, r, |_| true).unwrap()] += 1;
+                }
+                for (i, w) in weights.iter().enumerate() {
+                    let want = f64::from(*w) / f64::from(total);
+                    let got = counts[i] as f64 / n as f64;
+                    assert!(
+                        (got - want).abs() < 0.04,
+                        "{kind:?} {weights:?}: {counts:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_steers_a_heavy_endpoint_s_share_away_when_it_is_slow() {
+        let eps = weighted(&[3, 1]);
+        eps[0].observe_latency(Duration::from_millis(50));
+        eps[1].observe_latency(Duration::from_millis(5));
+        let p = Picker::build(Balancer::PeakEwma, &eps);
+        let heavy = (0..1000u64)
+            .filter(|s| {
+                let r = PickRequest {
+                    key: None,
+                    tried: 0,
+                    seed: hash(&s.to_le_bytes()),
+                };
+                p.pick(&eps, r, |_| true) == Some(0)
+            })
+            .count();
+        // Ten times slower loses every pair it is in; only when all sixteen draws land on it
+        // (0.75^16, about 1%) is there no pair to lose.
+        assert!(heavy <= 20, "{heavy} of 1000");
+        // Without new samples its estimate decays while the other's is refreshed by its
+        // answers, and it is tried again.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        eps[1].observe_latency(Duration::from_millis(5));
+        let r = PickRequest {
+            key: None,
+            tried: 0,
+            seed: 7,
+        };
+        assert!((0..200u64)
+            .map(|s| PickRequest {
+                seed: hash(&s.to_le_bytes()),
+                ..r
+            })
+            .any(|r| p.pick(&eps, r, |_| true) == Some(0)));
     }
 
     #[test]

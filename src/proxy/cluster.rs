@@ -245,14 +245,22 @@ impl Cluster {
     }
 
     /// Sets the health of the endpoint at `authority`, if the cluster has it; returns whether
-    /// it changed.
-    pub fn set_health(&self, authority: &Authority, health: Health) -> bool {
+    /// it changed. An endpoint the checks saw come back (`recovered`, or unhealthy → healthy)
+    /// leaves any outlier ejection and failure hint at once, as in Envoy: a restarted endpoint
+    /// gets traffic again within `interval × healthy_threshold`, not after its ejection time.
+    pub fn set_health(&self, authority: &Authority, health: Health, recovered: bool) -> bool {
         let set = self.set.load();
         let Some(e) = set.endpoints.iter().find(|e| e.authority == *authority) else {
             return false;
         };
-        let changed = e.set_health(health) != health;
-        if changed {
+        let before = e.set_health(health);
+        let changed = before != health;
+        let back = recovered || (before == Health::Unhealthy && health == Health::Healthy);
+        if back && e.outlier.lift(e.now()) {
+            tracing::info!(cluster = %self.name(), endpoint = %authority,
+                "active checks pass again: ejection lifted");
+        }
+        if changed || back {
             self.refresh_availability(&set);
         }
         changed
@@ -610,7 +618,7 @@ async fn follow(
                 };
                 let Some(c) = cluster.upgrade() else { return };
                 health.insert(v.authority.clone(), v.health);
-                c.set_health(&v.authority, v.health);
+                c.set_health(&v.authority, v.health, v.recovered);
             }
         }
     }

@@ -163,6 +163,9 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
             endpoint.observe_latency(started.elapsed());
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            // Each side gets the proxy's own protocol version: an HTTP/1.0 upstream's version
+            // would otherwise end the client's keep-alive.
+            parts.version = Version::default();
             let resp = Response::from_parts(parts, ProxyBody::Upstream(body));
             let grpc_hold = ctx.grpc_retry_codes != 0
                 && classify::is_grpc(resp.headers())

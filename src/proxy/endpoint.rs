@@ -123,12 +123,22 @@ impl Endpoint {
         (v > 0.0).then(|| Duration::from_nanos(v as u64))
     }
 
-    /// The peak-EWMA balancer's cost: latency × (in-flight + 1) ÷ weight. An endpoint never
-    /// measured costs as if it were as fast as `unmeasured` so that it gets a first try.
-    pub fn cost(&self, unmeasured: f64) -> f64 {
+    /// The peak-EWMA balancer's cost at `now`: latency × (1 + in-flight ÷ weight). The latency
+    /// estimate decays toward zero while no sample arrives, so an endpoint that stopped being
+    /// picked after a slow answer gets tried again rather than starved. In-flight counts per
+    /// unit of weight: at a split proportional to weight every endpoint costs the same, so the
+    /// balancer keeps that split. An endpoint never measured costs as if it were as fast as
+    /// `unmeasured` (nanoseconds) so that it gets a first try.
+    pub fn cost(&self, now: Instant, unmeasured: f64) -> f64 {
         let ewma = f64::from_bits(self.ewma.load(Ordering::Relaxed));
-        let rtt = if ewma > 0.0 { ewma } else { unmeasured };
-        rtt * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0) / f64::from(self.weight)
+        let rtt = if ewma > 0.0 {
+            let at = self.epoch + Duration::from_nanos(self.ewma_at.load(Ordering::Relaxed));
+            let idle = now.saturating_duration_since(at).as_nanos() as f64;
+            ewma * (-idle / EWMA_DECAY.as_nanos() as f64).exp()
+        } else {
+            unmeasured
+        };
+        rtt * (1.0 + self.in_flight.load(Ordering::Relaxed) as f64 / f64::from(self.weight))
     }
 
     /// The load balancer's view of the endpoint's load: in-flight per weight.

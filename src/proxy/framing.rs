@@ -7,7 +7,8 @@
 //! itself (head, then a `Content-Length` or chunked body) and stops at the first byte that makes a
 //! message ambiguous or malformed: a bare CR or LF, obs-fold, a control byte in a header, a space
 //! before a colon, `Content-Length` twice or together with `Transfer-Encoding`, a transfer coding
-//! other than `chunked`, a bad chunk size, HTTP/0.9, or a version other than 1.0 and 1.1.
+//! other than `chunked`, `Host` twice or missing from an HTTP/1.1 request, a bad chunk size,
+//! HTTP/0.9, or a version other than 1.0 and 1.1.
 //!
 //! [`Guarded`] wraps the connection: it hands hyper every byte up to the offending one and then a
 //! NUL, which no HTTP/1 parser accepts at any position, so hyper itself answers `400` once the
@@ -90,7 +91,8 @@ pub enum Violation {
     TransferEncoding,
     /// A chunk size that is not hex, too long, or not followed by CRLF.
     ChunkSize,
-    /// `Host` more than once: which one names the server is ambiguous (RFC 9112 §3.2).
+    /// `Host` more than once, so which one names the server is ambiguous, or missing from an
+    /// HTTP/1.1 request (RFC 9112 §3.2 requires a 400 for both).
     Host,
 }
 
@@ -584,6 +586,9 @@ impl Framing {
         if self.chunked && (self.content_length.is_some() || self.http10) {
             return Err(Violation::TransferEncoding);
         }
+        if self.hosts == 0 && !self.http10 {
+            return Err(Violation::Host);
+        }
         self.head_pos = None;
         Ok(if self.chunked {
             self.chunk = 0;
@@ -897,7 +902,7 @@ mod tests {
     fn well_formed_messages_pass_however_they_are_split() {
         let stream = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\
 POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
-POST /y HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nx-t: 1\r\n\r\n\
+POST /y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nx-t: 1\r\n\r\n\
 GET /z HTTP/1.0\r\n\r\n";
         for split in 0..stream.len() {
             let mut f = Framing::new();
@@ -943,10 +948,11 @@ GET /z HTTP/1.0\r\n\r\n";
                 49,
             ),
             (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                 Violation::ChunkSize,
-                47,
+                56,
             ),
+            (b"GET / HTTP/1.1\r\nX: a\r\n\r\n", Violation::Host, 23),
             (
                 b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n",
                 Violation::InvalidByte,
@@ -970,7 +976,7 @@ GET /z HTTP/1.0\r\n\r\n";
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04";
         assert_eq!(f.feed(preface), (preface.len(), None));
         assert_eq!(
-            check(b"GET / HTTP/1.1\r\n\r\nPRI * HTTP/2.0\r\n"),
+            check(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPRI * HTTP/2.0\r\n"),
             Some(Violation::Version)
         );
     }

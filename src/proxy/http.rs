@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -25,12 +25,15 @@ use tokio_util::sync::CancellationToken;
 
 use tower::Service;
 
+use crate::control::config::model::RequestIdMode;
 use crate::control::config::Limits;
 use crate::error::{ProxyError, REASON_HEADER};
 use crate::proxy::body::{ProxyBody, ReqBody};
 use crate::proxy::listener::{ListenerKind, ListenerState};
+use crate::proxy::resilience::classify::is_grpc;
 use crate::proxy::resilience::{Call, CallCtx};
 use crate::proxy::router::Route;
+use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
 use crate::telemetry::metrics::RouteMetrics;
 use crate::tls::allowed;
@@ -51,6 +54,9 @@ pub fn server(limits: &Limits) -> Server {
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
+        // A client may shut its sending side once its request is out (`nc -N`, some
+        // load balancers' health checks): it still gets its answer, then the connection closes.
+        .half_close(true)
         .header_read_timeout(None)
         .max_headers(limits.max_headers as usize)
         .max_buf_size(limits.max_header_bytes as usize);
@@ -81,6 +87,9 @@ struct Conn {
     xfcc: Option<HeaderValue>,
     /// The client's IP for `x-forwarded-for`, built once per connection.
     ip: HeaderValue,
+    /// Request ids: a generator of the connection's own, so no request waits on another
+    /// connection's draw.
+    ids: Rng,
     drain: CancellationToken,
     /// Requests being handled now (until their response headers).
     active: AtomicUsize,
@@ -149,7 +158,10 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let idle_timeout = state.load().idle_timeout;
+    let (idle_timeout, ids) = {
+        let s = state.load();
+        (s.idle_timeout, s.rng.fork())
+    };
     let xfcc = who.identity.as_deref().and_then(client_cert_header);
     let conn = Arc::new(Conn {
         state,
@@ -157,6 +169,7 @@ pub async fn serve<IO>(
         who,
         xfcc,
         ip: ip_value(peer),
+        ids,
         drain: drain.clone(),
         active: AtomicUsize::new(0),
         last_request: AtomicU64::new(0),
@@ -198,7 +211,8 @@ pub async fn serve<IO>(
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let state = conn.state.load_full();
-    let h1 = req.version() <= Version::HTTP_11;
+    let form = Form::of(&req);
+    let h1 = form.h1;
     let identity = conn.who.identity.as_deref().unwrap_or(&[]);
     let unmatched = Counted {
         metrics: &state.unmatched,
@@ -208,56 +222,28 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut resp = match &state.kind {
         // Not an open proxy: a target naming another server, or a tunnel, is never followed.
         ListenerKind::Http(_) if req.method() == Method::CONNECT => {
-            let resp = local(&state, ProxyError::NotAccepted("CONNECT"), h1);
-            finish(
-                &state,
-                conn,
-                &unmatched,
-                req.method(),
-                req.uri(),
-                resp,
-                start,
-            )
+            let answer = local(&state, ProxyError::NotAccepted("CONNECT"), form);
+            finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
         }
         ListenerKind::Http(_) if h1 && req.uri().scheme().is_some() => {
-            let resp = local(&state, ProxyError::NotAccepted("absolute-form target"), h1);
-            finish(
+            let answer = local(
                 &state,
-                conn,
-                &unmatched,
-                req.method(),
-                req.uri(),
-                resp,
-                start,
-            )
+                ProxyError::NotAccepted("absolute-form target"),
+                form,
+            );
+            finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
         }
         ListenerKind::Http(table) => match table.find(&req, identity) {
-            Some(route) => forward(&state, route, conn, req, start).await,
+            Some(route) => forward(&state, route, conn, req, form, start).await,
             None => {
-                let resp = local(&state, ProxyError::NoRoute, h1);
-                finish(
-                    &state,
-                    conn,
-                    &unmatched,
-                    req.method(),
-                    req.uri(),
-                    resp,
-                    start,
-                )
+                let answer = local(&state, ProxyError::NoRoute, form);
+                finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
             }
         },
         // The listener became a TCP listener by reload while this connection was open.
         ListenerKind::Tcp(_) => {
-            let resp = local(&state, ProxyError::NoRoute, h1);
-            finish(
-                &state,
-                conn,
-                &unmatched,
-                req.method(),
-                req.uri(),
-                resp,
-                start,
-            )
+            let answer = local(&state, ProxyError::NoRoute, form);
+            finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
         }
     };
     if h1 && conn.drain.is_cancelled() {
@@ -275,19 +261,84 @@ struct Counted<'a> {
     cluster: &'a str,
 }
 
+/// What a local reply must look like for the request it answers.
+#[derive(Clone, Copy)]
+struct Form {
+    /// HTTP/1.x: a refusal of the request's form closes the connection.
+    h1: bool,
+    /// A gRPC call (`application/grpc*`): the reply is trailers-only with a `grpc-status`.
+    grpc: bool,
+}
+
+impl Form {
+    fn of<B>(req: &Request<B>) -> Self {
+        Self {
+            h1: req.version() <= Version::HTTP_11,
+            grpc: is_grpc(req.headers()),
+        }
+    }
+}
+
+/// An answer, and the status it is counted and logged with: its own, or for a local reply to a
+/// gRPC call (always 200 on the wire) the status the same reply has over plain HTTP, so that a
+/// timeout answered to a gRPC caller still counts as a 5xx.
+struct Answer {
+    resp: Response<ProxyBody>,
+    status: StatusCode,
+}
+
 /// The one way the proxy answers by itself: the error's well-formed reply, counted in
 /// `outrigger_local_replies_total`. A refusal of the request's form also closes an HTTP/1
 /// connection: what follows such a request cannot be trusted to be framed the way the client
 /// meant (HTTP/2 frames each stream itself).
-fn local(state: &ListenerState, e: ProxyError, h1: bool) -> Response<ProxyBody> {
-    state.metrics.local_replies.count(e.kind());
-    let close = h1 && matches!(e, ProxyError::NotAccepted(_) | ProxyError::BodyTooLarge(_));
-    let mut resp = e.into_response();
+fn local(state: &ListenerState, e: ProxyError, form: Form) -> Answer {
+    let kind = e.kind();
+    state.metrics.local_replies.count(kind);
+    let close = form.h1 && matches!(e, ProxyError::NotAccepted(_) | ProxyError::BodyTooLarge(_));
+    let mut resp = if form.grpc {
+        e.into_grpc_response()
+    } else {
+        e.into_response()
+    };
     if close {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    resp
+    let status = if form.grpc {
+        kind.status()
+    } else {
+        resp.status()
+    };
+    Answer { resp, status }
+}
+
+/// What the access log says of a request: taken before the request is consumed, and only when
+/// the log is on (the header values are reference-counted, not copied).
+struct Logged {
+    method: Method,
+    uri: http::Uri,
+    request_id: Option<HeaderValue>,
+    traceparent: Option<HeaderValue>,
+}
+
+impl Logged {
+    fn of<B>(req: &Request<B>) -> Self {
+        Self::from_head(req.method(), req.uri(), req.headers())
+    }
+
+    fn from_head(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Self {
+        Self {
+            method: method.clone(),
+            uri: uri.clone(),
+            request_id: headers.get(X_REQUEST_ID).cloned(),
+            traceparent: headers.get(TRACEPARENT).cloned(),
+        }
+    }
+}
+
+/// A header value for the log, `-` when absent or not text.
+fn shown(v: &Option<HeaderValue>) -> &str {
+    v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-")
 }
 
 /// Counts and logs one answer, relayed or local: every answer a listener gives passes here once.
@@ -295,14 +346,15 @@ fn finish(
     state: &ListenerState,
     conn: &Conn,
     at: &Counted<'_>,
-    method: &Method,
-    uri: &http::Uri,
-    resp: Response<ProxyBody>,
+    req: impl FnOnce() -> Logged,
+    answer: Answer,
     start: Instant,
 ) -> Response<ProxyBody> {
+    let Answer { resp, status } = answer;
     let elapsed = start.elapsed();
-    at.metrics.observe(resp.status(), elapsed);
+    at.metrics.observe(status, elapsed);
     if state.access_log {
+        let req = req();
         let identity = conn
             .who
             .identity
@@ -310,8 +362,9 @@ fn finish(
             .and_then(|ids| ids.first())
             .map_or("-", String::as_str);
         tracing::info!(target: "access", listener = %state.name, route = at.route,
-            cluster = at.cluster, %method, %uri, peer_identity = identity,
-            status = resp.status().as_u16(),
+            cluster = at.cluster, method = %req.method, uri = %req.uri, peer_identity = identity,
+            request_id = shown(&req.request_id), traceparent = shown(&req.traceparent),
+            status = status.as_u16(),
             reason = resp.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
             duration_ms = elapsed.as_secs_f64() * 1000.0);
     }
@@ -339,10 +392,10 @@ async fn forward(
     route: &Route,
     conn: &Conn,
     req: Request<Incoming>,
+    form: Form,
     start: Instant,
 ) -> Response<ProxyBody> {
     let peer = conn.peer;
-    let h1 = req.version() <= Version::HTTP_11;
     // Built only for an answer given before a cluster is chosen: its series appear then.
     let unrouted = || Counted {
         metrics: route.unrouted(),
@@ -352,50 +405,27 @@ async fn forward(
     if let Some(patterns) = &route.allowed_identities {
         let ids = conn.who.identity.as_deref().unwrap_or(&[]);
         if !allowed(patterns, ids) {
-            let resp = local(state, ProxyError::Forbidden, h1);
-            return finish(
-                state,
-                conn,
-                &unrouted(),
-                req.method(),
-                req.uri(),
-                resp,
-                start,
-            );
+            let answer = local(state, ProxyError::Forbidden, form);
+            return finish(state, conn, &unrouted(), || Logged::of(&req), answer, start);
         }
     }
     if let Some(limit) = route.max_request_body {
         if req.body().size_hint().lower() > limit {
-            let resp = local(state, ProxyError::BodyTooLarge(limit), h1);
-            return finish(
-                state,
-                conn,
-                &unrouted(),
-                req.method(),
-                req.uri(),
-                resp,
-                start,
-            );
+            let answer = local(state, ProxyError::BodyTooLarge(limit), form);
+            return finish(state, conn, &unrouted(), || Logged::of(&req), answer, start);
         }
     }
     let Some(target) = route.pick_for(req.headers(), req.uri().path(), peer) else {
-        let resp = local(state, ProxyError::NoRoute, h1);
-        return finish(
-            state,
-            conn,
-            &unrouted(),
-            req.method(),
-            req.uri(),
-            resp,
-            start,
-        );
+        let answer = local(state, ProxyError::NoRoute, form);
+        return finish(state, conn, &unrouted(), || Logged::of(&req), answer, start);
     };
-    // The request is consumed by the stack; its method and target are kept only for the log.
-    let logged = state
-        .access_log
-        .then(|| (req.method().clone(), req.uri().clone()));
     let (mut head, body) = req.into_parts();
     prepare(&mut head, &conn.ip, conn.who.tls);
+    request_id(&mut head.headers, state.request_id, &conn.ids);
+    // The request is consumed by the stack; what the log needs of it is kept first.
+    let logged = state
+        .access_log
+        .then(|| Logged::from_head(&head.method, &head.uri, &head.headers));
     // A client could claim any identity in this header; only ours is passed on.
     head.headers.remove(X_FORWARDED_CLIENT_CERT);
     if let Some(v) = &conn.xfcc {
@@ -409,12 +439,15 @@ async fn forward(
         body: ReqBody::new(body, route.max_retry_body, route.max_request_body),
         ctx,
     };
-    let resp = match target.stack.clone().call(call).await {
-        Ok(resp) => resp,
+    let answer = match target.stack.clone().call(call).await {
+        Ok(resp) => Answer {
+            status: resp.status(),
+            resp,
+        },
         Err(e) => {
             tracing::debug!(listener = %state.name, route = %route.name, cluster = %target.cluster.name(),
                 error = %e, "local reply");
-            local(state, e, h1)
+            local(state, e, form)
         }
     };
     let at = Counted {
@@ -423,11 +456,11 @@ async fn forward(
         cluster: target.cluster.name(),
     };
     match logged {
-        Some((method, uri)) => finish(state, conn, &at, &method, &uri, resp, start),
+        Some(logged) => finish(state, conn, &at, || logged, answer, start),
         // Without an access log only the metrics are wanted; no method or URI is cloned.
         None => {
-            at.metrics.observe(resp.status(), start.elapsed());
-            resp
+            at.metrics.observe(answer.status, start.elapsed());
+            answer.resp
         }
     }
 }
@@ -444,19 +477,56 @@ fn prepare(parts: &mut http::request::Parts, ip: &HeaderValue, tls: bool) {
         }
     }
     append_forwarded_for(&mut parts.headers, ip);
-    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
-        parts.headers.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
-        );
-    }
+    // What the client claims is not evidence: an upstream trusting `https` from a plain
+    // connection would treat it as secure. Only the listener knows.
+    parts.headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
 }
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Gives a request its `x-request-id`: the caller's is kept (unless the listener replaces
+/// them), otherwise a new random UUID (version 4). `traceparent` and `tracestate` pass through
+/// untouched: the proxy is not a span of its own.
+fn request_id(headers: &mut HeaderMap, mode: RequestIdMode, rng: &Rng) {
+    if mode == RequestIdMode::Keep
+        && headers
+            .get(X_REQUEST_ID)
+            .is_some_and(|v| !v.is_empty() && v.len() <= 128)
+    {
+        return;
+    }
+    headers.insert(X_REQUEST_ID, new_request_id(rng));
+}
+
+/// A random UUID (version 4) as a header value. The root generator is seeded from the OS in
+/// production, so ids differ across processes and runs.
+fn new_request_id(rng: &Rng) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = u128::from(rng.u64()) << 64 | u128::from(rng.u64());
+    // Version 4 and the RFC 9562 variant.
+    bits = (bits & !(0xf << 76)) | (0x4 << 76);
+    bits = (bits & !(0x3 << 62)) | (0x2 << 62);
+    let mut out = [0u8; 36];
+    let mut nibble = 32;
+    for (i, b) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            *b = b'-';
+            continue;
+        }
+        nibble -= 1;
+        *b = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
 
 /// The client's IP as a header value, made once per connection.
 fn ip_value(peer: SocketAddr) -> HeaderValue {
@@ -548,6 +618,26 @@ mod tests {
         h.insert("te", HeaderValue::from_static("gzip, trailers"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made_as_uuids() {
+        let mut h = HeaderMap::new();
+        let rng = Rng::with_seed(7);
+        request_id(&mut h, RequestIdMode::Keep, &rng);
+        let made = h[X_REQUEST_ID].to_str().unwrap().to_owned();
+        assert_eq!(made.len(), 36);
+        assert_eq!(made.as_bytes()[14], b'4', "version 4: {made}");
+        assert!(b"89ab".contains(&made.as_bytes()[19]), "variant: {made}");
+        assert_eq!(made.matches('-').count(), 4);
+        request_id(&mut h, RequestIdMode::Keep, &rng);
+        assert_eq!(h[X_REQUEST_ID], made.as_str(), "the caller's is kept");
+        request_id(&mut h, RequestIdMode::Replace, &rng);
+        assert_ne!(
+            h[X_REQUEST_ID],
+            made.as_str(),
+            "an edge listener replaces it"
+        );
     }
 
     #[test]

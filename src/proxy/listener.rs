@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::control::config::model::RequestIdMode;
 use crate::control::config::resilience::LoadShedConfig;
 use crate::control::config::Limits;
 use crate::proxy::cluster::Cluster;
@@ -25,6 +26,7 @@ use crate::proxy::http::{self, Peer};
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::RouteTable;
 use crate::proxy::tcp;
+use crate::rng::Rng;
 use crate::telemetry::metrics::{Handshake, ListenerMetrics, RouteMetrics};
 use crate::tls::{self, ServerTls, ServerTlsConfig};
 
@@ -54,6 +56,10 @@ pub struct ListenerState {
     pub tls: Option<(ServerTlsConfig, Arc<ServerTls>)>,
     /// Connection, header and HTTP/2 limits.
     pub limits: Limits,
+    /// Whether a caller's `x-request-id` is kept or replaced.
+    pub request_id: RequestIdMode,
+    /// Where each connection's generator of request ids is seeded from.
+    pub rng: Rng,
 }
 
 /// The compiled behaviour of a listener.

@@ -134,6 +134,16 @@ impl Outlier {
         false
     }
 
+    /// Ends an ejection and a failure hint early (the endpoint's active checks pass again);
+    /// true if either held at endpoint-clock `now`. The ejection count stays, so a relapse
+    /// is ejected for longer.
+    pub fn lift(&self, now: u64) -> bool {
+        let ejected = self.ejected_until.swap(0, Ordering::Relaxed) > now;
+        let hinted = self.hinted(now);
+        self.lift_hint();
+        ejected || hinted
+    }
+
     /// Time left in the current ejection at endpoint-clock `now`.
     pub fn ejected_for(&self, now: u64) -> Option<Duration> {
         let until = self.ejected_until.load(Ordering::Relaxed);

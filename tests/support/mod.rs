@@ -640,3 +640,42 @@ clusters:
 "
     )
 }
+
+/// Python's `http.server` on a port: a real endpoint process to kill. Its listen backlog is
+/// raised from socketserver's 5, which can drop a connection even under this light load.
+pub fn python_origin(port: u16, dir: &std::path::Path) -> Child {
+    let script = "import http.server as h, sys\n\
+                  h.ThreadingHTTPServer.request_queue_size = 256\n\
+                  h.test(HandlerClass=h.SimpleHTTPRequestHandler, port=int(sys.argv[1]), bind='127.0.0.1')";
+    Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 is installed by .ci/run")
+}
+
+/// Endpoint processes, killed when dropped (also when a test fails half-way).
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn wait_listening(port: u16) {
+    assert!(
+        eventually(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await,
+        "python origin on {port} did not start"
+    );
+}

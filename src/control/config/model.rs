@@ -102,6 +102,21 @@ pub struct RawListener {
     /// protection); past it the connection gets GOAWAY.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http2_max_pending_resets: Option<u32>,
+    /// Whether a caller's `x-request-id` is kept (`keep`) or replaced (`replace`, for edge
+    /// listeners whose callers are not trusted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestIdMode>,
+}
+
+/// What an HTTP listener does with the `x-request-id` a request arrives with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestIdMode {
+    /// Keep the caller's id; generate one only when there is none.
+    #[default]
+    Keep,
+    /// Always generate a new id (an edge listener: callers could reuse or forge ids).
+    Replace,
 }
 
 /// One HTTP route: a match and where matching requests go.

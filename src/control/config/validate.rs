@@ -14,7 +14,7 @@ use regex::Regex;
 use super::mesh::MeshConfig;
 use super::model::{
     ListenerProtocol, RawCluster, RawConfig, RawHeaderMatch, RawListener, RawMatch, RawPartition,
-    RawRoute, UpstreamProtocol,
+    RawRoute, RequestIdMode, UpstreamProtocol,
 };
 use super::resilience::{
     BreakerConfig, BudgetConfig, BulkheadConfig, FaultConfig, LoadShedConfig, RateLimitConfig,
@@ -98,6 +98,8 @@ pub struct ListenerConfig {
     pub tls: Option<ServerTlsConfig>,
     /// Connection, header and HTTP/2 limits.
     pub limits: Limits,
+    /// Whether a caller's `x-request-id` is kept or replaced.
+    pub request_id: RequestIdMode,
 }
 
 /// A listener's limits on what clients may open and send.
@@ -407,6 +409,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             for (field, set) in [
                 ("header_read_timeout", l.header_read_timeout.is_some()),
                 ("load_shed", l.load_shed.is_some()),
+                ("request_id", l.request_id.is_some()),
             ] {
                 if set {
                     v.problem_with_hint(
@@ -445,6 +448,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                 load_shed,
                 tls,
                 limits,
+                request_id: l.request_id.unwrap_or_default(),
             });
         }
     }

@@ -307,9 +307,11 @@ impl Coordination {
                 Health::Unhealthy
             };
             for (_, sink) in &j.sinks {
+                // A prober's recovery shows here as unhealthy → healthy, which lifts ejections.
                 let _ = sink.try_send(Verdict {
                     authority: authority.clone(),
                     health,
+                    recovered: false,
                 });
             }
         }

@@ -96,14 +96,9 @@ pub fn idempotent(method: &Method) -> bool {
     )
 }
 
-/// Why `result` should be tried again under `on`, if it should. `resendable` says whether a
-/// request that reached the upstream may be sent again (idempotent or allowed by config); a
-/// request that never left is always safe.
-pub fn retry_reason(
-    on: &RetryOn,
-    result: &Result<Response, ProxyError>,
-    resendable: bool,
-) -> Option<RetryReason> {
+/// Why `result` should be tried again under `on`, if it should. Whether the request may be sent
+/// again is the caller's question: see [`RetryReason::needs_resend`].
+pub fn retry_reason(on: &RetryOn, result: &Result<Response, ProxyError>) -> Option<RetryReason> {
     match result {
         Err(ProxyError::UpstreamConnect(_)) => {
             on.connect_failure.then_some(RetryReason::ConnectFailure)
@@ -111,10 +106,10 @@ pub fn retry_reason(
         Err(ProxyError::RefusedStream(_)) => {
             on.refused_stream.then_some(RetryReason::RefusedStream)
         }
-        Err(ProxyError::UpstreamReset(_)) => (on.reset && resendable).then_some(RetryReason::Reset),
-        Err(ProxyError::Timeout) => (on.timeout && resendable).then_some(RetryReason::Timeout),
+        Err(ProxyError::UpstreamReset(_)) => on.reset.then_some(RetryReason::Reset),
+        Err(ProxyError::Timeout) => on.timeout.then_some(RetryReason::Timeout),
         Err(_) => None,
-        Ok(resp) if resendable => {
+        Ok(resp) => {
             let s = resp.status();
             let by_status = (on.status_5xx && s.is_server_error())
                 || (on.gateway_error
@@ -134,7 +129,20 @@ pub fn retry_reason(
                 _ => None,
             }
         }
-        Ok(_) => None,
+    }
+}
+
+impl RetryReason {
+    /// Whether repeating the try sends the request a second time to an upstream that may have
+    /// acted on it, which only idempotent methods (or `non_idempotent: true`) allow. A connect
+    /// failure or a refused stream sent nothing; a gRPC code the operator listed is the
+    /// service's own statement that the call may be repeated, as in gRPC's retry design (every
+    /// gRPC call is a POST).
+    pub fn needs_resend(self) -> bool {
+        matches!(
+            self,
+            RetryReason::Reset | RetryReason::Timeout | RetryReason::Status
+        )
     }
 }
 
@@ -182,23 +190,21 @@ mod tests {
     }
 
     #[test]
-    fn default_policy_retries_gateway_errors_of_idempotent_requests_only() {
+    fn default_policy_retries_gateway_errors_and_says_which_need_a_resend() {
         let on = RetryConfig::default().on;
-        assert_eq!(
-            retry_reason(&on, &resp(503, None), true),
-            Some(RetryReason::Status)
-        );
-        assert_eq!(retry_reason(&on, &resp(503, None), false), None);
-        assert_eq!(retry_reason(&on, &resp(500, None), true), None);
-        assert_eq!(retry_reason(&on, &resp(200, None), true), None);
+        let status = retry_reason(&on, &resp(503, None));
+        assert_eq!(status, Some(RetryReason::Status));
+        assert!(status.is_some_and(RetryReason::needs_resend));
+        assert_eq!(retry_reason(&on, &resp(500, None)), None);
+        assert_eq!(retry_reason(&on, &resp(200, None)), None);
         let refused: Result<Response, ProxyError> = Err(ProxyError::UpstreamConnect("x".into()));
-        assert_eq!(
-            retry_reason(&on, &refused, false),
-            Some(RetryReason::ConnectFailure)
-        );
+        let connect = retry_reason(&on, &refused);
+        assert_eq!(connect, Some(RetryReason::ConnectFailure));
+        assert!(!connect.is_some_and(RetryReason::needs_resend));
         let reset: Result<Response, ProxyError> = Err(ProxyError::UpstreamReset("x".into()));
-        assert_eq!(retry_reason(&on, &reset, false), None);
-        assert_eq!(retry_reason(&on, &reset, true), Some(RetryReason::Reset));
+        let reset = retry_reason(&on, &reset);
+        assert_eq!(reset, Some(RetryReason::Reset));
+        assert!(reset.is_some_and(RetryReason::needs_resend));
     }
 
     #[test]
@@ -207,14 +213,16 @@ mod tests {
             grpc_codes: 1 << 14,
             ..RetryOn::default()
         };
-        assert_eq!(
-            retry_reason(&on, &resp(200, Some("14")), true),
-            Some(RetryReason::Grpc)
+        let grpc = retry_reason(&on, &resp(200, Some("14")));
+        assert_eq!(grpc, Some(RetryReason::Grpc));
+        assert!(
+            !grpc.is_some_and(RetryReason::needs_resend),
+            "a listed gRPC code is retried whatever the method"
         );
-        assert_eq!(retry_reason(&on, &resp(200, Some("5")), true), None);
+        assert_eq!(retry_reason(&on, &resp(200, Some("5"))), None);
         let mut r = resp(200, None).unwrap();
         r.extensions_mut().insert(TrailerStatus(14));
-        assert_eq!(retry_reason(&on, &Ok(r), true), Some(RetryReason::Grpc));
+        assert_eq!(retry_reason(&on, &Ok(r)), Some(RetryReason::Grpc));
         assert_eq!(outcome(&resp(200, Some("14"))), Outcome::GatewayError);
         assert_eq!(outcome(&Ok(r_trailer_unavailable())), Outcome::GatewayError);
         assert_eq!(outcome(&resp(200, Some("13"))), Outcome::ServerError);

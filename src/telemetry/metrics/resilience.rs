@@ -18,16 +18,19 @@ pub enum Skip {
     Deadline,
     /// The upstream asked to wait longer than `retry_after_max`.
     RetryAfter,
+    /// The request's method is not idempotent, and the try may have reached the upstream.
+    Method,
 }
 
 impl Skip {
     /// Every reason, in metric-handle order.
-    pub const ALL: [Skip; 5] = [
+    pub const ALL: [Skip; 6] = [
         Skip::Budget,
         Skip::Attempts,
         Skip::Body,
         Skip::Deadline,
         Skip::RetryAfter,
+        Skip::Method,
     ];
 
     /// The metric label.
@@ -38,6 +41,7 @@ impl Skip {
             Skip::Body => "body",
             Skip::Deadline => "deadline",
             Skip::RetryAfter => "retry_after",
+            Skip::Method => "method",
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A failed try is repeated when [`classify::retry_reason`] says so: by default connect failures
 //! and refused streams for any method (nothing was sent), resets and 502/503/504 for idempotent
-//! methods. Each retry waits a fully jittered exponential backoff (or the upstream's
+//! methods, and the gRPC codes the route lists for any call. A wanted retry that is not sent is
+//! counted with its reason (`method`, `attempts`, `budget`…). Each retry waits a fully jittered exponential backoff (or the upstream's
 //! `Retry-After`, up to a cap), goes to a different endpoint when there is one, must fit before
 //! the request's deadline, and takes a token from the cluster's [`budget::RetryBudget`].
 //! A request body is replayable up to `max_body` bytes (see [`ReqBody`](crate::proxy::body::ReqBody)).
@@ -184,11 +185,13 @@ where
             (_, spare) => ((inner.call(call).await, 1), spare),
         };
         tries += sent_tries;
-        let Some(_reason): Option<RetryReason> =
-            classify::retry_reason(&cfg.on, &result, resendable)
-        else {
+        let Some(reason): Option<RetryReason> = classify::retry_reason(&cfg.on, &result) else {
             return result;
         };
+        if reason.needs_resend() && !resendable {
+            policy.skip(Skip::Method);
+            return result;
+        }
         if tries >= cfg.attempts {
             policy.skip(Skip::Attempts);
             return result;
@@ -255,7 +258,7 @@ where
                 let Some(result) = done else {
                     break;
                 };
-                let retryable = classify::retry_reason(&cfg.on, &result, true).is_some();
+                let retryable = classify::retry_reason(&cfg.on, &result).is_some();
                 if !retryable || pending.is_empty() {
                     let copy = spare.as_ref().and_then(Call::try_clone);
                     return ((result, sent), copy);
