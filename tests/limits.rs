@@ -48,11 +48,13 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// The README's figure for an idle keep-alive connection, in KiB ("10,000 idle keep-alive
-/// connections, per connection"; `benches/load.rs` measures it on a release build). The README
-/// said 21.1; measured the same way on 2026-12-02 it is 22.4 (release, 10,000 connections; this
-/// test's debug binary holding 1,000 measures 21.7).
-const README_KIB_PER_IDLE_CONNECTION: f64 = 22.4;
+/// What this test's debug binary may hold per idle keep-alive connection, in KiB. The README's
+/// figure ("10,000 idle keep-alive connections, per connection") is a release build's, measured
+/// by `benches/load.rs`: 22.4 on 2026-12-02, when this test measured 21.7. Since 2026-12-06
+/// every request carries an `x-request-id`; with it an idle connection holds 1.6 KiB more in a
+/// release build, measured side by side (the README's figure became 24.0), and this test
+/// measures 25.4. Where the extra memory sits is not found yet.
+const DEBUG_KIB_PER_IDLE_CONNECTION: f64 = 26.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_cannot_pass_a_cap_of_one_thousand() {
@@ -127,8 +129,8 @@ async fn ten_thousand_idle_connections_cannot_pass_a_cap_of_one_thousand() {
          1,000 idle keep-alive connections ({per_connection:.1} KiB each), {rss_after} KiB after the flood"
     );
     assert!(
-        per_connection <= README_KIB_PER_IDLE_CONNECTION,
-        "an idle keep-alive connection costs {per_connection:.1} KiB, the README says {README_KIB_PER_IDLE_CONNECTION}"
+        per_connection <= DEBUG_KIB_PER_IDLE_CONNECTION,
+        "an idle keep-alive connection costs {per_connection:.1} KiB, more than {DEBUG_KIB_PER_IDLE_CONNECTION}"
     );
     // Turning 9,000 connections away holds no memory for them.
     assert!(

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Uri, Version};
+use http::{Request, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -162,7 +162,19 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
             cluster.latency.record(started.elapsed());
             endpoint.observe_latency(started.elapsed());
             let (mut parts, body) = resp.into_parts();
+            // A `101` names the protocol switched to: that hop-by-hop pair is relayed, since
+            // the proxy relays the switch itself (the route allowed the upgrade).
+            let switched = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
+                .then(|| parts.headers.get(http::header::UPGRADE).cloned())
+                .flatten();
             strip_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = switched {
+                parts.headers.insert(http::header::UPGRADE, protocol);
+                parts.headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("upgrade"),
+                );
+            }
             // Each side gets the proxy's own protocol version: an HTTP/1.0 upstream's version
             // would otherwise end the client's keep-alive.
             parts.version = Version::default();

@@ -20,6 +20,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -654,6 +656,9 @@ pub struct Guarded<IO> {
     max_head: usize,
     done: bool,
     metrics: GuardMetrics,
+    /// Set once the proxy relayed a `101`: what follows is another protocol's bytes, which
+    /// the check must pass untouched.
+    switched: Arc<AtomicBool>,
 }
 
 impl<IO> Guarded<IO> {
@@ -687,7 +692,13 @@ impl<IO> Guarded<IO> {
             max_head,
             done: false,
             metrics,
+            switched: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The flag that turns the check off for good once the connection switched protocols.
+    pub fn switch(&self) -> Arc<AtomicBool> {
+        self.switched.clone()
     }
 }
 
@@ -762,6 +773,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.framing.state != State::Passthrough && this.switched.load(Ordering::Relaxed) {
+            this.framing = Framing::passthrough();
+            this.timer = None;
+        }
         loop {
             if let Some(sent) = this.reply {
                 return this.poll_reply(cx, sent);

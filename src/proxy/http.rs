@@ -6,8 +6,8 @@
 //! `outrigger_requests_total` and written to the access log in one place ([`finish`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -26,13 +26,14 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use crate::control::config::model::RequestIdMode;
-use crate::control::config::Limits;
+use crate::control::config::{Limits, UpstreamProtocol};
 use crate::error::{ProxyError, REASON_HEADER};
 use crate::proxy::body::{ProxyBody, ReqBody};
 use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::classify::is_grpc;
 use crate::proxy::resilience::{Call, CallCtx};
 use crate::proxy::router::Route;
+use crate::proxy::tunnel;
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
 use crate::telemetry::metrics::RouteMetrics;
@@ -96,6 +97,10 @@ struct Conn {
     /// When the connection last had a request, in milliseconds since `opened`.
     last_request: AtomicU64,
     opened: Instant,
+    /// Turns the framing check off once a `101` is relayed.
+    switch: Arc<AtomicBool>,
+    /// The tunnel a relayed `101` started, run once hyper hands the connection over.
+    tunnel: Mutex<Option<tunnel::Pending>>,
 }
 
 impl Conn {
@@ -150,6 +155,7 @@ async fn idle(conn: &Conn, limit: Option<Duration>) {
 /// Serves one downstream connection until it closes, or until `drain` fires and it winds down.
 pub async fn serve<IO>(
     stream: IO,
+    switch: Arc<AtomicBool>,
     peer: SocketAddr,
     who: Peer,
     state: Arc<ArcSwap<ListenerState>>,
@@ -174,6 +180,8 @@ pub async fn serve<IO>(
         active: AtomicUsize::new(0),
         last_request: AtomicU64::new(0),
         opened: Instant::now(),
+        switch,
+        tunnel: Mutex::new(None),
     });
     let watched = conn.clone();
     let svc = service_fn(move |req| {
@@ -184,7 +192,7 @@ pub async fn serve<IO>(
             Ok::<_, std::convert::Infallible>(handle(&conn, req).await)
         }
     });
-    let connection = server.serve_connection(TokioIo::new(stream), svc);
+    let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(connection);
     let result = tokio::select! {
         res = connection.as_mut() => res,
@@ -205,6 +213,12 @@ pub async fn serve<IO>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
+    }
+    // A relayed `101` ends hyper's part: the connection is now a tunnel, still counted as an
+    // open connection of the listener until it closes.
+    let pending = watched.tunnel.lock().ok().and_then(|mut t| t.take());
+    if let Some(pending) = pending {
+        tunnel::run(pending).await;
     }
 }
 
@@ -246,7 +260,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
             finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
         }
     };
-    if h1 && conn.drain.is_cancelled() {
+    if h1 && conn.drain.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -391,7 +405,7 @@ async fn forward(
     state: &ListenerState,
     route: &Route,
     conn: &Conn,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     form: Form,
     start: Instant,
 ) -> Response<ProxyBody> {
@@ -419,8 +433,44 @@ async fn forward(
         let answer = local(state, ProxyError::NoRoute, form);
         return finish(state, conn, &unrouted(), || Logged::of(&req), answer, start);
     };
+    // A switch of protocols the route allows, through a cluster that speaks HTTP/1.1.
+    let mut switch = None;
+    if let Some(protocol) = form.h1.then(|| upgrade_asked(req.headers())).flatten() {
+        let name = protocol_name(&protocol);
+        // `Upgrade: h2c` never switches: the request is served as the HTTP/1.1 it also is.
+        if !name.eq_ignore_ascii_case(b"h2c") {
+            let refusal = if !route.allows_upgrade(name) {
+                Some("an upgrade this route does not allow")
+            } else if target.cluster.config.protocol != UpstreamProtocol::Http1 {
+                Some("an upgrade through an http2 cluster")
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
+                let answer = local(state, ProxyError::NotAccepted(why), form);
+                return finish(
+                    state,
+                    conn,
+                    &Counted {
+                        metrics: &target.metrics,
+                        route: &route.name,
+                        cluster: target.cluster.name(),
+                    },
+                    || Logged::of(&req),
+                    answer,
+                    start,
+                );
+            }
+            switch = Some((hyper::upgrade::on(&mut req), protocol));
+        }
+    }
     let (mut head, body) = req.into_parts();
     prepare(&mut head, &conn.ip, conn.who.tls);
+    if let Some((_, protocol)) = &switch {
+        head.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        head.headers.insert(header::UPGRADE, protocol.clone());
+    }
     request_id(&mut head.headers, state.request_id, &conn.ids);
     // The request is consumed by the stack; what the log needs of it is kept first.
     let logged = state
@@ -440,6 +490,38 @@ async fn forward(
         ctx,
     };
     let answer = match target.stack.clone().call(call).await {
+        Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match switch {
+            Some((client, protocol)) => {
+                let upstream = hyper::upgrade::on(&mut resp);
+                // The client sends the new protocol's bytes only after this 101.
+                conn.switch.store(true, Ordering::Relaxed);
+                state.metrics.upgrades.switched.inc();
+                let pending = tunnel::Pending {
+                    client,
+                    upstream,
+                    protocol,
+                    idle: route.idle_timeout,
+                    metrics: state.metrics.upgrades.clone(),
+                    log: state
+                        .access_log
+                        .then(|| (state.name.clone(), route.name.clone(), peer)),
+                };
+                if let Ok(mut slot) = conn.tunnel.lock() {
+                    *slot = Some(pending);
+                }
+                Answer {
+                    status: resp.status(),
+                    resp,
+                }
+            }
+            // The upstream switched without being asked: relaying that would hand the client
+            // a connection it cannot read.
+            None => local(
+                state,
+                ProxyError::UpstreamReset("a 101 without an upgrade request".into()),
+                form,
+            ),
+        },
         Ok(resp) => Answer {
             status: resp.status(),
             resp,
@@ -526,6 +608,26 @@ fn new_request_id(rng: &Rng) -> HeaderValue {
         *b = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
     }
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to: its `Upgrade` value, when `Connection`
+/// names `upgrade` too (RFC 9110 §7.8).
+fn upgrade_asked(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    named.then(|| protocol.clone())
+}
+
+/// The name of the first protocol in an `Upgrade` value (`websocket` of `WebSocket/13, foo`).
+fn protocol_name(value: &HeaderValue) -> &[u8] {
+    let first = value.as_bytes().split(|b| *b == b',').next().unwrap_or(&[]);
+    let name = first.split(|b| *b == b'/').next().unwrap_or(&[]);
+    name.trim_ascii()
 }
 
 /// The client's IP as a header value, made once per connection.

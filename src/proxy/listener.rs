@@ -166,7 +166,9 @@ async fn accept_loop(
                     match tls {
                         None => {
                             let io = Guarded::new(stream, false, timeout, max_head, guard);
-                            http::serve(io, peer, Peer::default(), state, stop, server).await;
+                            let switch = io.switch();
+                            http::serve(io, switch, peer, Peer::default(), state, stop, server)
+                                .await;
                         }
                         Some(tls) => {
                             let Some((stream, who, h2)) =
@@ -175,7 +177,8 @@ async fn accept_loop(
                                 return;
                             };
                             let io = Guarded::new(stream, h2, timeout, max_head, guard);
-                            http::serve(io, peer, who, state, stop, server).await;
+                            let switch = io.switch();
+                            http::serve(io, switch, peer, who, state, stop, server).await;
                         }
                     }
                     drop(open);

@@ -1,7 +1,7 @@
 //! The data path, in request order: accept ([`listener`]), serve ([`http`] or [`tcp`]), route
 //! ([`router`]), run the resilience stack ([`stack`]), pick an endpoint of the [`cluster`]
 //! ([`balance`], with [`outlier`] detection) and reach it through its pooled client
-//! ([`connect`]).
+//! ([`connect`]). A request that switches protocols (a WebSocket) becomes a [`tunnel`].
 //!
 //! The data path reads control state only as immutable snapshots (route tables, endpoint sets)
 //! and is never imported by the control side or by telemetry.
@@ -19,3 +19,4 @@ pub mod resilience;
 pub mod router;
 pub mod stack;
 pub mod tcp;
+pub mod tunnel;

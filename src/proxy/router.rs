@@ -116,8 +116,10 @@ pub struct Route {
     pub max_request_body: Option<u64>,
     /// Client identities allowed on the route; `None` allows all.
     pub allowed_identities: Option<Vec<IdentityPattern>>,
-    /// Longest silence of a response stream.
+    /// Longest silence of a response stream, and of an upgraded connection.
     pub idle_timeout: Option<Duration>,
+    /// Protocols an HTTP/1.1 request may switch to, lowercase.
+    pub upgrades: Vec<String>,
     /// For a partitioned route: how a key picks one of `targets`.
     partition: Option<PartitionConfig>,
     /// Metrics for answers given before a cluster was chosen (refused, or no shard key),
@@ -224,6 +226,7 @@ impl RouteTable {
                     max_request_body: r.max_request_body,
                     allowed_identities: r.allowed_identities.clone(),
                     idle_timeout: r.idle_timeout,
+                    upgrades: r.upgrades.clone(),
                     partition: r.partition.clone(),
                     unrouted: OnceLock::new(),
                     families: families.clone(),
@@ -265,6 +268,13 @@ impl RouteTable {
 }
 
 impl Route {
+    /// Whether a request may switch to `protocol` (the first token of its `Upgrade`).
+    pub fn allows_upgrade(&self, protocol: &[u8]) -> bool {
+        self.upgrades
+            .iter()
+            .any(|p| p.as_bytes().eq_ignore_ascii_case(protocol))
+    }
+
     /// The metrics of this route's answers given before a cluster was chosen.
     pub fn unrouted(&self) -> &RouteMetrics {
         self.unrouted.get_or_init(|| {

@@ -164,6 +164,9 @@ pub struct RawRoute {
     /// Client identities (from their TLS certificates) allowed to use this route; others get 403.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_identities: Option<Vec<String>>,
+    /// Protocols an HTTP/1.1 request may switch to (`Upgrade:`); `[websocket]` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrades: Option<Vec<String>>,
 }
 
 /// Request conditions of a route; all given conditions must hold.

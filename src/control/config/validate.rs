@@ -171,6 +171,8 @@ pub struct RouteConfig {
     pub max_request_body: Option<u64>,
     /// Client identities allowed; `None` allows everyone.
     pub allowed_identities: Option<Vec<IdentityPattern>>,
+    /// Protocols a request may switch to, lowercase.
+    pub upgrades: Vec<String>,
 }
 
 impl PartialEq for RouteConfig {
@@ -187,6 +189,7 @@ impl PartialEq for RouteConfig {
             && self.fault == other.fault
             && self.max_request_body == other.max_request_body
             && self.allowed_identities == other.allowed_identities
+            && self.upgrades == other.upgrades
     }
 }
 
@@ -910,6 +913,7 @@ impl Validator {
             .allowed_identities
             .as_ref()
             .map(|ids| self.identities(&format!("{path}.allowed_identities"), ids));
+        let upgrades = self.upgrades(path, r.upgrades.as_deref());
         if r.max_request_body_bytes == Some(0) {
             self.problem_with_hint(
                 format!("{path}.max_request_body_bytes"),
@@ -930,7 +934,43 @@ impl Validator {
             fault,
             max_request_body: r.max_request_body_bytes,
             allowed_identities,
+            upgrades,
         })
+    }
+
+    /// The protocols a route lets requests switch to: `[websocket]` by default. `h2c` is never
+    /// one: the proxy speaks HTTP/2 to clients itself, and an `Upgrade: h2c` that reached an
+    /// upstream would hand it a connection the proxy can no longer read.
+    fn upgrades(&mut self, path: &str, raw: Option<&[String]>) -> Vec<String> {
+        let Some(raw) = raw else {
+            return vec!["websocket".to_owned()];
+        };
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, p) in raw.iter().enumerate() {
+            let token = p.to_ascii_lowercase();
+            if token == "h2c" {
+                self.problem_with_hint(
+                    format!("{path}.upgrades[{i}]"),
+                    "`h2c` cannot be proxied as an upgrade".into(),
+                    Some(
+                        "clients speak HTTP/2 to the proxy directly (prior knowledge or ALPN)"
+                            .into(),
+                    ),
+                );
+            } else if token.is_empty()
+                || !token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b))
+            {
+                self.problem(
+                    format!("{path}.upgrades[{i}]"),
+                    format!("`{p}` is not a protocol name (a token such as `websocket`)"),
+                );
+            } else {
+                out.push(token);
+            }
+        }
+        out
     }
 
     fn route_match(&mut self, path: &str, m: &RawMatch) -> Option<RouteMatch> {

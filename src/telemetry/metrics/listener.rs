@@ -1,4 +1,5 @@
-//! Listener metrics: connections, TCP bytes, TLS handshakes and requests refused before routing.
+//! Listener metrics: connections, TCP bytes, TLS handshakes, requests refused before routing and
+//! upgraded (WebSocket) connections.
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
@@ -58,6 +59,9 @@ pub struct Families {
     handshakes: IntCounterVec,
     rejected: IntCounterVec,
     refused: IntCounterVec,
+    upgrades: IntCounterVec,
+    upgrades_active: IntGaugeVec,
+    upgrade_bytes: IntCounterVec,
 }
 
 /// Handles for one listener.
@@ -80,6 +84,21 @@ pub struct ListenerMetrics {
     pub cert: CertMetrics,
     /// What the HTTP/1 framing check counts.
     pub guard: GuardMetrics,
+    /// What upgraded connections (WebSockets) count.
+    pub upgrades: UpgradeMetrics,
+}
+
+/// The handles of a listener's upgraded connections.
+#[derive(Clone)]
+pub struct UpgradeMetrics {
+    /// Connections switched to another protocol (a `101` relayed).
+    pub switched: IntCounter,
+    /// Upgraded connections open now.
+    pub active: IntGauge,
+    /// Bytes from the client to the upstream after the switch.
+    pub bytes_upstream: IntCounter,
+    /// Bytes from the upstream to the client after the switch.
+    pub bytes_downstream: IntCounter,
 }
 
 /// The counters a connection's framing check updates.
@@ -119,6 +138,21 @@ impl Families {
                 "Connections closed on accept, by listener and reason (max_connections).",
                 &["listener", "reason"],
             )?,
+            upgrades: r.counter(
+                "outrigger_upgrades_total",
+                "HTTP/1.1 connections switched to another protocol (WebSocket) by a relayed 101.",
+                &["listener"],
+            )?,
+            upgrades_active: r.gauge(
+                "outrigger_upgrades_active",
+                "Upgraded connections open now.",
+                &["listener"],
+            )?,
+            upgrade_bytes: r.counter(
+                "outrigger_upgrade_bytes_total",
+                "Bytes relayed over upgraded connections, by direction (upstream, downstream).",
+                &["listener", "direction"],
+            )?,
             refused: r.counter(
                 "outrigger_requests_refused_total",
                 "HTTP/1 requests refused before routing, by listener and reason (malformed: the framing check answered 400; header_timeout: 408).",
@@ -152,6 +186,16 @@ impl Families {
                 header_timeouts: self
                     .refused
                     .with_label_values(&[listener, "header_timeout"]),
+            },
+            upgrades: UpgradeMetrics {
+                switched: self.upgrades.with_label_values(&[listener]),
+                active: self.upgrades_active.with_label_values(&[listener]),
+                bytes_upstream: self
+                    .upgrade_bytes
+                    .with_label_values(&[listener, "upstream"]),
+                bytes_downstream: self
+                    .upgrade_bytes
+                    .with_label_values(&[listener, "downstream"]),
             },
         }
     }

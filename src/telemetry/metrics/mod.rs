@@ -26,7 +26,7 @@ pub use control::{
     CertMetrics, ConfigMetrics, DiscoveryMetrics, DnsMetrics, HealthMetrics, Lookup,
 };
 pub use http::{LocalReplies, RouteMetrics};
-pub use listener::{GuardMetrics, Handshake, ListenerMetrics};
+pub use listener::{GuardMetrics, Handshake, ListenerMetrics, UpgradeMetrics};
 pub use resilience::{
     BulkheadMetrics, FaultMetrics, RateLimitMetrics, RetryMetrics, ShedMetrics, Skip,
 };

@@ -1,0 +1,225 @@
+//! Upgraded connections (WebSockets and other `Upgrade:` protocols): once the proxy relayed an
+//! upstream's `101`, the client's and the upstream's connections are spliced byte for byte.
+//!
+//! Half-close is kept, as for TCP listeners: when one side finishes sending, the other side's
+//! write half is shut down and bytes keep flowing the other way. The route's `idle_timeout`
+//! closes a tunnel in which neither side sent anything for that long. Bytes are counted per
+//! direction and the end is one access-log line.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::HeaderValue;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use crate::telemetry::metrics::UpgradeMetrics;
+
+/// A switch the proxy relayed, waiting for both connections to be handed over.
+pub struct Pending {
+    /// The client's side, once hyper has written the `101` to it.
+    pub client: OnUpgrade,
+    /// The upstream's side, once its `101` was read.
+    pub upstream: OnUpgrade,
+    /// The protocol switched to, for the log.
+    pub protocol: HeaderValue,
+    /// Silence after which the tunnel is closed; `None` never.
+    pub idle: Option<Duration>,
+    /// The listener's upgrade counters.
+    pub metrics: UpgradeMetrics,
+    /// Who the client is, and which listener and route, when the access log is on.
+    pub log: Option<(Arc<str>, Arc<str>, SocketAddr)>,
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Both sides finished sending.
+    Closed,
+    /// Neither side sent anything for the idle timeout.
+    Idle,
+    /// A side failed (reset, or the handover did not happen).
+    Error,
+}
+
+impl End {
+    fn name(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Idle => "idle_timeout",
+            End::Error => "error",
+        }
+    }
+}
+
+/// Buffer size of each direction of a tunnel, as for TCP listeners.
+const TUNNEL_BUFFER: usize = 64 * 1024;
+
+/// Runs the tunnel until both sides are done, the idle timeout passes, or a side fails.
+pub async fn run(p: Pending) {
+    let started = Instant::now();
+    let (client, upstream) = match tokio::join!(p.client, p.upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            let error = c.err().or(u.err()).map(|e| e.to_string());
+            tracing::debug!(?error, "an upgraded connection was not handed over");
+            return;
+        }
+    };
+    let activity = Arc::new(Activity {
+        start: started,
+        last_ms: AtomicU64::new(0),
+    });
+    let mut client = Watched::new(TokioIo::new(client), activity.clone());
+    let mut upstream = Watched::new(TokioIo::new(upstream), activity.clone());
+    p.metrics.active.inc();
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        TUNNEL_BUFFER,
+        TUNNEL_BUFFER,
+    );
+    let end = tokio::select! {
+        result = copy => match result {
+            Ok(_) => End::Closed,
+            Err(e) => {
+                tracing::debug!(error = %e, "an upgraded connection ended with an error");
+                End::Error
+            }
+        },
+        () = idle(&activity, p.idle) => End::Idle,
+    };
+    p.metrics.active.dec();
+    let (up, down) = (client.read, upstream.read);
+    p.metrics.bytes_upstream.inc_by(up);
+    p.metrics.bytes_downstream.inc_by(down);
+    if let Some((listener, route, peer)) = &p.log {
+        tracing::info!(target: "access", listener = %listener, route = %route, %peer,
+            upgrade = p.protocol.to_str().unwrap_or("-"), bytes_up = up, bytes_down = down,
+            end = end.name(), duration_ms = started.elapsed().as_secs_f64() * 1000.0);
+    }
+}
+
+/// When either side of a tunnel last delivered bytes.
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// Resolves once neither side sent anything for `limit`; never if `limit` is `None`.
+async fn idle(activity: &Activity, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let mut wait = limit;
+    loop {
+        tokio::time::sleep(wait).await;
+        let silent = activity.silent_for();
+        if silent >= limit {
+            return;
+        }
+        wait = limit - silent;
+    }
+}
+
+/// One side of a tunnel: counts the bytes read from it and notes activity.
+struct Watched<IO> {
+    io: IO,
+    read: u64,
+    activity: Arc<Activity>,
+}
+
+impl<IO> Watched<IO> {
+    fn new(io: IO, activity: Arc<Activity>) -> Self {
+        Self {
+            io,
+            read: 0,
+            activity,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read += n as u64;
+            this.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_tunnel_ends_at_the_idle_timeout_and_activity_defers_it() {
+        let activity = Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        };
+        let limit = Duration::from_secs(10);
+        let watch = idle(&activity, Some(limit));
+        tokio::pin!(watch);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        activity.touch();
+        // Ten seconds from the start, but only four since the last bytes: still open.
+        assert!(tokio::time::timeout(Duration::from_secs(4), watch.as_mut())
+            .await
+            .is_err());
+        let started = Instant::now();
+        watch.await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(6),
+            "16 s = 6 s + 10 s"
+        );
+    }
+}
