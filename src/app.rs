@@ -459,7 +459,7 @@ impl App {
             return Ok(None);
         }
         control.last_seen_hash = hash;
-        let loaded = config::parse(&file, &text)?;
+        let loaded = config::parse_in(&file, &text, path.parent())?;
         if let Some(field) = restart_needed(
             self.shared.active.load().loaded.config.mesh.as_ref(),
             loaded.config.mesh.as_ref(),

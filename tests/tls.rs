@@ -812,3 +812,46 @@ impl ExpiringCa {
         (cert.pem(), key.serialize_pem())
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_tls_paths_are_found_beside_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let ca = Ca::new("test ca");
+    let leaf = ca.leaf(&["localhost"]);
+    write_leaf(&certs, "server", &leaf);
+    let origin = Origin::start("app").await;
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        with_test_admin(&one_listener(
+            "    tls: { cert: certs/server.crt, key: certs/server.key }\n",
+            "",
+            origin.addr,
+        )),
+    )
+    .unwrap();
+    // Started from another folder, where `certs/` does not exist: the paths are the config
+    // file's, as in Prometheus, not the working directory's.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_outrigger"))
+        .args(["check", "--config", config.to_str().unwrap()])
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let proc = Process::start_with(
+        std::process::Command::new(env!("CARGO_BIN_EXE_outrigger"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .args(["--log-format", "json"])
+            .current_dir(elsewhere.path()),
+    );
+    let addr = proc.listener("in").await.unwrap();
+    let shown = tls_get(addr, client_config(&ca.pem)).await.unwrap();
+    assert_eq!(shown, der(&leaf.cert), "the certificate beside the config");
+}

@@ -328,7 +328,7 @@ impl Validator {
             role: raw.role,
             listen,
             advertise,
-            data_dir: raw.data_dir.as_ref().map(PathBuf::from),
+            data_dir: raw.data_dir.as_deref().map(|p| self.path(p)),
             members: raw.members.clone(),
             heartbeat,
             election_timeout,

@@ -94,11 +94,11 @@ pub struct Loaded {
     pub hash: String,
 }
 
-/// Reads and validates the config at `path`.
+/// Reads and validates the config at `path`; relative paths in it are taken from its folder.
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
     let file = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(&file, &text),
+        Ok(text) => parse_in(&file, &text, path.parent()),
         Err(e) => Err(ConfigErrors(vec![Diagnostic {
             file,
             line: 0,
@@ -114,8 +114,15 @@ pub fn load_embedded() -> Result<Loaded, ConfigErrors> {
     parse(EMBEDDED_NAME, EMBEDDED_CONFIG)
 }
 
-/// Parses and validates config `text`, naming `file` in errors.
+/// Parses and validates config `text`, naming `file` in errors; relative paths in it are taken
+/// from the working directory.
 pub fn parse(file: &str, text: &str) -> Result<Loaded, ConfigErrors> {
+    parse_in(file, text, None)
+}
+
+/// Parses and validates config `text` read from `file` in folder `dir`, against which relative
+/// paths in it are resolved.
+pub fn parse_in(file: &str, text: &str, dir: Option<&Path>) -> Result<Loaded, ConfigErrors> {
     let hash = hash_text(text);
     // Most files have the right shape: deserializing them straight from the text skips building
     // a YAML value tree and a position index (a third of a 10,000-route reload). Only a file with
@@ -124,7 +131,7 @@ pub fn parse(file: &str, text: &str) -> Result<Loaded, ConfigErrors> {
         Ok(raw) => raw.unwrap_or_default(),
         Err(_) => shape_of(file, text)?,
     };
-    match validate::validate(&raw) {
+    match validate::validate_in(&raw, dir) {
         Ok(config) => Ok(Loaded {
             config,
             raw,

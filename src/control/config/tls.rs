@@ -5,8 +5,6 @@
 //! a key that does not match its certificate or an empty CA bundle is reported at
 //! `FILE:LINE:COLUMN` by `outrigger check` and by a reload, which then keeps the running config.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
 use super::validate::Validator;
@@ -59,9 +57,9 @@ impl Validator {
             return None;
         }
         let config = ServerTlsConfig {
-            cert: PathBuf::from(&t.cert),
-            key: PathBuf::from(&t.key),
-            client_ca: t.client_ca.as_ref().map(PathBuf::from),
+            cert: self.path(&t.cert),
+            key: self.path(&t.key),
+            client_ca: t.client_ca.as_deref().map(|p| self.path(p)),
             allowed_identities: self
                 .identities(&format!("{path}.allowed_identities"), &t.allowed_identities),
         };
@@ -74,7 +72,7 @@ impl Validator {
 
     pub(super) fn client_tls(&mut self, path: &str, t: &RawClientTls) -> Option<ClientTlsConfig> {
         let identity = match (&t.cert, &t.key) {
-            (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+            (Some(c), Some(k)) => Some((self.path(c), self.path(k))),
             (None, None) => None,
             (Some(_), None) | (None, Some(_)) => {
                 self.problem(
@@ -94,7 +92,7 @@ impl Validator {
             }
         }
         let config = ClientTlsConfig {
-            ca: t.ca.as_ref().map(PathBuf::from),
+            ca: t.ca.as_deref().map(|p| self.path(p)),
             server_name: t.server_name.clone(),
             identity,
         };

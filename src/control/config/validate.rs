@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, Method};
@@ -321,7 +322,17 @@ pub struct ClusterConfig {
 
 /// Checks `raw` and builds a [`Config`], or returns every problem found.
 pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
-    let mut v = Validator::default();
+    validate_in(raw, None)
+}
+
+/// As [`validate`], with relative file paths (TLS material, `mesh.data_dir`) taken from `dir`,
+/// the config file's folder, as Prometheus does: the config means the same wherever the proxy
+/// is started from. `None` takes them from the working directory.
+pub fn validate_in(raw: &RawConfig, dir: Option<&Path>) -> Result<Config, Vec<Problem>> {
+    let mut v = Validator {
+        dir: dir.map(Path::to_path_buf),
+        ..Validator::default()
+    };
     let admin_address = raw
         .admin
         .address
@@ -523,9 +534,19 @@ pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 #[derive(Default)]
 pub(super) struct Validator {
     pub(super) problems: Vec<Problem>,
+    /// The config file's folder, for relative paths.
+    dir: Option<PathBuf>,
 }
 
 impl Validator {
+    /// A path from the config: relative ones are taken from the config file's folder.
+    pub(super) fn path(&self, p: &str) -> PathBuf {
+        match &self.dir {
+            Some(dir) if Path::new(p).is_relative() => dir.join(p),
+            _ => PathBuf::from(p),
+        }
+    }
+
     pub(super) fn problem(&mut self, path: String, message: String) {
         self.problems.push(Problem {
             path,
