@@ -45,7 +45,7 @@ use crate::rng::Rng;
 use crate::tasks::Tasks;
 use crate::telemetry::admin::{self, Summary, View};
 use crate::telemetry::metrics::http::NONE;
-use crate::telemetry::metrics::{ConfigMetrics, Metrics};
+use crate::telemetry::metrics::{ConfigMetrics, Live, Metrics};
 use crate::tls::{self, LoadError, ServerMaterial};
 use crate::watch;
 
@@ -480,7 +480,15 @@ impl App {
             serving: &s.serving,
         };
         let active = compile_and_swap(&build, control, loaded, version).await?;
+        let live = live_names(&active.loaded.config);
         self.shared.active.store(Arc::new(active));
+        let dropped = self.shared.metrics.forget_all_but(&live);
+        if dropped > 0 {
+            tracing::debug!(
+                dropped,
+                "metric series of removed listeners, routes and clusters dropped"
+            );
+        }
         Ok(Some(version))
     }
 
@@ -1020,6 +1028,21 @@ async fn compile_and_swap(
         listeners: bound,
         clusters: ordered,
     })
+}
+
+/// The listeners, routes and clusters of `config`, whose metric series a reload keeps.
+fn live_names(config: &config::Config) -> Live {
+    let mut live = Live::default();
+    for l in &config.listeners {
+        live.listeners.insert(l.name.clone());
+        if let config::ListenerKind::Http { routes } = &l.kind {
+            for r in routes {
+                live.routes.insert((l.name.clone(), r.name.clone()));
+            }
+        }
+    }
+    live.clusters = config.clusters.iter().map(|c| c.name.clone()).collect();
+    live
 }
 
 fn listener_state(

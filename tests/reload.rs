@@ -667,3 +667,55 @@ async fn a_removed_listener_drains_its_connections() {
     assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
     assert!(answer.ends_with("app get /held"), "{answer}");
 }
+
+/// Series in a scrape (lines that are not comments).
+fn series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_renaming_reloads_leave_the_metrics_bounded() {
+    let origin = Origin::start("app").await;
+    let config = |i: usize| {
+        // Each reload renames the route (a retry policy and a rate limit give it resilience
+        // series too) and, every tenth, its cluster.
+        format!(
+            "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: route-{i}\n        match: {{ prefix: / }}\n        cluster: app-{}\n        rate_limit: {{ requests_per_second: 1000 }}\nclusters:\n  - name: app-{}\n    endpoints: [\"{}\"]\n",
+            i / 10,
+            i / 10,
+            origin.addr
+        )
+    };
+    let proxy = Proxy::start(&config(0)).await;
+    let client = h1_client();
+    let url = proxy.url("in", "/x");
+    let mut early = 0;
+    for i in 1..=1000 {
+        std::fs::write(&proxy.path, with_test_admin(&config(i))).unwrap();
+        // The watcher may have applied it first; either way it is live when this returns.
+        proxy.app.reload(false).await;
+        let (status, _, _) = get(&client, &url).await.unwrap();
+        assert_eq!(status, 200, "reload {i}");
+        if i == 20 {
+            early = series(&scrape(&proxy).await);
+        }
+    }
+    let text = scrape(&proxy).await;
+    let last = series(&text);
+    println!("metrics: {early} series after 20 renaming reloads, {last} after 1,000");
+    assert!(
+        last <= early,
+        "{early} series after 20 reloads, {last} after 1,000"
+    );
+    assert!(text.contains("route=\"route-1000\""));
+    assert!(
+        !text.contains("route=\"route-999\""),
+        "the renamed route's series are gone"
+    );
+    assert!(
+        !text.contains("cluster=\"app-99\""),
+        "the renamed cluster's series are gone"
+    );
+}

@@ -17,7 +17,11 @@ pub mod mesh;
 pub mod resilience;
 pub mod upstream;
 
-use prometheus::core::Collector;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
+use prometheus::proto::LabelPair;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -48,13 +52,86 @@ pub struct Metrics {
     pub control: control::Families,
     /// The embedded Raft group.
     pub mesh: mesh::Families,
+    /// Every labelled family, for dropping the series of what a reload removed.
+    vecs: Arc<[Arc<dyn Prune>]>,
+}
+
+/// The listeners, routes and clusters a config has: series naming anything else are stale.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Listener names.
+    pub listeners: HashSet<String>,
+    /// (listener, route) names.
+    pub routes: HashSet<(String, String)>,
+    /// Cluster names.
+    pub clusters: HashSet<String>,
+}
+
+impl Live {
+    /// Whether a series with these labels names a listener, route or cluster that is gone.
+    /// `-` (an answer before a route or cluster was chosen) is never stale by itself.
+    fn stale(&self, labels: &[LabelPair]) -> bool {
+        let get = |name: &str| {
+            labels
+                .iter()
+                .find(|p| p.name() == name)
+                .map(LabelPair::value)
+        };
+        let listener = get("listener");
+        if listener.is_some_and(|l| !self.listeners.contains(l)) {
+            return true;
+        }
+        if let (Some(l), Some(r)) = (listener, get("route")) {
+            if r != http::NONE && !self.routes.contains(&(l.to_owned(), r.to_owned())) {
+                return true;
+            }
+        }
+        if get("cluster").is_some_and(|c| c != http::NONE && !self.clusters.contains(c)) {
+            return true;
+        }
+        // Bulkheads are labelled by scope and name.
+        match (get("scope"), get("name")) {
+            (Some("cluster"), Some(n)) => !self.clusters.contains(n),
+            (Some("route"), Some(n)) => !self.routes.iter().any(|(_, r)| r == n),
+            _ => false,
+        }
+    }
+}
+
+/// A labelled family whose stale series can be dropped.
+trait Prune: Send + Sync {
+    /// Removes the series `stale` picks; returns how many.
+    fn prune(&self, stale: &dyn Fn(&[LabelPair]) -> bool) -> usize;
+}
+
+impl<T: MetricVecBuilder> Prune for MetricVec<T> {
+    fn prune(&self, stale: &dyn Fn(&[LabelPair]) -> bool) -> usize {
+        let mut removed = 0;
+        for family in self.collect() {
+            for m in family.get_metric() {
+                let pairs = m.get_label();
+                if !stale(pairs) {
+                    continue;
+                }
+                let labels: HashMap<&str, &str> =
+                    pairs.iter().map(|p| (p.name(), p.value())).collect();
+                if self.remove(&labels).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
 }
 
 impl Metrics {
     /// Creates the registry and registers every family.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let mut r = Register(&registry);
+        let mut r = Register {
+            registry: &registry,
+            vecs: Vec::new(),
+        };
         let build_info = r.gauge(
             "outrigger_build_info",
             "Build information; always 1.",
@@ -64,15 +141,30 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         let resilience = resilience::Families::new(&mut r)?;
+        let http = http::Families::new(&mut r)?;
+        let listener = listener::Families::new(&mut r)?;
+        let upstream = upstream::Families::new(&mut r, resilience.bulkhead.clone())?;
+        let control = control::Families::new(&mut r)?;
+        let mesh = mesh::Families::new(&mut r)?;
+        let vecs = r.vecs.into();
         Ok(Self {
-            http: http::Families::new(&mut r)?,
-            listener: listener::Families::new(&mut r)?,
-            upstream: upstream::Families::new(&mut r, resilience.bulkhead.clone())?,
+            http,
+            listener,
+            upstream,
             resilience,
-            control: control::Families::new(&mut r)?,
-            mesh: mesh::Families::new(&mut r)?,
+            control,
+            mesh,
+            vecs,
             registry,
         })
+    }
+
+    /// Drops every series that names a listener, route or cluster not in `live` (the config
+    /// just committed): without it, each route renamed by a reload would leave its series
+    /// behind, and `/metrics` would grow without bound. Returns how many were dropped.
+    pub fn forget_all_but(&self, live: &Live) -> usize {
+        let stale = |labels: &[LabelPair]| live.stale(labels);
+        self.vecs.iter().map(|v| v.prune(&stale)).sum()
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -90,12 +182,24 @@ impl Metrics {
     }
 }
 
-/// Creates families and registers them as it goes.
-struct Register<'a>(&'a Registry);
+/// Creates families and registers them as it goes, keeping the labelled ones for pruning.
+struct Register<'a> {
+    registry: &'a Registry,
+    vecs: Vec<Arc<dyn Prune>>,
+}
 
 impl Register<'_> {
     fn add<C: Collector + Clone + 'static>(&mut self, c: C) -> Result<C, prometheus::Error> {
-        self.0.register(Box::new(c.clone()))?;
+        self.registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    fn add_vec<T: MetricVecBuilder + 'static>(
+        &mut self,
+        c: MetricVec<T>,
+    ) -> Result<MetricVec<T>, prometheus::Error> {
+        let c = self.add(c)?;
+        self.vecs.push(Arc::new(c.clone()));
         Ok(c)
     }
 
@@ -105,7 +209,7 @@ impl Register<'_> {
         help: &str,
         labels: &[&str],
     ) -> Result<IntCounterVec, prometheus::Error> {
-        self.add(IntCounterVec::new(Opts::new(name, help), labels)?)
+        self.add_vec(IntCounterVec::new(Opts::new(name, help), labels)?)
     }
 
     fn gauge(
@@ -114,7 +218,7 @@ impl Register<'_> {
         help: &str,
         labels: &[&str],
     ) -> Result<IntGaugeVec, prometheus::Error> {
-        self.add(IntGaugeVec::new(Opts::new(name, help), labels)?)
+        self.add_vec(IntGaugeVec::new(Opts::new(name, help), labels)?)
     }
 
     fn histogram(
@@ -124,7 +228,7 @@ impl Register<'_> {
         buckets: &[f64],
         labels: &[&str],
     ) -> Result<HistogramVec, prometheus::Error> {
-        self.add(HistogramVec::new(
+        self.add_vec(HistogramVec::new(
             HistogramOpts::new(name, help).buckets(buckets.to_vec()),
             labels,
         )?)
