@@ -187,8 +187,26 @@ async fn accept_loop(
             ListenerKind::Tcp(cluster) => {
                 let (name, cluster) = (current.name.clone(), cluster.clone());
                 let (metrics, log) = (current.metrics.clone(), current.access_log);
+                let tls = current.tls.as_ref().map(|(_, t)| t.clone());
+                let timeout = current.header_read_timeout;
                 tracker.spawn(async move {
-                    tcp::splice(stream, peer, &name, cluster, metrics, log).await;
+                    match tls {
+                        None => {
+                            tcp::splice(stream, peer, None, &name, cluster, metrics, log).await;
+                        }
+                        // The handshake checks the client's certificate and identity: a
+                        // client not allowed never reaches the upstream.
+                        Some(tls) => {
+                            let Some((stream, who, _)) =
+                                handshake(stream, peer, &tls, timeout, &metrics).await
+                            else {
+                                return;
+                            };
+                            let identity = who.identity.as_deref().and_then(|ids| ids.first());
+                            let identity = identity.map(String::as_str);
+                            tcp::splice(stream, peer, identity, &name, cluster, metrics, log).await;
+                        }
+                    }
                     drop(open);
                 });
             }

@@ -2,11 +2,13 @@
 //!
 //! Half-close is kept: when one side finishes sending, the other side's write half is shut down
 //! and bytes keep flowing the other way until it finishes too. A failed connect closes the
-//! downstream connection and is counted.
+//! downstream connection and is counted. Either side may be TLS: terminated by the listener
+//! (with client certificates and identity authorization), originated by the cluster.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// Buffer size of each direction of a TCP splice.
@@ -15,15 +17,20 @@ const SPLICE_BUFFER: usize = 64 * 1024;
 use crate::proxy::cluster::Cluster;
 use crate::telemetry::metrics::ListenerMetrics;
 
-/// Splices `downstream` to an endpoint of `cluster` until both directions are finished.
-pub async fn splice(
-    mut downstream: TcpStream,
+/// Splices `downstream` to an endpoint of `cluster` until both directions are finished. The
+/// downstream side may be TLS the listener terminated (`identity`: the client certificate's
+/// first identity); the upstream side is TLS when the cluster has a `tls` block.
+pub async fn splice<D>(
+    mut downstream: D,
     peer: SocketAddr,
+    identity: Option<&str>,
     listener: &str,
     cluster: Arc<Cluster>,
     metrics: ListenerMetrics,
     access_log: bool,
-) {
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
     let Some(endpoint) = cluster.pick() else {
         tracing::warn!(
             listener,
@@ -32,8 +39,19 @@ pub async fn splice(
         );
         return;
     };
-    let connect = TcpStream::connect(endpoint.authority.as_str());
-    let mut upstream = match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
+    let limit = cluster.config.connect_timeout;
+    let connect = async {
+        let tcp = TcpStream::connect(endpoint.authority.as_str()).await?;
+        let _ = tcp.set_nodelay(true);
+        match &cluster.client.tls {
+            Some(tls) => tls
+                .connect(tcp, endpoint.authority.host())
+                .await
+                .map(|s| Upstream::Tls(Box::new(s))),
+            None => Ok(Upstream::Plain(tcp)),
+        }
+    };
+    let upstream = match tokio::time::timeout(limit, connect).await {
         Ok(Ok(s)) => {
             cluster.tcp_connected(&endpoint, true);
             s
@@ -53,17 +71,28 @@ pub async fn splice(
         }
     };
     let _in_flight = endpoint.start();
-    let _ = downstream.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     // 64 KiB per direction instead of tokio's 8 KiB default: bulk transfers need a quarter of
     // the wake-ups and syscalls, for 112 KiB more per open TCP connection.
-    let result = tokio::io::copy_bidirectional_with_sizes(
-        &mut downstream,
-        &mut upstream,
-        SPLICE_BUFFER,
-        SPLICE_BUFFER,
-    )
-    .await;
+    let result = match upstream {
+        Upstream::Plain(mut s) => {
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut downstream,
+                &mut s,
+                SPLICE_BUFFER,
+                SPLICE_BUFFER,
+            )
+            .await
+        }
+        Upstream::Tls(mut s) => {
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut downstream,
+                s.as_mut(),
+                SPLICE_BUFFER,
+                SPLICE_BUFFER,
+            )
+            .await
+        }
+    };
     let (up, down) = match &result {
         Ok((up, down)) => (*up, *down),
         Err(_) => (0, 0),
@@ -75,6 +104,13 @@ pub async fn splice(
     }
     if access_log {
         tracing::info!(target: "access", listener, %peer, cluster = cluster.name(),
-            endpoint = %endpoint.authority, bytes_up = up, bytes_down = down);
+            endpoint = %endpoint.authority, peer_identity = identity.unwrap_or("-"),
+            bytes_up = up, bytes_down = down);
     }
+}
+
+/// The upstream side of a splice: TLS streams are boxed, being large and the rarer case.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }

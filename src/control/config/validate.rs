@@ -444,13 +444,6 @@ pub fn validate_in(raw: &RawConfig, dir: Option<&Path>) -> Result<Config, Vec<Pr
             .tls
             .as_ref()
             .and_then(|t| v.server_tls(&format!("{path}.tls"), t));
-        if l.tls.is_some() && l.protocol == ListenerProtocol::Tcp {
-            v.problem_with_hint(
-                format!("{path}.tls"),
-                "`tls` applies to http listeners only".into(),
-                Some("terminate TLS in the service behind a tcp listener".into()),
-            );
-        }
         let limits = v.limits(&path, l);
         if let (Some(address), Some(kind)) = (address, kind) {
             listeners.push(ListenerConfig {
