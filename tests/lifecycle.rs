@@ -589,3 +589,36 @@ async fn local_replies_are_logged_and_counted_like_relayed_answers() {
     .await;
     assert!(logged, "{:#?}", proc.logs.lock().unwrap());
 }
+
+/// A draining TCP listener closes its quiet connections instead of holding the drain to its
+/// timeout; a connection in the middle of an exchange finishes it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_drain_once_quiet() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (echo, _task) = tcp_echo().await;
+    let proxy = Proxy::start(&format!(
+        "drain_timeout: 120s\nlisteners:\n  - name: db\n    address: 127.0.0.1:0\n    protocol: tcp\n    cluster: db\nclusters:\n  - name: db\n    endpoints: [\"{echo}\"]\n"
+    ))
+    .await;
+    let addr = proxy.addr("db");
+    // Two clients that made an exchange and then fall silent.
+    let mut quiet = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        quiet.push(s);
+    }
+    // The drain ends well inside its two minutes: it reports that everything drained.
+    let drained = tokio::time::timeout(Duration::from_secs(30), proxy.app.shutdown())
+        .await
+        .expect("quiet TCP connections do not hold the drain to its timeout");
+    assert!(drained);
+    for mut s in quiet {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "closed without a byte: {rest:?}");
+    }
+}

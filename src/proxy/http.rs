@@ -505,6 +505,7 @@ async fn forward(
                     log: state
                         .access_log
                         .then(|| (state.name.clone(), route.name.clone(), peer)),
+                    drain: conn.drain.clone(),
                 };
                 if let Ok(mut slot) = conn.tunnel.lock() {
                     *slot = Some(pending);

@@ -189,10 +189,12 @@ async fn accept_loop(
                 let (metrics, log) = (current.metrics.clone(), current.access_log);
                 let tls = current.tls.as_ref().map(|(_, t)| t.clone());
                 let timeout = current.header_read_timeout;
+                let drain = stop.clone();
                 tracker.spawn(async move {
                     match tls {
                         None => {
-                            tcp::splice(stream, peer, None, &name, cluster, metrics, log).await;
+                            tcp::splice(stream, peer, None, &name, cluster, metrics, log, drain)
+                                .await;
                         }
                         // The handshake checks the client's certificate and identity: a
                         // client not allowed never reaches the upstream.
@@ -204,7 +206,10 @@ async fn accept_loop(
                             };
                             let identity = who.identity.as_deref().and_then(|ids| ids.first());
                             let identity = identity.map(String::as_str);
-                            tcp::splice(stream, peer, identity, &name, cluster, metrics, log).await;
+                            tcp::splice(
+                                stream, peer, identity, &name, cluster, metrics, log, drain,
+                            )
+                            .await;
                         }
                     }
                     drop(open);

@@ -10,24 +10,28 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 /// Buffer size of each direction of a TCP splice.
 const SPLICE_BUFFER: usize = 64 * 1024;
 
 use crate::proxy::cluster::Cluster;
+use crate::proxy::tunnel::{drained, Activity, Watched};
 use crate::telemetry::metrics::ListenerMetrics;
 
 /// Splices `downstream` to an endpoint of `cluster` until both directions are finished. The
 /// downstream side may be TLS the listener terminated (`identity`: the client certificate's
 /// first identity); the upstream side is TLS when the cluster has a `tls` block.
+#[allow(clippy::too_many_arguments)] // one call site, each argument a different thing
 pub async fn splice<D>(
-    mut downstream: D,
+    downstream: D,
     peer: SocketAddr,
     identity: Option<&str>,
     listener: &str,
     cluster: Arc<Cluster>,
     metrics: ListenerMetrics,
     access_log: bool,
+    drain: CancellationToken,
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
@@ -71,31 +75,41 @@ pub async fn splice<D>(
         }
     };
     let _in_flight = endpoint.start();
+    let activity = Arc::new(Activity::new());
+    let mut downstream = Watched::new(downstream, activity.clone());
     // 64 KiB per direction instead of tokio's 8 KiB default: bulk transfers need a quarter of
     // the wake-ups and syscalls, for 112 KiB more per open TCP connection.
-    let result = match upstream {
-        Upstream::Plain(mut s) => {
-            tokio::io::copy_bidirectional_with_sizes(
+    let (result, up, down) = match upstream {
+        Upstream::Plain(s) => {
+            let mut upstream = Watched::new(s, activity.clone());
+            let copy = tokio::io::copy_bidirectional_with_sizes(
                 &mut downstream,
-                &mut s,
+                &mut upstream,
                 SPLICE_BUFFER,
                 SPLICE_BUFFER,
-            )
-            .await
+            );
+            // A draining listener closes a connection once it is quiet: most protocols are
+            // between exchanges then, and the drain need not wait for its timeout.
+            let result = tokio::select! {
+                r = copy => r.map(|_| ()),
+                () = drained(&drain, &activity) => Ok(()),
+            };
+            (result, downstream.read, upstream.read)
         }
-        Upstream::Tls(mut s) => {
-            tokio::io::copy_bidirectional_with_sizes(
+        Upstream::Tls(s) => {
+            let mut upstream = Watched::new(s, activity.clone());
+            let copy = tokio::io::copy_bidirectional_with_sizes(
                 &mut downstream,
-                s.as_mut(),
+                &mut upstream,
                 SPLICE_BUFFER,
                 SPLICE_BUFFER,
-            )
-            .await
+            );
+            let result = tokio::select! {
+                r = copy => r.map(|_| ()),
+                () = drained(&drain, &activity) => Ok(()),
+            };
+            (result, downstream.read, upstream.read)
         }
-    };
-    let (up, down) = match &result {
-        Ok((up, down)) => (*up, *down),
-        Err(_) => (0, 0),
     };
     metrics.bytes_upstream.inc_by(up);
     metrics.bytes_downstream.inc_by(down);

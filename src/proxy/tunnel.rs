@@ -3,7 +3,8 @@
 //!
 //! Half-close is kept, as for TCP listeners: when one side finishes sending, the other side's
 //! write half is shut down and bytes keep flowing the other way. The route's `idle_timeout`
-//! closes a tunnel in which neither side sent anything for that long. Bytes are counted per
+//! closes a tunnel in which neither side sent anything for that long; a draining listener closes
+//! it once it is quiet for [`DRAIN_QUIET`] (TCP splices share this). Bytes are counted per
 //! direction and the end is one access-log line.
 
 use std::io;
@@ -19,6 +20,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::metrics::UpgradeMetrics;
 
@@ -36,6 +38,8 @@ pub struct Pending {
     pub metrics: UpgradeMetrics,
     /// Who the client is, and which listener and route, when the access log is on.
     pub log: Option<(Arc<str>, Arc<str>, SocketAddr)>,
+    /// Fires when the listener drains: the tunnel then closes once it is quiet.
+    pub drain: CancellationToken,
 }
 
 /// How a tunnel ended.
@@ -47,6 +51,8 @@ enum End {
     Idle,
     /// A side failed (reset, or the handover did not happen).
     Error,
+    /// The listener drained and the tunnel went quiet.
+    Drained,
 }
 
 impl End {
@@ -55,6 +61,7 @@ impl End {
             End::Closed => "closed",
             End::Idle => "idle_timeout",
             End::Error => "error",
+            End::Drained => "drained",
         }
     }
 }
@@ -73,10 +80,7 @@ pub async fn run(p: Pending) {
             return;
         }
     };
-    let activity = Arc::new(Activity {
-        start: started,
-        last_ms: AtomicU64::new(0),
-    });
+    let activity = Arc::new(Activity::new());
     let mut client = Watched::new(TokioIo::new(client), activity.clone());
     let mut upstream = Watched::new(TokioIo::new(upstream), activity.clone());
     p.metrics.active.inc();
@@ -95,6 +99,7 @@ pub async fn run(p: Pending) {
             }
         },
         () = idle(&activity, p.idle) => End::Idle,
+        () = drained(&p.drain, &activity) => End::Drained,
     };
     p.metrics.active.dec();
     let (up, down) = (client.read, upstream.read);
@@ -107,14 +112,39 @@ pub async fn run(p: Pending) {
     }
 }
 
-/// When either side of a tunnel last delivered bytes.
-struct Activity {
+/// How long a draining tunnel or TCP splice may stay silent before it is closed: long enough
+/// for an exchange in progress to finish, short enough that a quiet connection does not hold
+/// the drain to its timeout.
+pub const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
+/// Resolves once draining started and the connection then went `DRAIN_QUIET` without a byte.
+pub async fn drained(drain: &CancellationToken, activity: &Activity) {
+    drain.cancelled().await;
+    idle(activity, Some(DRAIN_QUIET)).await;
+}
+
+/// When either side of a spliced connection last delivered bytes.
+pub struct Activity {
     start: Instant,
     /// Milliseconds since `start`.
     last_ms: AtomicU64,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Activity {
+    /// Starts the clock now, as if a byte had just passed.
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
     fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -127,7 +157,7 @@ impl Activity {
 }
 
 /// Resolves once neither side sent anything for `limit`; never if `limit` is `None`.
-async fn idle(activity: &Activity, limit: Option<Duration>) {
+pub async fn idle(activity: &Activity, limit: Option<Duration>) {
     let Some(limit) = limit else {
         return std::future::pending().await;
     };
@@ -142,15 +172,17 @@ async fn idle(activity: &Activity, limit: Option<Duration>) {
     }
 }
 
-/// One side of a tunnel: counts the bytes read from it and notes activity.
-struct Watched<IO> {
+/// One side of a spliced connection: counts the bytes read from it and notes activity.
+pub struct Watched<IO> {
     io: IO,
-    read: u64,
+    /// Bytes read from this side.
+    pub read: u64,
     activity: Arc<Activity>,
 }
 
 impl<IO> Watched<IO> {
-    fn new(io: IO, activity: Arc<Activity>) -> Self {
+    /// Watches `io`, noting its reads in `activity`.
+    pub fn new(io: IO, activity: Arc<Activity>) -> Self {
         Self {
             io,
             read: 0,
@@ -201,10 +233,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_tunnel_ends_at_the_idle_timeout_and_activity_defers_it() {
-        let activity = Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        };
+        let activity = Activity::new();
         let limit = Duration::from_secs(10);
         let watch = idle(&activity, Some(limit));
         tokio::pin!(watch);
