@@ -66,19 +66,7 @@ async fn raw_upgrade_echo() -> SocketAddr {
                 let _ = s
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
                     .await;
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = s.write_all(b"bye").await;
-                let _ = s.shutdown().await;
+                echo_then_bye(&mut s).await;
             });
         }
     });

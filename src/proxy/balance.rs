@@ -395,17 +395,7 @@ mod tests {
     }
 
     fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
-        (0..n)
-            .map(|i| {
-                Arc::new(Endpoint::new(
-                    format!("10.0.0.{i}:80").parse().unwrap(),
-                    "static",
-                    1,
-                    None,
-                    Arc::new(crate::rng::Rng::with_seed(1)),
-                ))
-            })
-            .collect()
+        weighted(&vec![1; n])
     }
 
     fn req(key: u64) -> PickRequest {
@@ -490,20 +480,7 @@ mod tests {
 
     #[test]
     fn smooth_round_robin_interleaves_by_weight() {
-        let eps: Vec<_> = [5, 1, 1]
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                Arc::new(Endpoint::new(
-                    format!("10.0.0.{i}:80").parse().unwrap(),
-                    "static",
-                    *w,
-                    None,
-                    Arc::new(crate::rng::Rng::with_seed(1)),
-                ))
-            })
-            .collect();
-        assert_eq!(schedule(&eps), [0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(schedule(&weighted(&[5, 1, 1])), [0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -42,9 +42,9 @@ pub struct Pending {
     pub drain: CancellationToken,
 }
 
-/// How a tunnel ended.
+/// How a splice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+pub enum End {
     /// Both sides finished sending.
     Closed,
     /// Neither side sent anything for the idle timeout.
@@ -56,7 +56,8 @@ enum End {
 }
 
 impl End {
-    fn name(self) -> &'static str {
+    /// The `end` field of the access line.
+    pub fn name(self) -> &'static str {
         match self {
             End::Closed => "closed",
             End::Idle => "idle_timeout",
@@ -66,8 +67,47 @@ impl End {
     }
 }
 
-/// Buffer size of each direction of a tunnel, as for TCP listeners.
-const TUNNEL_BUFFER: usize = 64 * 1024;
+/// Buffer size of each direction: 64 KiB instead of tokio's 8 KiB default, so bulk transfers
+/// need a quarter of the wake-ups and syscalls, for 112 KiB more per open connection.
+const SPLICE_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways between `client` and `upstream` until both finish, neither sends for
+/// `idle`, or `drain` fires and the connection goes quiet. Returns how it ended and the bytes
+/// read from the client and from the upstream. TCP listeners and tunnels both splice here.
+pub async fn splice<C, U>(
+    client: C,
+    upstream: U,
+    idle_limit: Option<Duration>,
+    drain: &CancellationToken,
+) -> (End, u64, u64)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(Activity::new());
+    let mut client = Watched::new(client, activity.clone());
+    let mut upstream = Watched::new(upstream, activity.clone());
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        SPLICE_BUFFER,
+        SPLICE_BUFFER,
+    );
+    let end = tokio::select! {
+        result = copy => match result {
+            Ok(_) => End::Closed,
+            Err(e) => {
+                tracing::debug!(error = %e, "a spliced connection ended with an error");
+                End::Error
+            }
+        },
+        () = idle(&activity, idle_limit) => End::Idle,
+        // Most protocols are between two exchanges once quiet: the drain need not wait for
+        // its timeout.
+        () = drained(drain, &activity) => End::Drained,
+    };
+    (end, client.read, upstream.read)
+}
 
 /// Runs the tunnel until both sides are done, the idle timeout passes, or a side fails.
 pub async fn run(p: Pending) {
@@ -80,29 +120,15 @@ pub async fn run(p: Pending) {
             return;
         }
     };
-    let activity = Arc::new(Activity::new());
-    let mut client = Watched::new(TokioIo::new(client), activity.clone());
-    let mut upstream = Watched::new(TokioIo::new(upstream), activity.clone());
     p.metrics.active.inc();
-    let copy = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        TUNNEL_BUFFER,
-        TUNNEL_BUFFER,
-    );
-    let end = tokio::select! {
-        result = copy => match result {
-            Ok(_) => End::Closed,
-            Err(e) => {
-                tracing::debug!(error = %e, "an upgraded connection ended with an error");
-                End::Error
-            }
-        },
-        () = idle(&activity, p.idle) => End::Idle,
-        () = drained(&p.drain, &activity) => End::Drained,
-    };
+    let (end, up, down) = splice(
+        TokioIo::new(client),
+        TokioIo::new(upstream),
+        p.idle,
+        &p.drain,
+    )
+    .await;
     p.metrics.active.dec();
-    let (up, down) = (client.read, upstream.read);
     p.metrics.bytes_upstream.inc_by(up);
     p.metrics.bytes_downstream.inc_by(down);
     if let Some((listener, route, peer)) = &p.log {

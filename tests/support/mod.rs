@@ -314,24 +314,27 @@ pub async fn tcp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             let Ok((mut s, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = s.write_all(b"bye").await;
-                let _ = s.shutdown().await;
-            });
+            tokio::spawn(async move { echo_then_bye(&mut s).await });
         }
     });
     (addr, task)
+}
+
+/// Echoes what `s` sends until it finishes sending, then writes `bye` and closes.
+pub async fn echo_then_bye(s: &mut tokio::net::TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.write_all(b"bye").await;
+    let _ = s.shutdown().await;
 }
 
 /// A loopback port held for a process the test starts, kills and starts again on the same port.
