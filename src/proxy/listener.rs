@@ -33,6 +33,37 @@ use crate::tls::{self, ServerTls, ServerTlsConfig};
 /// Pause after an accept error (such as running out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
+/// How long a stopping listener keeps accepting after it refused new handshakes: enough for a
+/// handshake already under way (its SYN answered) to complete, so that its client is served
+/// rather than reset. Bounded, so a listener whose filter could not be attached still closes.
+const CLOSE_SETTLE: Duration = Duration::from_millis(100);
+
+/// A socket filter that drops TCP segments with SYN set and ACK clear (new connection attempts)
+/// and passes every other segment. Classic BPF over the TCP header: load the flags byte, keep
+/// SYN|ACK, drop when only SYN is left.
+const DROP_SYN: [(u16, u8, u8, u32); 5] = [
+    (0x30, 0, 0, 13),          // ldb [13]        (TCP flags)
+    (0x54, 0, 0, 0x12),        // and #0x12       (SYN | ACK)
+    (0x15, 0, 1, 0x02),        // jeq #0x02, drop, pass
+    (0x06, 0, 0, 0),           // drop:  ret #0
+    (0x06, 0, 0, 0xffff_ffff), // pass: ret #-1 (whole segment)
+];
+
+/// Makes the kernel ignore new connection attempts on a listener about to close.
+///
+/// Closing a listening socket resets every connection still in its backlog or mid-handshake:
+/// their clients have seen the connect succeed and get ECONNRESET on their first request. With
+/// the SYNs dropped first, the only connections left are those already under way, which the
+/// accept loop serves during `CLOSE_SETTLE`; a client whose SYN was dropped retries it after its
+/// retransmission timeout, finds the port closed, and gets a clean "connection refused".
+fn refuse_new_handshakes(socket: &TcpListener, name: &str) {
+    let program = DROP_SYN.map(|(code, jt, jf, k)| socket2::SockFilter::new(code, jt, jf, k));
+    if let Err(e) = socket2::SockRef::from(socket).attach_filter(&program) {
+        // Without it the close still works; a connect racing it may be reset.
+        tracing::debug!(listener = %name, error = %e, "could not filter new handshakes");
+    }
+}
+
 /// What a listener does, as of the current config.
 pub struct ListenerState {
     /// Listener name.
@@ -117,11 +148,18 @@ async fn accept_loop(
     let mut server = Arc::new(http::server(&limits));
     // Shared with every connection task, and kept across reloads, so the cap counts them all.
     let open = Arc::new(AtomicUsize::new(0));
+    let mut closing = None;
     loop {
-        let accepted = if stop.is_cancelled() {
-            // Stopping: connections the kernel has already completed are served (and told to
-            // close) rather than reset when the socket is dropped; then the loop ends.
-            match tokio::time::timeout(Duration::ZERO, socket.accept()).await {
+        if stop.is_cancelled() && closing.is_none() {
+            closing = Some(tokio::time::Instant::now() + CLOSE_SETTLE);
+            refuse_new_handshakes(&socket, &state.load().name);
+        }
+        let accepted = if let Some(deadline) = closing {
+            // Stopping: new handshakes are refused (see `refuse_new_handshakes`); those already
+            // under way complete and, like connections waiting in the backlog, are served (and
+            // told to close) rather than reset when the socket is dropped. The loop ends
+            // `CLOSE_SETTLE` after the stop.
+            match tokio::time::timeout_at(deadline, socket.accept()).await {
                 Ok(Ok(a)) => Ok(a),
                 Ok(Err(_)) | Err(_) => break,
             }
