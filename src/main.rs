@@ -1,7 +1,10 @@
-//! The `outrigger` command: `run` the proxy, or `check` a config file.
+//! The `outrigger` command: `run` the proxy, `check` a config file, or `probe` a running proxy.
 
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use outrigger::app::App;
@@ -40,11 +43,34 @@ enum Command {
         #[arg(long, short, env = "OUTRIGGER_CONFIG")]
         config: PathBuf,
     },
+    /// Ask a running proxy's admin server whether it is ready: exit 0 on 200, 1 otherwise. The
+    /// container health check, for images with no shell or curl.
+    Probe {
+        /// Config file the proxy runs on, read for its admin address (the embedded default
+        /// when absent).
+        #[arg(long, short, env = "OUTRIGGER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Admin address to ask instead of the config's.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Admin path to ask.
+        #[arg(long, default_value = "/ready")]
+        path: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { config } => check(&config),
+        Command::Probe {
+            config,
+            admin,
+            path,
+            timeout,
+        } => probe(config.as_deref(), admin, &path, timeout),
         Command::Run {
             config,
             log_format,
@@ -102,6 +128,86 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+fn probe(
+    config: Option<&std::path::Path>,
+    admin: Option<SocketAddr>,
+    path: &str,
+    timeout: Duration,
+) -> ExitCode {
+    let admin = match admin {
+        Some(a) => a,
+        None => {
+            let loaded = match config {
+                Some(p) => config::load_file(p),
+                None => config::load_embedded(),
+            };
+            match loaded {
+                Ok(l) => l.config.admin_address,
+                Err(errors) => {
+                    for d in &errors.0 {
+                        println!("{d}");
+                    }
+                    println!("probe: cannot read the admin address; pass --admin");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    // A wildcard admin address is reached on the loopback of its family.
+    let target = match admin.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), admin.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), admin.port())
+        }
+        _ => admin,
+    };
+    match ask(target, path, timeout) {
+        Ok(status) if status.split(' ').nth(1) == Some("200") => {
+            println!("{status}");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            println!("{status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("probe: http://{target}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The status line of `GET path` at `target`, over one HTTP/1.1 connection.
+fn ask(target: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {target}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    // The status line only: the body is not needed.
+    while !head.ends_with(b"\r\n") && head.len() < 1024 {
+        if stream.read(&mut byte)? == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&head).trim_end().to_owned();
+    if line.starts_with("HTTP/") {
+        Ok(line)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not an HTTP answer: {line:?}"),
+        ))
     }
 }
 

@@ -684,3 +684,54 @@ async fn connections_racing_the_listeners_close_are_served_or_refused_never_rese
     );
     assert_eq!(refused, 32, "every client ends on a refused connect");
 }
+
+/// `outrigger probe`, the image's HEALTHCHECK: it finds the admin server from the config (a
+/// wildcard address is asked on loopback), exits 0 with the status line while the proxy is
+/// ready, and 1 with the reason when the answer is not a 200 or nobody answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_reports_readiness_for_container_health_checks() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = ReservedPort::for_the_run("127.0.0.1");
+    let path = dir.path().join("outrigger.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "admin:\n  address: 0.0.0.0:{port}\nlisteners:\n  - name: in\n    address: 127.0.0.1:0\n    routes:\n      - name: all\n        cluster: app\nclusters:\n  - name: app\n    endpoints: [{}]\n",
+            origin.addr
+        ),
+    )
+    .unwrap();
+    let probe = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_outrigger"))
+            .arg("probe")
+            .args(args)
+            .env("OUTRIGGER_CONFIG", &path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+    };
+    let mut proc = Process::start(&path);
+    assert_eq!(proc.admin.port(), port);
+    assert_eq!(probe(&[]), (Some(0), "HTTP/1.1 200 OK".to_owned()));
+    assert_eq!(
+        probe(&["--path", "/nowhere"]),
+        (Some(1), "HTTP/1.1 404 Not Found".to_owned())
+    );
+    proc.signal("KILL");
+    proc.wait_exit(WAIT);
+    let (code, said) = probe(&[]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.starts_with(&format!("probe: http://127.0.0.1:{port}/ready: ")),
+        "{said}"
+    );
+    // A config that cannot be read is said, not guessed around.
+    std::fs::write(&path, "listeners: [").unwrap();
+    let (code, said) = probe(&[]);
+    assert_eq!(code, Some(1));
+    assert!(said.contains("pass --admin"), "{said}");
+}
