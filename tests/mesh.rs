@@ -512,6 +512,56 @@ async fn a_sidecar_registers_its_application_only_while_it_is_healthy() {
     assert!(registered(&member, "app").await.is_empty());
 }
 
+/// With `check_address`, the check that gates a registration goes to the application itself
+/// rather than to the address callers use (which may want a client certificate): the instance is
+/// registered while the application passes, although nothing answers at `address:port`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registration_check_goes_to_check_address() {
+    let origin = support::Origin::start("app").await;
+    let data = tempfile::tempdir().unwrap();
+    let mesh = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let member = support::Proxy::start(&single_voter(&mesh, data.path(), false)).await;
+    let nobody = free_port("127.0.0.1");
+    let _sidecar = support::Proxy::start(&format!(
+        "mesh:
+  role: client
+  members:
+    1: {mesh}
+  register:
+    service: app
+    id: app-1
+    address: 127.0.0.1
+    port: {nobody}
+    ttl: 3s
+    check_address: {}
+    health_check:
+      path: /health
+      interval: 100ms
+      unhealthy_interval: 100ms
+      healthy_threshold: 1
+      unhealthy_threshold: 1
+",
+        origin.addr
+    ))
+    .await;
+    let within = Duration::from_secs(20);
+    assert!(
+        eventually(within, || async {
+            registered(&member, "app").await == ["app-1"]
+        })
+        .await,
+        "the application passing at check_address was not registered"
+    );
+    origin.control.set_status(500);
+    assert!(
+        eventually(within, || async {
+            registered(&member, "app").await.is_empty()
+        })
+        .await,
+        "an application failing at check_address stayed registered"
+    );
+}
+
 /// A fourth sidecar joins as a learner through a follower's admin API (which hands the change to
 /// the leader) and replicates the registry, is promoted to voter, and a voter is removed; the
 /// group keeps taking writes throughout, and a follower's admin port answers linearizable reads.

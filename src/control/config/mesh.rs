@@ -93,6 +93,10 @@ pub struct RawRegister {
     /// runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
+    /// Where `health_check` is sent instead of `address:port`: the application itself when
+    /// callers reach it through a listener the check cannot pass (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_address: Option<String>,
 }
 
 /// Lease TTL of a self-registration when the config names none.
@@ -105,6 +109,8 @@ pub struct RegisterConfig {
     pub registration: Registration,
     /// The check that gates it, if any.
     pub health_check: Option<HealthCheckConfig>,
+    /// `host:port` the check is sent to (default: the registration's `address:port`).
+    pub check_target: String,
 }
 
 /// What part a sidecar plays in the group.
@@ -380,6 +386,21 @@ impl Validator {
             .health_check
             .as_ref()
             .and_then(|h| self.health_check("mesh.register.health_check", h));
+        if let Some(a) = &r.check_address {
+            if !valid_host_port(a) {
+                self.problem_with_hint(
+                    "mesh.register.check_address".into(),
+                    format!("invalid check address `{a}`"),
+                    Some("write a host and a port, e.g. `127.0.0.1:8080`".into()),
+                );
+            } else if r.health_check.is_none() {
+                self.problem_with_hint(
+                    "mesh.register.check_address".into(),
+                    "`check_address` without a `health_check` checks nothing".into(),
+                    Some("add `health_check`, or remove `check_address`".into()),
+                );
+            }
+        }
         if self.problems.len() > before {
             return None;
         }
@@ -397,6 +418,10 @@ impl Validator {
                 ttl_ms: ttl.as_millis() as u64,
             },
             health_check,
+            check_target: r
+                .check_address
+                .clone()
+                .unwrap_or_else(|| host_port(&r.address, r.port)),
         })
     }
 

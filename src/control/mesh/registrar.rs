@@ -50,7 +50,7 @@ impl Registrar {
         let gated = cfg.health_check.is_some();
         if let Some(check) = cfg.health_check.clone() {
             let r = &cfg.registration;
-            if let Ok(authority) = r.host_port().parse::<Authority>() {
+            if let Ok(authority) = cfg.check_target.parse::<Authority>() {
                 // Kept open by the registrar's task: the checker stops when the channel goes.
                 let (endpoints_tx, endpoints) = watch::channel(Endpoints {
                     source: "static",
