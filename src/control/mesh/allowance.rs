@@ -201,6 +201,13 @@ impl Allowances {
     }
 }
 
+/// How much sooner than `REFRESH` the leader is asked to answer a long poll when nothing
+/// changed. A grant runs `GRANT` (two refreshes) from its asking, and in a steady state each
+/// refresh is asked as the previous answer arrives: held for the whole `REFRESH`, the second
+/// answer would arrive two round trips after the first grant ran out, and every sidecar would
+/// drop to its `on_partition` setting for those round trips every other second.
+const POLL_SLACK: Duration = Duration::from_millis(250);
+
 /// How often the offered counts are sampled for the demand.
 const SAMPLE: Duration = Duration::from_millis(250);
 /// Samples kept: the demand is the rate over the last second.
@@ -247,6 +254,10 @@ async fn until(t: Option<Instant>) {
 }
 
 fn fall_back(live: &[Arc<Allowance>], why: &str) {
+    if live.is_empty() {
+        // Only hints or coordinated checks ride on the refresh: no limit falls back.
+        return;
+    }
     tracing::warn!(
         why,
         "no share of the mesh-wide rate limits is in force: they run on their on_partition setting"
@@ -310,7 +321,7 @@ async fn refresh(allowances: Arc<Allowances>, client: MeshClient, id: String, rn
                     offered: demand.per_second(&a.name),
                 })
                 .collect(),
-            wait_ms: REFRESH.as_millis() as u64,
+            wait_ms: (REFRESH - POLL_SLACK).as_millis() as u64,
         };
         let Ok(bytes) = serde_json::to_vec(&body) else {
             return;
