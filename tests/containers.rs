@@ -310,6 +310,31 @@ impl Load {
     }
 }
 
+/// The compose mesh's Prometheus scrape config is valid (promtool, as Prometheus would load it)
+/// and scrapes every sidecar's admin port. Needs no Docker engine.
+#[test]
+fn the_scrape_config_passes_promtool_and_names_every_sidecar() {
+    let file = root().join("docker/prometheus.yml");
+    let out = run(
+        "promtool",
+        &["check", "config", file.to_str().unwrap()],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "promtool (Debian's `prometheus`; .ci/run installs it): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    for (instance, _) in INSTANCES {
+        assert!(
+            text.contains(&format!("{instance}.data:9901")),
+            "{instance}"
+        );
+    }
+}
+
 /// Scenario 1: a request goes app → sidecar → sidecar → app across three services, balanced over
 /// both instances of `b`, with mutual TLS between the sidecars; the image is small, non-root,
 /// healthy by its own probe, and trusts the system's CA roots.
