@@ -1,4 +1,5 @@
-//! The `outrigger` command: `run` the proxy, `check` a config file, or `probe` a running proxy.
+//! The `outrigger` command: `run` the proxy, `check` or `explain` a config file, or `probe` a
+//! running proxy.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -43,6 +44,19 @@ enum Command {
         #[arg(long, short, env = "OUTRIGGER_CONFIG")]
         config: PathBuf,
     },
+    /// Show what every route does once defaults apply, the worst-case latency and load
+    /// amplification that follow, and warnings for known traps.
+    Explain {
+        /// Config file to explain (the embedded default when absent).
+        #[arg(long, short, env = "OUTRIGGER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Only this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ExplainFormat,
+    },
     /// Ask a running proxy's admin server whether it is ready: exit 0 on 200, 1 otherwise. The
     /// container health check, for images with no shell or curl.
     Probe {
@@ -62,9 +76,23 @@ enum Command {
     },
 }
 
+/// How `explain` prints its report.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExplainFormat {
+    /// For a terminal.
+    Text,
+    /// For programs: see config/explain.schema.json.
+    Json,
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { config } => check(&config),
+        Command::Explain {
+            config,
+            route,
+            format,
+        } => explain(config.as_deref(), route.as_deref(), format),
         Command::Probe {
             config,
             admin,
@@ -129,6 +157,40 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn explain(path: Option<&std::path::Path>, route: Option<&str>, format: ExplainFormat) -> ExitCode {
+    let loaded = match path {
+        Some(p) => config::load_file(p),
+        None => config::load_embedded(),
+    };
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(errors) => {
+            for d in &errors.0 {
+                println!("{d}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = config::explain::explain(&loaded.config, route);
+    if let Some(name) = route {
+        if report.routes.is_empty() {
+            println!("no HTTP route is named `{name}`");
+            return ExitCode::FAILURE;
+        }
+    }
+    match format {
+        ExplainFormat::Text => print!("{}", report.text()),
+        ExplainFormat::Json => match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => {
+                println!("explain: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    }
+    ExitCode::SUCCESS
 }
 
 fn probe(

@@ -4,6 +4,7 @@
 //! [`validate`]). Every error carries `FILE:LINE:COLUMN`. serde_yaml is used only in this module so
 //! that a maintained fork can replace it in one place.
 
+pub mod explain;
 pub mod locate;
 pub mod mesh;
 pub mod model;
