@@ -61,6 +61,10 @@ pub trait View: Send + Sync + 'static {
 /// A call to the mesh group in flight: it ends with the status and body to answer.
 pub type MeshCall = Pin<Box<dyn Future<Output = (StatusCode, Bytes)> + Send>>;
 
+/// The live admin page: one self-contained HTML file whose script polls `/config`, `/clusters`,
+/// `/metrics`, `/mesh` and `/ready`.
+const UI: &str = include_str!("ui.html");
+
 /// The largest body a membership change may carry.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -160,6 +164,8 @@ fn route(view: &dyn View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/" => html(index(view)),
+        // Static: the page polls the JSON endpoints itself.
+        "/ui" => html(UI),
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if view.ready() => text(StatusCode::OK, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
@@ -204,7 +210,7 @@ fn index(view: &dyn View) -> String {
         .unwrap_or_default();
     format!(
         "<!doctype html><html><head><meta charset=utf-8><title>Outrigger admin</title></head><body>\
-         <h1>Outrigger {}</h1><p>State: <b>{state}</b>. Config version {} ({}), hash <code>{}</code>.</p>\
+         <h1>Outrigger {}</h1><p><a href=/ui><b>Open the live page (/ui)</b></a></p><p>State: <b>{state}</b>. Config version {} ({}), hash <code>{}</code>.</p>\
          <table border=1 cellpadding=4><tr><th>listener</th><th>protocol</th><th>bound</th></tr>{listeners}</table>{error}\
          <ul><li><a href=/live>/live</a></li><li><a href=/ready>/ready</a></li><li><a href=/metrics>/metrics</a></li>\
          <li><a href=/config>/config</a></li><li><a href=/clusters>/clusters</a></li></ul></body></html>",
@@ -231,8 +237,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
-fn html(body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn html(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
