@@ -44,6 +44,13 @@ enum Command {
         #[arg(long, short, env = "OUTRIGGER_CONFIG")]
         config: PathBuf,
     },
+    /// A show of about 30 seconds that needs nothing else: misbehaving in-process services
+    /// behind a proxy with every policy off and one with the defaults, side by side.
+    Demo {
+        /// How long the load runs.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
     /// Show what every route does once defaults apply, the worst-case latency and load
     /// amplification that follow, and warnings for known traps.
     Explain {
@@ -88,6 +95,25 @@ enum ExplainFormat {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { config } => check(&config),
+        Command::Demo { duration } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("outrigger: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(outrigger::demo::run(duration)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("outrigger demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Explain {
             config,
             route,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules from the top (the composition root) down to the leaves.
 const LAYERS: &[(&str, u8)] = &[
+    ("demo", 8),
     ("app", 7),
     ("proxy", 6),
     ("control", 5),
