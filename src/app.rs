@@ -150,6 +150,9 @@ pub struct Shared {
     pub active: ArcSwap<Active>,
     /// The error of the most recent reload, if it failed.
     pub last_error: ArcSwapOption<String>,
+    /// The latest reloads, newest last, for the admin page: a rejected one stays listed after
+    /// a later one succeeds and clears `last_error`.
+    reloads: std::sync::Mutex<std::collections::VecDeque<ReloadRecord>>,
     draining: AtomicBool,
     config_path: Option<PathBuf>,
     control: Mutex<Control>,
@@ -327,6 +330,7 @@ impl App {
             config_metrics,
             active: ArcSwap::from_pointee(active),
             last_error: ArcSwapOption::empty(),
+            reloads: std::sync::Mutex::default(),
             draining: AtomicBool::new(false),
             config_path,
             control: Mutex::new(control),
@@ -417,6 +421,7 @@ impl App {
             Ok(Some(version)) => {
                 m.reload(true, version);
                 self.shared.last_error.store(None);
+                self.shared.record_reload(Some(version), None);
                 tracing::info!(version, path = %path.display(), "config reloaded");
                 ReloadOutcome::Applied(version)
             }
@@ -431,6 +436,7 @@ impl App {
                     tracing::error!("config rejected, previous config stays: {line}");
                 }
                 self.shared.last_error.store(Some(Arc::new(text.clone())));
+                self.shared.record_reload(None, Some(text.clone()));
                 ReloadOutcome::Rejected(text)
             }
         }
@@ -578,6 +584,23 @@ impl Shared {
         !self.draining.load(Ordering::SeqCst)
     }
 
+    /// Keeps the outcome of a reload among the latest `RECENT_RELOADS`.
+    fn record_reload(&self, version: Option<u64>, error: Option<String>) {
+        let at_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut list = self.reloads.lock().unwrap_or_else(|p| p.into_inner());
+        if list.len() == RECENT_RELOADS {
+            list.pop_front();
+        }
+        list.push_back(ReloadRecord {
+            at_unix,
+            version,
+            error,
+        });
+    }
+
     /// The active config, its version and hash, the bound listeners and the last reload error.
     fn config_json(&self) -> serde_json::Value {
         let active = self.active.load();
@@ -592,6 +615,19 @@ impl Shared {
             "file": active.loaded.file,
             "applied_at_unix": applied,
             "last_reload_error": self.last_error.load().as_deref(),
+            "recent_reloads": self
+                .reloads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .rev()
+                .map(|r| json!({
+                    "at_unix": r.at_unix,
+                    "result": if r.error.is_some() { "rejected" } else { "applied" },
+                    "version": r.version,
+                    "error": r.error,
+                }))
+                .collect::<Vec<_>>(),
             "listeners": active.listeners.iter().map(|l| json!({
                 "name": l.name,
                 "protocol": l.protocol,
@@ -601,6 +637,18 @@ impl Shared {
             "config": active.loaded.raw,
         })
     }
+}
+
+/// Reloads kept for the admin page.
+const RECENT_RELOADS: usize = 10;
+
+/// One reload's outcome.
+struct ReloadRecord {
+    at_unix: u64,
+    /// The version it applied; `None` when rejected.
+    version: Option<u64>,
+    /// Why it was rejected.
+    error: Option<String>,
 }
 
 /// The admin server's narrow view of the proxy: read-only, but for the operator calls it

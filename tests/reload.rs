@@ -202,6 +202,25 @@ async fn invalid_file_is_rejected_with_location_and_old_config_stays() {
         .unwrap()
         .contains("did you mean `protocol`?"));
     assert_eq!(count(&scrape(&proxy).await, FAILURE), 1);
+    // Listed among the recent reloads, where it stays after a good reload clears the error.
+    let recent = &cfg["recent_reloads"];
+    assert_eq!(recent.as_array().unwrap().len(), 1, "{recent}");
+    assert_eq!(recent[0]["result"], "rejected");
+    assert!(recent[0]["error"].as_str().unwrap().contains("`protocl`"));
+    proxy.write_config(&route_config(&a, &b, 100, false));
+    assert!(eventually(WAIT, || async { config_json(&proxy).await["version"] == 2 }).await);
+    let cfg = config_json(&proxy).await;
+    assert!(cfg["last_reload_error"].is_null());
+    let recent = &cfg["recent_reloads"];
+    assert_eq!(
+        (
+            &recent[0]["result"],
+            &recent[0]["version"],
+            &recent[1]["result"]
+        ),
+        (&"applied".into(), &2.into(), &"rejected".into()),
+        "newest first: {recent}"
+    );
     let (status, headers, _) = get(&client, &proxy.url("in", "/steady")).await.unwrap();
     assert_eq!(
         (status, headers["x-origin"].to_str().unwrap()),
