@@ -185,12 +185,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn explain(path: Option<&std::path::Path>, route: Option<&str>, format: ExplainFormat) -> ExitCode {
-    let loaded = match path {
+/// The config file at `path`, or the embedded default without one.
+fn load(path: Option<&std::path::Path>) -> Result<Loaded, config::ConfigErrors> {
+    match path {
         Some(p) => config::load_file(p),
         None => config::load_embedded(),
-    };
-    let loaded = match loaded {
+    }
+}
+
+fn explain(path: Option<&std::path::Path>, route: Option<&str>, format: ExplainFormat) -> ExitCode {
+    let loaded = match load(path) {
         Ok(l) => l,
         Err(errors) => {
             for d in &errors.0 {
@@ -227,22 +231,16 @@ fn probe(
 ) -> ExitCode {
     let admin = match admin {
         Some(a) => a,
-        None => {
-            let loaded = match config {
-                Some(p) => config::load_file(p),
-                None => config::load_embedded(),
-            };
-            match loaded {
-                Ok(l) => l.config.admin_address,
-                Err(errors) => {
-                    for d in &errors.0 {
-                        println!("{d}");
-                    }
-                    println!("probe: cannot read the admin address; pass --admin");
-                    return ExitCode::FAILURE;
+        None => match load(config) {
+            Ok(l) => l.config.admin_address,
+            Err(errors) => {
+                for d in &errors.0 {
+                    println!("{d}");
                 }
+                println!("probe: cannot read the admin address; pass --admin");
+                return ExitCode::FAILURE;
             }
-        }
+        },
     };
     // A wildcard admin address is reached on the loopback of its family.
     let target = match admin.ip() {
@@ -300,11 +298,7 @@ fn ask(target: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<Str
 }
 
 async fn run(path: Option<PathBuf>) -> ExitCode {
-    let loaded: Result<Loaded, _> = match &path {
-        Some(p) => config::load_file(p),
-        None => config::load_embedded(),
-    };
-    let loaded = match loaded {
+    let loaded = match load(path.as_deref()) {
         Ok(l) => l,
         Err(errors) => {
             for d in &errors.0 {
