@@ -383,23 +383,51 @@ async fn requests_cross_the_mesh_between_sidecars_over_mutual_tls() {
     );
 
     // The callers of c share a mesh-wide limit: both hold a leased share, none fell back.
+    // (The limit is split once the leader has heard from both.)
+    let shares = |m: &str| {
+        (
+            metric(m, "outrigger_mesh_rate_limit_share{limit=\"to-c\"}"),
+            metric(m, "outrigger_mesh_rate_limit_fallback{limit=\"to-c\"}"),
+        )
+    };
+    let split = eventually(WAIT, || async {
+        let mut held = true;
+        for instance in ["b-1", "b-2"] {
+            let (_, m) = mesh.admin(instance, "/metrics").await.unwrap();
+            let (share, fallback) = shares(&m);
+            held &= share > 0.0 && share < 2000.0 && fallback == 0.0;
+        }
+        held
+    })
+    .await;
+    assert!(split, "both callers of c hold a share of the limit");
     for instance in ["b-1", "b-2"] {
         let (_, metrics) = mesh.admin(instance, "/metrics").await.unwrap();
-        let share = metric(&metrics, "outrigger_mesh_rate_limit_share{limit=\"to-c\"}");
-        let fallback = metric(
-            &metrics,
-            "outrigger_mesh_rate_limit_fallback{limit=\"to-c\"}",
-        );
+        let (share, _) = shares(&metrics);
         println!("cross: {instance} holds a share of {share:.0}/s of 2000/s");
-        assert!(
-            share > 0.0 && share < 2000.0 && fallback == 0.0,
-            "{instance}: {share} {fallback}"
-        );
-        let logs = mesh.compose(&["logs", "--no-color", &format!("{instance}-sidecar")]);
-        assert!(
-            !logs.contains("no share of the mesh-wide rate limits"),
-            "a healthy group never lets a grant lapse:\n{logs}"
-        );
+        // Once a share is held, a steady group never lets the grant lapse (the first refresh,
+        // sent while the group was still electing, may). Watched over four more refreshes, two
+        // grant periods.
+        let service = format!("{instance}-sidecar");
+        let lapses = || {
+            mesh.compose(&["logs", "--no-color", &service])
+                .matches("no share of the mesh-wide rate limits")
+                .count()
+        };
+        let refreshes = |m: &str| {
+            metric(
+                m,
+                "outrigger_mesh_rate_limit_refreshes_total{result=\"ok\"}",
+            )
+        };
+        let (before, from) = (lapses(), refreshes(&metrics));
+        let watched = eventually(WAIT, || async {
+            let (_, m) = mesh.admin(instance, "/metrics").await.unwrap();
+            refreshes(&m) >= from + 4.0
+        })
+        .await;
+        assert!(watched, "{instance} keeps refreshing");
+        assert_eq!(lapses(), before, "a healthy group never lets a grant lapse");
     }
 
     // Every sidecar reports healthy through the image's HEALTHCHECK (`outrigger probe`).
