@@ -2,19 +2,23 @@
 //!
 //! Run it through `benches/load.sh`, which installs HAProxy, wrk and h2load and builds the
 //! release binary. A HAProxy instance that answers `200 ok` itself is the origin; a second
-//! HAProxy and Outrigger proxy to it with equivalent configs. Every figure is the median of
-//! `OUTRIGGER_LOAD_ROUNDS` rounds (default 3). Rows:
+//! HAProxy and Outrigger proxy to it with equivalent configs. Each proxy under test is pinned to
+//! core 1 with one thread (HAProxy `nbthread 1`, Outrigger `--workers 1`); the origin and every
+//! load generator run on core 0, so a proxy's CPU figures are its own. Every figure is the median
+//! of `OUTRIGGER_LOAD_ROUNDS` rounds (default 3). Rows:
 //!
-//! 1. saturation throughput, HTTP/1.1 keep-alive, 64 connections (wrk);
-//! 2. latency at fixed rates (2k and 5k req/s, open loop, generated here): p50, p99, p99.9;
-//! 3. CPU seconds of the proxy process per 100,000 requests at 2k req/s (from /proc);
-//! 4. RSS idle and with 10,000 idle keep-alive connections;
-//! 5. HTTP/2 multiplexed throughput (h2load);
-//! 6. L4 TCP bulk throughput;
-//! 7. rows 1–3 with Outrigger's default resilience stack (retries, budget, breaker, outlier
-//!    detection, bulkhead, timeouts) rather than a minimal one.
+//! 1. saturation throughput, HTTP/1.1 keep-alive, 64 connections (wrk), and CPU per request there;
+//! 2. latency and CPU per request at fixed rates (2k and 5k req/s, open loop, generated here);
+//! 3. system calls (`perf stat`) and context switches (/proc) per request at 3k req/s;
+//! 4. the same proxies with two threads on both cores, saturated;
+//! 5. RSS idle and with 5,000 idle keep-alive connections;
+//! 6. HTTP/2 multiplexed throughput (h2load);
+//! 7. L4 TCP bulk throughput.
 //!
-//! It prints a table and machine-readable lines such as `ratio cpu_per_req outrigger/haproxy 0.83`.
+//! Outrigger runs twice: with every policy off, and with its default resilience stack (retries,
+//! budget, breaker, outlier detection, bulkhead, timeouts), the row the targets apply to. It
+//! prints tables and machine-readable lines such as `ratio cpu_per_req_2k
+//! outrigger+resilience/haproxy 0.83`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -99,13 +103,19 @@ async fn wait_port(port: u16) {
     panic!("nothing listens on {port}");
 }
 
-fn haproxy(dir: &Path, name: &str, cfg: &str) -> Proc {
+/// The core the proxies under test run on; the origin and the load generators use the other.
+const PROXY_CORE: &str = "1";
+const LOAD_CORE: &str = "0";
+
+fn haproxy(dir: &Path, name: &str, cores: &str, cfg: &str) -> Proc {
     let path = dir.join(format!("{name}.cfg"));
     std::fs::write(&path, cfg).unwrap();
-    spawn(Command::new("haproxy").args(["-f", path.to_str().unwrap()]))
+    spawn(Command::new("taskset").args(["-c", cores, "haproxy", "-f", path.to_str().unwrap()]))
 }
 
-const GLOBAL: &str = "global\n  fd-hard-limit 20000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n";
+fn global(threads: u32) -> String {
+    format!("global\n  nbthread {threads}\n  fd-hard-limit 40000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n")
+}
 
 struct Targets {
     direct: u16,
@@ -115,12 +125,15 @@ struct Targets {
     sink: u16,
 }
 
+/// An Outrigger process: `minimal` turns every policy off; `workers` threads on `cores`.
 fn outrigger(
     dir: &Path,
     bin: &Path,
     origin: u16,
     sink: u16,
     minimal: bool,
+    workers: u16,
+    cores: &str,
 ) -> (Proc, u16, u16, u16) {
     let (http, tcp, admin) = (free_port(), free_port(), free_port());
     let route_policy = if minimal {
@@ -152,21 +165,29 @@ clusters:
     endpoints: [127.0.0.1:{sink}]
 "
     );
-    let path = dir.join(if minimal {
-        "minimal.yaml"
-    } else {
-        "default.yaml"
-    });
+    let path = dir.join(format!("outrigger-{minimal}-{workers}.yaml"));
     std::fs::write(&path, cfg).unwrap();
-    let p = spawn(Command::new(bin).args(["run", "--config", path.to_str().unwrap()]));
+    let p = spawn(Command::new("taskset").args([
+        "-c",
+        cores,
+        bin.to_str().unwrap(),
+        "run",
+        "--workers",
+        &workers.to_string(),
+        "--config",
+        path.to_str().unwrap(),
+    ]));
     (p, http, tcp, admin)
 }
 
 /// wrk saturation: requests per second.
 fn wrk(port: u16, secs: u32) -> f64 {
-    let out = Command::new("wrk")
+    let out = Command::new("taskset")
         .args([
-            "-t2",
+            "-c",
+            LOAD_CORE,
+            "wrk",
+            "-t1",
             "-c64",
             &format!("-d{secs}s"),
             &format!("http://127.0.0.1:{port}/"),
@@ -182,8 +203,11 @@ fn wrk(port: u16, secs: u32) -> f64 {
 
 /// h2load: requests per second over 4 connections × 32 streams.
 fn h2load(port: u16) -> f64 {
-    let out = Command::new("h2load")
+    let out = Command::new("taskset")
         .args([
+            "-c",
+            LOAD_CORE,
+            "h2load",
             "-n",
             "200000",
             "-c",
@@ -317,6 +341,122 @@ async fn idle_connections(port: u16, n: usize) -> Vec<tokio::net::TcpStream> {
     conns
 }
 
+/// Context switches of every thread of `pid` so far, from /proc.
+fn context_switches(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Counts the system calls of `pid` while `load` runs (`perf stat`), or `None` without perf.
+async fn syscalls_during<F: std::future::Future<Output = usize>>(
+    pid: u32,
+    load: F,
+) -> (Option<f64>, usize) {
+    let out = std::env::temp_dir().join(format!("outrigger-perf-{pid}.txt"));
+    let perf = Command::new("perf")
+        .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-o"])
+        .arg(&out)
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered = load.await;
+    let Ok(perf) = perf else {
+        return (None, answered);
+    };
+    // perf prints its counts when interrupted.
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let _ = perf.wait_with_output();
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let count = text
+        .lines()
+        .find(|l| l.contains("raw_syscalls:sys_enter"))
+        .and_then(|l| l.split(',').next()?.trim().parse::<f64>().ok());
+    (count, answered)
+}
+
+/// One target's figures, each the median over the rounds.
+#[derive(Default, Clone)]
+struct Figures {
+    sat: f64,
+    cpu_sat: f64,
+    cpu_2k: f64,
+    cpu_5k: f64,
+    p50_2k: f64,
+    p99_2k: f64,
+    p999_2k: f64,
+    p50_5k: f64,
+    p99_5k: f64,
+    p999_5k: f64,
+    syscalls: Option<f64>,
+    switches: f64,
+    rss_idle: f64,
+}
+
+/// CPU microseconds of `p` per request while `answered` requests were served.
+fn per_request_us(p: Option<&Proc>, before: f64, answered: f64) -> f64 {
+    p.map_or(0.0, |p| (p.cpu() - before) / answered.max(1.0) * 1e6)
+}
+
+async fn measure(port: u16, p: Option<&Proc>, rounds: usize) -> Figures {
+    let mut v: Vec<Figures> = Vec::new();
+    for _ in 0..rounds {
+        let mut f = Figures::default();
+        let before = p.map_or(0.0, Proc::cpu);
+        let secs = 5;
+        f.sat = wrk(port, secs);
+        f.cpu_sat = per_request_us(p, before, f.sat * f64::from(secs));
+        let before = p.map_or(0.0, Proc::cpu);
+        let (l, ok) = fixed_rate(port, 2000, 5.0).await;
+        f.cpu_2k = per_request_us(p, before, ok as f64);
+        (f.p50_2k, f.p99_2k, f.p999_2k) = (pct(&l, 50.0), pct(&l, 99.0), pct(&l, 99.9));
+        let before = p.map_or(0.0, Proc::cpu);
+        let (l, ok) = fixed_rate(port, 5000, 3.0).await;
+        f.cpu_5k = per_request_us(p, before, ok as f64);
+        (f.p50_5k, f.p99_5k, f.p999_5k) = (pct(&l, 50.0), pct(&l, 99.0), pct(&l, 99.9));
+        v.push(f);
+    }
+    let m = |get: fn(&Figures) -> f64| median(v.iter().map(get).collect());
+    let mut f = Figures {
+        sat: m(|f| f.sat),
+        cpu_sat: m(|f| f.cpu_sat),
+        cpu_2k: m(|f| f.cpu_2k),
+        cpu_5k: m(|f| f.cpu_5k),
+        p50_2k: m(|f| f.p50_2k),
+        p99_2k: m(|f| f.p99_2k),
+        p999_2k: m(|f| f.p999_2k),
+        p50_5k: m(|f| f.p50_5k),
+        p99_5k: m(|f| f.p99_5k),
+        p999_5k: m(|f| f.p999_5k),
+        ..Figures::default()
+    };
+    // System calls and context switches at a fixed 3k req/s, in a pass of their own (perf's
+    // tracepoint adds a little to every call).
+    if let Some(p) = p {
+        let cs = context_switches(p.pid());
+        let (calls, ok) =
+            syscalls_during(p.pid(), async { fixed_rate(port, 3000, 3.0).await.1 }).await;
+        f.switches = (context_switches(p.pid()) - cs) / ok.max(1) as f64;
+        f.syscalls = calls.map(|c| c / ok.max(1) as f64);
+    }
+    f
+}
+
 fn main() {
     let rounds: usize = std::env::var("OUTRIGGER_LOAD_ROUNDS")
         .ok()
@@ -325,8 +465,15 @@ fn main() {
     let bin: PathBuf = std::env::var("OUTRIGGER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/outrigger"));
+    // The load generators (this process, wrk, h2load) and the origin keep to one core, the
+    // proxy under test to the other, so its CPU figures are its own.
+    let _ = Command::new("taskset")
+        .args(["-c", "-p", LOAD_CORE, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status();
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
@@ -342,23 +489,45 @@ fn main() {
         let _origin = haproxy(
             dir.path(),
             "origin",
+            LOAD_CORE,
             &format!(
-                "{GLOBAL}frontend origin\n  bind 127.0.0.1:{} proto h2\n  bind 127.0.0.1:{}\n  http-request return status 200 content-type text/plain string ok\n",
+                "{}frontend origin\n  bind 127.0.0.1:{} proto h2\n  bind 127.0.0.1:{}\n  http-request return status 200 content-type text/plain string ok\n",
+                global(1),
                 free_port(),
                 t.direct
             ),
         );
+        let ha_cfg = |threads: u32, http: u16, h2: u16, tcp: u16| {
+            format!(
+                "{}frontend fe\n  bind 127.0.0.1:{http}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend be\nbackend be\n  http-reuse always\n  server o 127.0.0.1:{}\nlisten tcp\n  mode tcp\n  bind 127.0.0.1:{tcp}\n  server s 127.0.0.1:{}\n",
+                global(threads),
+                t.direct,
+                t.sink
+            )
+        };
         let ha = haproxy(
             dir.path(),
             "proxy",
-            &format!(
-                "{GLOBAL}frontend fe\n  bind 127.0.0.1:{}\n  bind 127.0.0.1:{} proto h2\n  default_backend be\nbackend be\n  http-reuse always\n  server o 127.0.0.1:{}\nlisten tcp\n  mode tcp\n  bind 127.0.0.1:{}\n  server s 127.0.0.1:{}\n",
-                t.haproxy, t.haproxy_h2, t.direct, t.haproxy_tcp, t.sink
-            ),
+            PROXY_CORE,
+            &ha_cfg(1, t.haproxy, t.haproxy_h2, t.haproxy_tcp),
         );
-        let (min, min_http, min_tcp, _) = outrigger(dir.path(), &bin, t.direct, t.sink, true);
-        let (def, def_http, _, _) = outrigger(dir.path(), &bin, t.direct, t.sink, false);
-        for p in [t.direct, t.haproxy, t.haproxy_h2, t.haproxy_tcp, min_http, min_tcp, def_http] {
+        let ha2_port = free_port();
+        let ha2 = haproxy(
+            dir.path(),
+            "proxy2",
+            "0,1",
+            &ha_cfg(2, ha2_port, free_port(), free_port()),
+        );
+        let (min, min_http, min_tcp, _) =
+            outrigger(dir.path(), &bin, t.direct, t.sink, true, 1, PROXY_CORE);
+        let (def, def_http, _, _) =
+            outrigger(dir.path(), &bin, t.direct, t.sink, false, 1, PROXY_CORE);
+        let (def2, def2_http, _, _) =
+            outrigger(dir.path(), &bin, t.direct, t.sink, false, 2, "0,1");
+        for p in [
+            t.direct, t.haproxy, t.haproxy_h2, t.haproxy_tcp, ha2_port, min_http, min_tcp,
+            def_http, def2_http,
+        ] {
             wait_port(p).await;
         }
         let rows: [(&str, u16, Option<&Proc>); 4] = [
@@ -367,61 +536,61 @@ fn main() {
             ("outrigger", min_http, Some(&min)),
             ("outrigger+resilience", def_http, Some(&def)),
         ];
-        println!("rounds: {rounds}; every figure is the median\n");
-        println!("| target | sat. req/s (64 conns) | p50 / p99 / p99.9 ms at 2k/s | p50 / p99 / p99.9 ms at 5k/s | CPU s per 100k req at 2k/s | RSS idle MB |");
-        println!("|---|---|---|---|---|---|");
-        let mut cpu_of = std::collections::HashMap::new();
-        let mut sat_of = std::collections::HashMap::new();
-        let mut p99_of = std::collections::HashMap::new();
+        println!("rounds: {rounds}; every figure is the median. Proxies on core {PROXY_CORE} (HAProxy nbthread 1, Outrigger --workers 1); origin and load on core {LOAD_CORE}.\n");
+        println!("| target | sat. req/s (64 conns) | CPU µs/req at 2k/s | at 5k/s | at saturation | p50 / p99 / p99.9 ms at 2k/s | p50 / p99 / p99.9 ms at 5k/s | syscalls/req | ctx switches/req | RSS idle MB |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        let mut of = std::collections::HashMap::new();
         for (name, port, proc_) in rows {
             let idle_rss = proc_.map(Proc::rss_mb).unwrap_or(0.0);
-            let mut sat = Vec::new();
-            let mut lat2 = (Vec::new(), Vec::new(), Vec::new());
-            let mut lat5 = (Vec::new(), Vec::new(), Vec::new());
-            let mut cpu = Vec::new();
-            for _ in 0..rounds {
-                sat.push(wrk(port, 5));
-                let before = proc_.map(Proc::cpu).unwrap_or(0.0);
-                let (l, ok) = fixed_rate(port, 2000, 5.0).await;
-                let after = proc_.map(Proc::cpu).unwrap_or(0.0);
-                cpu.push((after - before) / ok.max(1) as f64 * 100_000.0);
-                lat2.0.push(pct(&l, 50.0));
-                lat2.1.push(pct(&l, 99.0));
-                lat2.2.push(pct(&l, 99.9));
-                let (l, _) = fixed_rate(port, 5000, 3.0).await;
-                lat5.0.push(pct(&l, 50.0));
-                lat5.1.push(pct(&l, 99.0));
-                lat5.2.push(pct(&l, 99.9));
-            }
-            let (s, c) = (median(sat), median(cpu));
-            let p99 = median(lat2.1.clone());
+            let mut f = measure(port, proc_, rounds).await;
+            f.rss_idle = idle_rss;
+            let dash = |v: String| if proc_.is_some() { v } else { "-".into() };
             println!(
-                "| {name} | {s:.0} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} |",
-                median(lat2.0),
-                p99,
-                median(lat2.2),
-                median(lat5.0),
-                median(lat5.1),
-                median(lat5.2),
-                if proc_.is_some() { format!("{c:.3}") } else { "-".into() },
-                if proc_.is_some() { format!("{idle_rss:.1}") } else { "-".into() },
+                "| {name} | {:.0} | {} | {} | {} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} | {} |",
+                f.sat,
+                dash(format!("{:.1}", f.cpu_2k)),
+                dash(format!("{:.1}", f.cpu_5k)),
+                dash(format!("{:.1}", f.cpu_sat)),
+                f.p50_2k,
+                f.p99_2k,
+                f.p999_2k,
+                f.p50_5k,
+                f.p99_5k,
+                f.p999_5k,
+                dash(f.syscalls.map_or("n/a".into(), |c| format!("{c:.2}"))),
+                dash(format!("{:.2}", f.switches)),
+                dash(format!("{idle_rss:.1}")),
             );
-            cpu_of.insert(name, c);
-            sat_of.insert(name, s);
-            p99_of.insert(name, p99);
+            of.insert(name, f);
         }
+        // Two cores: the same proxies with two threads each, saturated (the load generator shares
+        // the cores, so this is the scaling a busy two-core host sees).
+        let sat2 = |port| median((0..rounds).map(|_| wrk(port, 5)).collect());
+        let (ha2_sat, or2_sat) = (sat2(ha2_port), sat2(def2_http));
+        println!("\n| two cores (cores 0-1, shared with the load) | sat. req/s | × its one-core figure |\n|---|---|---|");
+        println!("| haproxy nbthread 2 | {ha2_sat:.0} | {:.2} |", ha2_sat / of["haproxy"].sat.max(1.0));
+        println!(
+            "| outrigger+resilience --workers 2 | {or2_sat:.0} | {:.2} |",
+            or2_sat / of["outrigger+resilience"].sat.max(1.0)
+        );
+        drop((ha2, def2));
         // Idle keep-alive connections.
         let mut idle_rows = Vec::new();
-        for (name, port, p) in [("haproxy", t.haproxy, &ha), ("outrigger", min_http, &min)] {
+        let mut kb_of = std::collections::HashMap::new();
+        for (name, port, p) in [
+            ("haproxy", t.haproxy, &ha),
+            ("outrigger+resilience", def_http, &def),
+        ] {
             let before = p.rss_mb();
-            let conns = idle_connections(port, 10_000).await;
+            let conns = idle_connections(port, 5_000).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             let after = p.rss_mb();
+            let kb = (after - before) * 1024.0 / conns.len().max(1) as f64;
             idle_rows.push(format!(
-                "| {name} | {} | {before:.1} | {after:.1} | {:.1} |",
+                "| {name} | {} | {before:.1} | {after:.1} | {kb:.1} |",
                 conns.len(),
-                (after - before) * 1024.0 / conns.len().max(1) as f64
             ));
+            kb_of.insert(name, kb);
             drop(conns);
         }
         println!("\n| idle keep-alive | connections | RSS before MB | RSS after MB | KB per connection |");
@@ -431,7 +600,7 @@ fn main() {
         }
         // HTTP/2 and TCP.
         let h2_ha = median((0..rounds).map(|_| h2load(t.haproxy_h2)).collect());
-        let h2_or = median((0..rounds).map(|_| h2load(min_http)).collect());
+        let h2_or = median((0..rounds).map(|_| h2load(def_http)).collect());
         let mut bulk_rows = Vec::new();
         for (name, port) in [("direct", t.sink), ("haproxy", t.haproxy_tcp), ("outrigger", min_tcp)] {
             let mut v = Vec::new();
@@ -440,22 +609,42 @@ fn main() {
             }
             bulk_rows.push((name, median(v)));
         }
-        println!("\n| h2load (4 conns x 32 streams) | req/s |\n|---|---|\n| haproxy | {h2_ha:.0} |\n| outrigger | {h2_or:.0} |");
+        println!("\n| h2load (4 conns x 32 streams) | req/s |\n|---|---|\n| haproxy | {h2_ha:.0} |\n| outrigger+resilience | {h2_or:.0} |");
         println!("\n| TCP bulk (1 GiB) | MB/s |\n|---|---|");
         for (n, v) in &bulk_rows {
             println!("| {n} | {v:.0} |");
         }
         println!();
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let (ha, direct) = (&of["haproxy"], &of["direct"]);
         for o in ["outrigger", "outrigger+resilience"] {
-            println!("ratio cpu_per_req {o}/haproxy {:.2}", ratio(cpu_of[o], cpu_of["haproxy"]));
-            println!("ratio saturation {o}/haproxy {:.2}", ratio(sat_of[o], sat_of["haproxy"]));
+            let f = &of[o];
+            println!("ratio cpu_per_req_2k {o}/haproxy {:.2}", ratio(f.cpu_2k, ha.cpu_2k));
+            println!("ratio cpu_per_req_5k {o}/haproxy {:.2}", ratio(f.cpu_5k, ha.cpu_5k));
+            println!("ratio cpu_per_req_sat {o}/haproxy {:.2}", ratio(f.cpu_sat, ha.cpu_sat));
+            println!("ratio saturation {o}/haproxy {:.2}", ratio(f.sat, ha.sat));
             println!(
-                "ratio added_p99_2k {o}/haproxy {:.2}",
-                ratio(p99_of[o] - p99_of["direct"], p99_of["haproxy"] - p99_of["direct"])
+                "ratio added_p50_2k {o}/haproxy {:.2}",
+                ratio(f.p50_2k - direct.p50_2k, ha.p50_2k - direct.p50_2k)
+            );
+            println!(
+                "ratio added_p50_5k {o}/haproxy {:.2}",
+                ratio(f.p50_5k - direct.p50_5k, ha.p50_5k - direct.p50_5k)
             );
         }
-        println!("ratio h2_throughput outrigger/haproxy {:.2}", ratio(h2_or, h2_ha));
+        println!(
+            "ratio two_workers outrigger+resilience/one_worker {:.2}",
+            ratio(or2_sat, of["outrigger+resilience"].sat)
+        );
+        println!("ratio h2_throughput outrigger+resilience/haproxy {:.2}", ratio(h2_or, h2_ha));
+        println!(
+            "figure idle_kb_per_connection outrigger+resilience {:.1} haproxy {:.1}",
+            kb_of["outrigger+resilience"], kb_of["haproxy"]
+        );
+        println!(
+            "figure idle_rss_mb outrigger+resilience {:.1}",
+            of["outrigger+resilience"].rss_idle
+        );
         println!(
             "ratio tcp_bulk outrigger/direct {:.2}",
             ratio(bulk_rows[2].1, bulk_rows[0].1)

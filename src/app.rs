@@ -41,6 +41,7 @@ use crate::proxy::cluster::Cluster;
 use crate::proxy::listener::{self, ListenerKind, ListenerState, Running};
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::{RouteTable, UnknownCluster};
+use crate::proxy::workers::Workers;
 use crate::rng::Rng;
 use crate::tasks::Tasks;
 use crate::telemetry::admin::{self, Summary, View};
@@ -160,6 +161,8 @@ pub struct Shared {
     shutdown: CancellationToken,
     /// Listeners and their connections.
     serving: TaskTracker,
+    /// The threads that serve them.
+    workers: Arc<Workers>,
     /// Discovery, health checks, watches and cluster followers.
     background: Tasks,
     /// The admin server and its connections.
@@ -203,6 +206,7 @@ struct Build<'a> {
     background: &'a Tasks,
     shutdown: &'a CancellationToken,
     serving: &'a TaskTracker,
+    workers: &'a Workers,
 }
 
 /// A running proxy.
@@ -224,6 +228,17 @@ impl App {
         loaded: Loaded,
         config_path: Option<PathBuf>,
         rng: Rng,
+    ) -> Result<App, AppError> {
+        Self::start_on(loaded, config_path, rng, Arc::new(Workers::ambient())).await
+    }
+
+    /// As [`App::start_with`], serving connections on `workers` rather than on the caller's
+    /// runtime. The caller stops the workers once [`App::shutdown`] has returned.
+    pub async fn start_on(
+        loaded: Loaded,
+        config_path: Option<PathBuf>,
+        rng: Rng,
+        workers: Arc<Workers>,
     ) -> Result<App, AppError> {
         let metrics = Metrics::new()?;
         let admin_addr = loaded.config.admin_address;
@@ -306,6 +321,7 @@ impl App {
             background: &background,
             shutdown: &shutdown,
             serving: &serving,
+            workers: &workers,
         };
         let registrar = loaded.config.mesh.as_ref().and_then(|m| {
             let cfg = m.register.clone()?;
@@ -336,6 +352,7 @@ impl App {
             control: Mutex::new(control),
             shutdown,
             serving,
+            workers,
             background,
             admin,
             admin_addr,
@@ -484,6 +501,7 @@ impl App {
             background: &s.background,
             shutdown: &s.shutdown,
             serving: &s.serving,
+            workers: &s.workers,
         };
         let active = compile_and_swap(&build, control, loaded, version).await?;
         let live = live_names(&active.loaded.config);
@@ -908,8 +926,14 @@ async fn take_hints(shared: std::sync::Weak<Shared>, mut rx: mpsc::Receiver<Vec<
 /// configured) and the follower that applies both. All of them end when the cluster is dropped.
 fn start_cluster(c: &ClusterConfig, b: &Build<'_>) -> Result<Arc<Cluster>, LoadError> {
     let cluster = Arc::new(
-        Cluster::new(c.clone(), b.metrics, b.rng.fork(), b.background.child())?
-            .with_hints(b.hints.cloned()),
+        Cluster::new(
+            c.clone(),
+            b.metrics,
+            b.rng.fork(),
+            b.background.child(),
+            b.workers.pools(),
+        )?
+        .with_hints(b.hints.cloned()),
     );
     let own = cluster.tasks();
     let endpoints = discovery::start(
@@ -947,8 +971,8 @@ fn start_cluster(c: &ClusterConfig, b: &Build<'_>) -> Result<Arc<Cluster>, LoadE
 enum Socket {
     /// Take over this running listener (same address).
     Reuse(String),
-    /// A freshly bound socket.
-    Fresh(TcpListener),
+    /// Freshly bound sockets, one per worker.
+    Fresh(listener::Sockets),
 }
 
 /// Compiles `loaded`, binds what it needs, and only then swaps it into the running listeners.
@@ -1006,13 +1030,13 @@ async fn compile_and_swap(
                 sockets.push(Socket::Reuse(name.clone()));
             }
             None => {
-                let socket = listener::bind(l.address)
-                    .await
-                    .map_err(|source| AppError::Bind {
+                let socket = listener::bind(l.address, b.workers.count()).map_err(|source| {
+                    AppError::Bind {
                         what: format!("listener `{}`", l.name),
                         address: l.address,
                         source,
-                    })?;
+                    }
+                })?;
                 sockets.push(Socket::Fresh(socket));
             }
         }
@@ -1037,6 +1061,7 @@ async fn compile_and_swap(
                     state,
                     b.shutdown.child_token(),
                     b.serving,
+                    b.workers,
                 ) {
                     Ok(r) => r,
                     Err(e) => {
@@ -1143,6 +1168,7 @@ fn listener_state(
         &l.name,
         m.http.local_replies(&l.name),
         m.control.listener_cert(&l.name),
+        b.workers.count(),
     );
     // Unchanged TLS settings keep their material and file watch; a rotation is not a reload.
     let tls = match &l.tls {

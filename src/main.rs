@@ -5,11 +5,14 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use outrigger::app::App;
 use outrigger::control::config::{self, Loaded};
+use outrigger::proxy::workers::Workers;
+use outrigger::rng::Rng;
 use outrigger::telemetry::logging::{self, LogFormat};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -34,7 +37,8 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// Worker threads; one per core when absent. Set it to the cores the sidecar is given.
+        /// Threads serving connections, each on its own socket per listener; one per core when
+        /// absent. Set it to the cores the sidecar is given.
         #[arg(long, env = "OUTRIGGER_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
         workers: Option<u16>,
     },
@@ -131,19 +135,32 @@ fn main() -> ExitCode {
             workers,
         } => {
             logging::init(log_format);
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.enable_all();
-            if let Some(n) = workers {
-                builder.worker_threads(usize::from(n));
-            }
-            let runtime = match builder.build() {
+            // The control side (admin, discovery, health checks, the Raft group) runs here;
+            // connections are served on the workers' threads.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("outrigger: cannot start the runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(run(config))
+            let n = workers.map_or_else(
+                || std::thread::available_parallelism().map_or(1, usize::from),
+                usize::from,
+            );
+            let workers = match Workers::start(n) {
+                Ok(w) => Arc::new(w),
+                Err(e) => {
+                    eprintln!("outrigger: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let code = runtime.block_on(run(config, workers.clone()));
+            workers.stop();
+            code
         }
     }
 }
@@ -297,7 +314,7 @@ fn ask(target: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<Str
     }
 }
 
-async fn run(path: Option<PathBuf>) -> ExitCode {
+async fn run(path: Option<PathBuf>, workers: Arc<Workers>) -> ExitCode {
     let loaded = match load(path.as_deref()) {
         Ok(l) => l,
         Err(errors) => {
@@ -322,7 +339,11 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = match App::start(loaded, path).await {
+    tracing::info!(
+        workers = workers.count(),
+        "serving on one thread per worker"
+    );
+    let app = match App::start_on(loaded, path, Rng::from_entropy(), workers).await {
         Ok(app) => app,
         Err(e) => {
             tracing::error!("cannot start: {e}");

@@ -299,15 +299,22 @@ async fn worker_count_is_set_from_the_command_line_or_environment() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let threads = std::fs::read_dir(format!("/proc/{}/task", proc.child.id()))
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", proc.child.id()))
         .unwrap()
         .filter_map(Result::ok)
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.starts_with("tokio-rt-worker"))
-        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .collect();
+    let workers = names
+        .iter()
+        .filter(|n| n.starts_with("outrigger-w"))
         .count();
-    assert_eq!(threads, 1, "one runtime worker");
+    assert_eq!(workers, 1, "one worker thread: {names:?}");
+    // The control side has its own single thread: no multi-threaded pool besides the worker.
+    assert!(
+        !names.iter().any(|n| n.starts_with("tokio-rt-worker")),
+        "{names:?}"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_outrigger"))
         .args(["run", "--workers", "0", "--config", path.to_str().unwrap()])

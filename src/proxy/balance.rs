@@ -158,6 +158,10 @@ impl Picker {
         if n == 0 {
             return None;
         }
+        if n == 1 {
+            // Nothing to choose between: draws would only ask the same endpoint again.
+            return usable(&endpoints[0]).then_some(0);
+        }
         let fresh = |i: usize| req.tried & (1u64 << (i % 64)) == 0;
         let ok = |i: usize| usable(&endpoints[i]);
         let first = match self {

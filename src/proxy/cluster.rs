@@ -93,16 +93,17 @@ fn admits(e: &Endpoint) -> bool {
 }
 
 impl Cluster {
-    /// Builds the cluster and its client; its tasks (certificate watch, and later discovery and
-    /// health, started by the composition root) run in `scope`. Fails when its TLS files can no
-    /// longer be used.
+    /// Builds the cluster and its client with `pools` connection pools (one per worker); its
+    /// tasks (certificate watch, and later discovery and health, started by the composition
+    /// root) run in `scope`. Fails when its TLS files can no longer be used.
     pub fn new(
         config: ClusterConfig,
         metrics: &Metrics,
         rng: Rng,
         scope: Scope,
+        pools: usize,
     ) -> Result<Self, LoadError> {
-        let client = Client::new(&config, metrics, scope.tasks())?;
+        let client = Client::new(&config, metrics, scope.tasks(), pools)?;
         let m = metrics.upstream.cluster(&config.name);
         let breaker = config.breaker.as_ref().map(|b| {
             Arc::new(CircuitBreaker::new(
@@ -159,6 +160,7 @@ impl Cluster {
             metrics,
             Rng::with_seed(0),
             tasks.child(),
+            1,
         )?);
         cluster.apply(&endpoints.borrow(), &HashMap::new());
         Ok(cluster)

@@ -31,6 +31,7 @@ use crate::proxy::cluster::Cluster;
 use crate::proxy::http::strip_hop_by_hop;
 use crate::proxy::resilience::classify::{self, Outcome, TrailerStatus};
 use crate::proxy::resilience::{timeout, Call, Response, ResponseFuture};
+use crate::proxy::workers;
 use crate::tasks::Tasks;
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{ClientTls, LoadError, UpstreamConnector};
@@ -38,9 +39,11 @@ use crate::tls::{ClientTls, LoadError, UpstreamConnector};
 /// The pooled hyper client of a cluster.
 pub type UpstreamClient = hyper_util::client::legacy::Client<UpstreamConnector, ReqBody>;
 
-/// How a cluster's tries reach its endpoints: the pool, TLS, scheme and protocol.
+/// How a cluster's tries reach its endpoints: the pools, TLS, scheme and protocol.
 pub struct Client {
-    pool: UpstreamClient,
+    /// One pool per worker (index [`workers::current`]), so a try and the connection task that
+    /// carries it run on the same thread.
+    pools: Box<[UpstreamClient]>,
     /// TLS to the endpoints, if configured (the health checker connects with it too).
     pub tls: Option<Arc<ClientTls>>,
     scheme: Scheme,
@@ -48,11 +51,13 @@ pub struct Client {
 }
 
 impl Client {
-    /// Builds the client of the cluster `config`; its certificate files are watched on `tasks`.
+    /// Builds the client of the cluster `config` with `pools` connection pools (see
+    /// [`workers::Workers::pools`]); its certificate files are watched on `tasks`.
     pub fn new(
         config: &ClusterConfig,
         metrics: &Metrics,
         tasks: &Tasks,
+        pools: usize,
     ) -> Result<Self, LoadError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -87,15 +92,18 @@ impl Client {
         };
         let connector = UpstreamConnector::new(connector, tls.clone());
         let pool = &config.upstream.pool;
-        let pool = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool.idle_timeout)
             .pool_max_idle_per_host(pool.max_idle_per_endpoint)
-            .http2_only(config.protocol == UpstreamProtocol::Http2)
-            .build(connector);
+            .http2_only(config.protocol == UpstreamProtocol::Http2);
+        let pools = (0..pools.max(1))
+            .map(|_| builder.build(connector.clone()))
+            .collect();
         Ok(Self {
-            pool,
+            pools,
             tls,
             scheme,
             version: match config.protocol {
@@ -147,7 +155,13 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
     cluster.metrics.attempts.inc();
     let in_flight = endpoint.start();
     let started = Instant::now();
-    let pending = client.pool.request(Request::from_parts(head, body));
+    // Never empty (`Client::new` builds at least one); a thread that is not a worker uses the
+    // first.
+    let pool = client
+        .pools
+        .get(workers::current())
+        .unwrap_or(&client.pools[0]);
+    let pending = pool.request(Request::from_parts(head, body));
     let answer = match ctx.try_deadline {
         Some(at) => tokio::time::timeout_at(at, pending).await,
         None => Ok(pending.await),

@@ -169,14 +169,20 @@ impl Endpoint {
         self.outlier.ejected_for(self.now())
     }
 
-    /// Whether the balancer may pick the endpoint (breakers are asked separately).
+    /// Whether the balancer may pick the endpoint (breakers are asked separately). The clock
+    /// is read only while an ejection is recorded.
     pub fn available(&self) -> bool {
-        self.health() != Health::Unhealthy && self.ejected_for().is_none()
+        self.health() != Health::Unhealthy && !self.outlier.is_ejected(|| self.now())
     }
 
-    /// Whether the endpoint is available and not waiting out a reconnect backoff.
+    /// Whether the endpoint is available and not waiting out a reconnect backoff. The clock is
+    /// read only while an ejection or a backoff is recorded.
     pub fn ready(&self) -> bool {
-        self.available() && self.now() >= self.reconnect_at.load(Ordering::Relaxed)
+        if !self.available() {
+            return false;
+        }
+        let at = self.reconnect_at.load(Ordering::Relaxed);
+        at == 0 || self.now() >= at
     }
 
     /// Time left in the reconnect backoff.

@@ -26,6 +26,7 @@ use crate::proxy::http::{self, Peer};
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::RouteTable;
 use crate::proxy::tcp;
+use crate::proxy::workers::Workers;
 use crate::rng::Rng;
 use crate::telemetry::metrics::{Handshake, ListenerMetrics, RouteMetrics};
 use crate::tls::{self, ServerTls, ServerTlsConfig};
@@ -113,20 +114,62 @@ pub struct Running {
     pub stop: CancellationToken,
 }
 
-/// Binds `address`; binding happens before a config is committed so a failure rejects it whole.
-pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(address).await
+/// The sockets of one listener: one per worker, all bound to the same address.
+pub struct Sockets(Vec<std::net::TcpListener>);
+
+/// Pending connections the kernel queues per socket (tokio's default).
+const BACKLOG: i32 = 1024;
+
+/// Binds `address` once per worker; binding happens before a config is committed so a failure
+/// rejects it whole. With more than one worker the sockets share the port (`SO_REUSEPORT`) and
+/// the kernel spreads new connections over them; the first socket fixes the port when the
+/// config asks for port 0.
+pub fn bind(address: SocketAddr, workers: usize) -> std::io::Result<Sockets> {
+    let shared = workers > 1;
+    let mut sockets = Vec::with_capacity(workers);
+    let mut at = address;
+    for _ in 0..workers.max(1) {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(at),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        // As tokio's own bind: a restarted proxy can bind while old connections linger.
+        socket.set_reuse_address(true)?;
+        if shared {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(BACKLOG)?;
+        let socket: std::net::TcpListener = socket.into();
+        at = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(Sockets(sockets))
 }
 
-/// Starts accepting on `socket`; connections are tracked by `tracker`.
+impl Sockets {
+    /// The address bound.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self.0.first() {
+            Some(s) => s.local_addr(),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+/// Starts accepting on `sockets`, one accept loop on each worker; connections are tracked by
+/// `tracker`. Every worker reads the same [`ListenerState`], so a reload reaches them all at once.
 pub fn spawn(
-    socket: TcpListener,
+    sockets: Sockets,
     configured: SocketAddr,
     state: ListenerState,
     stop: CancellationToken,
     tracker: &TaskTracker,
+    workers: &Workers,
 ) -> std::io::Result<Running> {
-    let local = socket.local_addr()?;
+    let local = sockets.local_addr()?;
     let state = Arc::new(ArcSwap::from_pointee(state));
     let running = Running {
         configured,
@@ -134,7 +177,25 @@ pub fn spawn(
         state: state.clone(),
         stop: stop.clone(),
     };
-    tracker.spawn(accept_loop(socket, state, stop, tracker.clone()));
+    // Shared by every worker's loop and connection, and kept across reloads, so the cap counts
+    // them all.
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut sockets = sockets.0.into_iter();
+    workers.each(|worker| {
+        let socket = sockets.next();
+        let (state, stop, tracker, open) =
+            (state.clone(), stop.clone(), tracker.clone(), open.clone());
+        tracker.clone().track_future(async move {
+            let Some(socket) = socket else { return };
+            // Registered with the worker's own reactor: this runs on the worker.
+            match TcpListener::from_std(socket) {
+                Ok(socket) => accept_loop(socket, state, stop, tracker, open, worker).await,
+                Err(e) => {
+                    tracing::error!(listener = %state.load().name, error = %e, "cannot accept");
+                }
+            }
+        })
+    });
     Ok(running)
 }
 
@@ -143,11 +204,11 @@ async fn accept_loop(
     state: Arc<ArcSwap<ListenerState>>,
     stop: CancellationToken,
     tracker: TaskTracker,
+    open: Arc<AtomicUsize>,
+    worker: usize,
 ) {
     let mut limits = state.load().limits;
     let mut server = Arc::new(http::server(&limits));
-    // Shared with every connection task, and kept across reloads, so the cap counts them all.
-    let open = Arc::new(AtomicUsize::new(0));
     let mut closing = None;
     loop {
         if stop.is_cancelled() && closing.is_none() {
@@ -192,6 +253,9 @@ async fn accept_loop(
         }
         let _ = stream.set_nodelay(true);
         current.metrics.connections.inc();
+        if let Some(c) = current.metrics.by_worker.get(worker) {
+            c.inc();
+        }
         let open = OpenConnection::new(&current.metrics.open_connections, &open);
         match &current.kind {
             ListenerKind::Http(_) => {
@@ -355,6 +419,7 @@ mod tests {
             "in",
             metrics.http.local_replies("in"),
             metrics.control.listener_cert("in"),
+            1,
         );
         let tasks = Tasks::new();
         let material = ServerMaterial::load(&cfg).unwrap();

@@ -1,7 +1,8 @@
 //! The data path, in request order: accept ([`listener`]), serve ([`http`] or [`tcp`]), route
 //! ([`router`]), run the resilience stack ([`stack`]), pick an endpoint of the [`cluster`]
 //! ([`balance`], with [`outlier`] detection) and reach it through its pooled client
-//! ([`connect`]). A request that switches protocols (a WebSocket) becomes a [`tunnel`].
+//! ([`connect`]). A request that switches protocols (a WebSocket) becomes a [`tunnel`]. All of it
+//! runs on the [`workers`], one thread each.
 //!
 //! The data path reads control state only as immutable snapshots (route tables, endpoint sets)
 //! and is never imported by the control side or by telemetry.
@@ -20,3 +21,4 @@ pub mod router;
 pub mod stack;
 pub mod tcp;
 pub mod tunnel;
+pub mod workers;

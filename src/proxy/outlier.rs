@@ -150,6 +150,13 @@ impl Outlier {
         (until > now).then(|| Duration::from_nanos(until - now))
     }
 
+    /// Whether an ejection is in force, reading the clock (`now`) only if one was ever set:
+    /// the balancer asks this of every candidate on every pick.
+    pub fn is_ejected(&self, now: impl FnOnce() -> u64) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && until > now()
+    }
+
     /// Ejects for `base × ejections` (capped) from `now` and clears the streaks.
     fn eject(&self, now: u64, cfg: &OutlierConfig) -> Duration {
         let n = self.ejections.fetch_add(1, Ordering::AcqRel) + 1;

@@ -55,6 +55,7 @@ impl Handshake {
 pub struct Families {
     open_connections: IntGaugeVec,
     connections: IntCounterVec,
+    worker_connections: IntCounterVec,
     tcp_bytes: IntCounterVec,
     handshakes: IntCounterVec,
     rejected: IntCounterVec,
@@ -73,6 +74,8 @@ pub struct ListenerMetrics {
     pub open_connections: IntGauge,
     /// Connections accepted.
     pub connections: IntCounter,
+    /// Connections accepted, by worker (position 0 is worker 1).
+    pub by_worker: Box<[IntCounter]>,
     /// TCP bytes from the client to the upstream.
     pub bytes_upstream: IntCounter,
     /// TCP bytes from the upstream to the client.
@@ -123,6 +126,11 @@ impl Families {
                 "Downstream connections accepted.",
                 &["listener"],
             )?,
+            worker_connections: r.counter(
+                "outrigger_worker_connections_total",
+                "Downstream connections accepted, by listener and worker (from 1): how the kernel spreads them over the workers.",
+                &["listener", "worker"],
+            )?,
             tcp_bytes: r.counter(
                 "outrigger_tcp_bytes_total",
                 "Bytes spliced by TCP listeners, by direction.",
@@ -161,18 +169,25 @@ impl Families {
         })
     }
 
-    /// Resolves the handles of one listener; its certificate and reply handles come from the
-    /// families that own them.
+    /// Resolves the handles of one listener served by `workers` workers; its certificate and
+    /// reply handles come from the families that own them.
     pub fn resolve(
         &self,
         listener: &str,
         local_replies: LocalReplies,
         cert: CertMetrics,
+        workers: usize,
     ) -> ListenerMetrics {
         ListenerMetrics {
             local_replies,
             open_connections: self.open_connections.with_label_values(&[listener]),
             connections: self.connections.with_label_values(&[listener]),
+            by_worker: (1..=workers.max(1))
+                .map(|w| {
+                    self.worker_connections
+                        .with_label_values(&[listener, &w.to_string()])
+                })
+                .collect(),
             bytes_upstream: self.tcp_bytes.with_label_values(&[listener, "upstream"]),
             bytes_downstream: self.tcp_bytes.with_label_values(&[listener, "downstream"]),
             handshakes: Handshake::ALL

@@ -1,0 +1,163 @@
+//! The data path's threads: one single-threaded runtime per worker, each with its own accept
+//! socket per listener (`SO_REUSEPORT`) and its own upstream connection pools.
+//!
+//! Why not tokio's multi-thread scheduler: it wakes a parked worker for every task it queues and
+//! lets tasks move between threads, so a request and the upstream connection that serves it
+//! usually run on different threads, and each hop costs an eventfd write and a context switch.
+//! Here a connection is accepted, served and relayed on one thread; the kernel spreads new
+//! connections over the workers' sockets. The control side (discovery, health checks, the Raft
+//! group, the admin server) runs on its own runtime and never on a worker.
+//!
+//! What workers share is stated in `config/README.md` ("Workers"): the config snapshot and all
+//! resilience state are process-wide; the upstream pools and request-id generators are per worker.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+thread_local! {
+    /// The worker this thread runs, from 1; 0 on every other thread.
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The worker the calling thread runs (from 1), or 0 on a thread that is not a worker (the
+/// control runtime, or a test's runtime that serves in-process).
+pub fn current() -> usize {
+    INDEX.with(Cell::get)
+}
+
+/// Where connections are served: worker runtimes of their own, or the ambient runtime.
+pub struct Workers {
+    handles: Vec<Handle>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop: CancellationToken,
+}
+
+/// A worker thread or its runtime could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start worker {index}: {source}")]
+pub struct StartError {
+    index: usize,
+    source: std::io::Error,
+}
+
+impl Workers {
+    /// Starts `n` worker threads, each running a single-threaded runtime until [`Workers::stop`].
+    pub fn start(n: usize) -> Result<Self, StartError> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for index in 1..=n.max(1) {
+            let fail = |source| StartError { index, source };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(fail)?;
+            handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("outrigger-w{index}"))
+                .spawn(move || {
+                    INDEX.with(|i| i.set(index));
+                    runtime.block_on(stop.cancelled());
+                    // Dropping the runtime cancels what is left; shutdown has drained it.
+                })
+                .map_err(fail)?;
+            threads.push(thread);
+        }
+        Ok(Self {
+            handles,
+            threads: Mutex::new(threads),
+            stop,
+        })
+    }
+
+    /// Serves on the runtime of the caller: one worker, index 0. For a proxy embedded in a
+    /// program (the tests) that owns its runtime.
+    pub fn ambient() -> Self {
+        Self {
+            handles: vec![Handle::current()],
+            threads: Mutex::default(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// How many workers serve connections.
+    pub fn count(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// How many upstream pools a cluster keeps: one per value [`current`] can return.
+    pub fn pools(&self) -> usize {
+        self.handles.len() + 1
+    }
+
+    /// Runs `task(i)` on every worker `i` (from 0).
+    pub fn each<F, Fut>(&self, mut task: F)
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for (i, handle) in self.handles.iter().enumerate() {
+            handle.spawn(task(i));
+        }
+    }
+
+    /// Stops the worker threads and waits for them; call once serving has drained.
+    pub fn stop(&self) {
+        self.stop.cancel();
+        // A worker cannot wait for itself: dropped there, the others end on their own.
+        if current() != 0 {
+            return;
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each worker runs its tasks on its own thread, which knows its index.
+    #[test]
+    fn every_worker_runs_on_its_own_thread() {
+        let workers = Workers::start(3).unwrap();
+        assert_eq!(workers.count(), 3);
+        assert_eq!(workers.pools(), 4);
+        let (tx, rx) = std::sync::mpsc::channel();
+        workers.each(|i| {
+            let tx = tx.clone();
+            async move {
+                let name = std::thread::current().name().map(str::to_owned);
+                tx.send((i, current(), name)).unwrap();
+            }
+        });
+        let mut seen: Vec<_> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                (0, 1, Some("outrigger-w1".to_owned())),
+                (1, 2, Some("outrigger-w2".to_owned())),
+                (2, 3, Some("outrigger-w3".to_owned())),
+            ]
+        );
+        assert_eq!(current(), 0, "the test's own thread is no worker");
+        workers.stop();
+    }
+}
