@@ -15,6 +15,9 @@
 //! 6. HTTP/2 multiplexed throughput (h2load);
 //! 7. L4 TCP bulk throughput.
 //!
+//! `OUTRIGGER_BASELINE_BIN=path/to/older/outrigger` adds that build, with the default stack, as a
+//! row of the same run (`baseline+resilience`): a before/after comparison on equal terms.
+//!
 //! Outrigger runs twice: with every policy off, and with its default resilience stack (retries,
 //! budget, breaker, outlier detection, bulkhead, timeouts), the row the targets apply to. It
 //! prints tables and machine-readable lines such as `ratio cpu_per_req_2k
@@ -413,25 +416,28 @@ fn per_request_us(p: Option<&Proc>, before: f64, answered: f64) -> f64 {
     p.map_or(0.0, |p| (p.cpu() - before) / answered.max(1.0) * 1e6)
 }
 
-async fn measure(port: u16, p: Option<&Proc>, rounds: usize) -> Figures {
-    let mut v: Vec<Figures> = Vec::new();
-    for _ in 0..rounds {
-        let mut f = Figures::default();
-        let before = p.map_or(0.0, Proc::cpu);
-        let secs = 5;
-        f.sat = wrk(port, secs);
-        f.cpu_sat = per_request_us(p, before, f.sat * f64::from(secs));
-        let before = p.map_or(0.0, Proc::cpu);
-        let (l, ok) = fixed_rate(port, 2000, 5.0).await;
-        f.cpu_2k = per_request_us(p, before, ok as f64);
-        (f.p50_2k, f.p99_2k, f.p999_2k) = (pct(&l, 50.0), pct(&l, 99.0), pct(&l, 99.9));
-        let before = p.map_or(0.0, Proc::cpu);
-        let (l, ok) = fixed_rate(port, 5000, 3.0).await;
-        f.cpu_5k = per_request_us(p, before, ok as f64);
-        (f.p50_5k, f.p99_5k, f.p999_5k) = (pct(&l, 50.0), pct(&l, 99.0), pct(&l, 99.9));
-        v.push(f);
-    }
-    let m = |get: fn(&Figures) -> f64| median(v.iter().map(get).collect());
+/// One round of the rate figures for one target.
+async fn round(port: u16, p: Option<&Proc>) -> Figures {
+    let mut f = Figures::default();
+    let before = p.map_or(0.0, Proc::cpu);
+    let secs = 5;
+    f.sat = wrk(port, secs);
+    f.cpu_sat = per_request_us(p, before, f.sat * f64::from(secs));
+    let before = p.map_or(0.0, Proc::cpu);
+    let (l, ok) = fixed_rate(port, 2000, 5.0).await;
+    f.cpu_2k = per_request_us(p, before, ok as f64);
+    (f.p50_2k, f.p99_2k, f.p999_2k) = (pct(&l, 50.0), pct(&l, 99.0), pct(&l, 99.9));
+    let before = p.map_or(0.0, Proc::cpu);
+    let (l, ok) = fixed_rate(port, 5000, 3.0).await;
+    f.cpu_5k = per_request_us(p, before, ok as f64);
+    (f.p50_5k, f.p99_5k, f.p999_5k) = (pct(&l, 50.0), pct(&l, 99.0), pct(&l, 99.9));
+    f
+}
+
+/// The medians of `rounds`, with system calls and context switches per request at a fixed 3k
+/// req/s measured in a pass of their own (perf's tracepoint adds a little to every call).
+async fn summarize(rounds: &[Figures], port: u16, p: Option<&Proc>) -> Figures {
+    let m = |get: fn(&Figures) -> f64| median(rounds.iter().map(get).collect());
     let mut f = Figures {
         sat: m(|f| f.sat),
         cpu_sat: m(|f| f.cpu_sat),
@@ -445,8 +451,6 @@ async fn measure(port: u16, p: Option<&Proc>, rounds: usize) -> Figures {
         p999_5k: m(|f| f.p999_5k),
         ..Figures::default()
     };
-    // System calls and context switches at a fixed 3k req/s, in a pass of their own (perf's
-    // tracepoint adds a little to every call).
     if let Some(p) = p {
         let cs = context_switches(p.pid());
         let (calls, ok) =
@@ -530,19 +534,39 @@ fn main() {
         ] {
             wait_port(p).await;
         }
-        let rows: [(&str, u16, Option<&Proc>); 4] = [
+        // A second build to compare against, in the same run (`OUTRIGGER_BASELINE_BIN`).
+        let baseline = std::env::var("OUTRIGGER_BASELINE_BIN").ok().map(|b| {
+            outrigger(dir.path(), Path::new(&b), t.direct, t.sink, false, 1, PROXY_CORE)
+        });
+        if let Some((_, port, _, _)) = &baseline {
+            wait_port(*port).await;
+        }
+        let mut rows: Vec<(&str, u16, Option<&Proc>)> = vec![
             ("direct", t.direct, None),
             ("haproxy", t.haproxy, Some(&ha)),
             ("outrigger", min_http, Some(&min)),
             ("outrigger+resilience", def_http, Some(&def)),
         ];
-        println!("rounds: {rounds}; every figure is the median. Proxies on core {PROXY_CORE} (HAProxy nbthread 1, Outrigger --workers 1); origin and load on core {LOAD_CORE}.\n");
+        if let Some((p, port, _, _)) = &baseline {
+            rows.push(("baseline+resilience", *port, Some(p)));
+        }
+        println!("rounds: {rounds}, each going over every target in turn; every figure is the median. Proxies on core {PROXY_CORE} (HAProxy nbthread 1, Outrigger --workers 1); origin and load on core {LOAD_CORE}.\n");
+        // Rounds go over the targets in turn, so that a slow spell of a shared machine weighs
+        // on every target rather than on one.
+        // Resident memory before any load.
+        let idle: Vec<f64> = rows.iter().map(|r| r.2.map_or(0.0, Proc::rss_mb)).collect();
+        let mut per_round: Vec<Vec<Figures>> = vec![Vec::new(); rows.len()];
+        for _ in 0..rounds {
+            for (i, (_, port, proc_)) in rows.iter().enumerate() {
+                per_round[i].push(round(*port, *proc_).await);
+            }
+        }
         println!("| target | sat. req/s (64 conns) | CPU µs/req at 2k/s | at 5k/s | at saturation | p50 / p99 / p99.9 ms at 2k/s | p50 / p99 / p99.9 ms at 5k/s | syscalls/req | ctx switches/req | RSS idle MB |");
         println!("|---|---|---|---|---|---|---|---|---|---|");
         let mut of = std::collections::HashMap::new();
-        for (name, port, proc_) in rows {
-            let idle_rss = proc_.map(Proc::rss_mb).unwrap_or(0.0);
-            let mut f = measure(port, proc_, rounds).await;
+        for (((name, port, proc_), rounds), &idle_rss) in rows.iter().zip(&per_round).zip(&idle) {
+            let (name, port, proc_) = (*name, *port, *proc_);
+            let mut f = summarize(rounds, port, proc_).await;
             f.rss_idle = idle_rss;
             let dash = |v: String| if proc_.is_some() { v } else { "-".into() };
             println!(
@@ -617,8 +641,8 @@ fn main() {
         println!();
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let (ha, direct) = (&of["haproxy"], &of["direct"]);
-        for o in ["outrigger", "outrigger+resilience"] {
-            let f = &of[o];
+        for o in ["outrigger", "outrigger+resilience", "baseline+resilience"] {
+            let Some(f) = of.get(o) else { continue };
             println!("ratio cpu_per_req_2k {o}/haproxy {:.2}", ratio(f.cpu_2k, ha.cpu_2k));
             println!("ratio cpu_per_req_5k {o}/haproxy {:.2}", ratio(f.cpu_5k, ha.cpu_5k));
             println!("ratio cpu_per_req_sat {o}/haproxy {:.2}", ratio(f.cpu_sat, ha.cpu_sat));

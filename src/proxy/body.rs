@@ -53,10 +53,21 @@ impl ProxyBody {
         ProxyBody::Full(Some(bytes))
     }
 
-    /// Puts `self` under an idle timeout, unless it has already ended or there is none.
+    /// Whether anything of the body is still to come from the network, where it could stall.
+    fn waits_on_upstream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(inner) => !inner.is_end_stream(),
+            ProxyBody::Held { rest, .. } => rest.as_ref().is_some_and(|r| !r.is_end_stream()),
+            ProxyBody::Full(_) => false,
+            ProxyBody::Watched(w) => w.inner.waits_on_upstream(),
+        }
+    }
+
+    /// Puts `self` under an idle timeout, unless nothing of it is left to wait for (it ended,
+    /// or was read ahead whole, as a small answer is) or there is none.
     pub fn watch(self, idle: Option<Duration>) -> Self {
         match idle {
-            Some(idle) if !self.is_end_stream() => ProxyBody::Watched(Box::new(Watched {
+            Some(idle) if self.waits_on_upstream() => ProxyBody::Watched(Box::new(Watched {
                 inner: self,
                 idle,
                 timer: Box::pin(tokio::time::sleep(idle)),
@@ -370,5 +381,28 @@ impl Body for ReqBody {
             ReqBody::Empty => SizeHint::with_exact(0),
             ReqBody::Replay(r) => r.hint,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// A body read ahead whole (a small answer) or made locally has nothing left to stall on:
+    /// it gets no idle timer, and is relayed as it is.
+    #[tokio::test]
+    async fn a_body_with_nothing_left_to_wait_for_is_not_watched() {
+        let idle = Some(Duration::from_secs(1));
+        let held = ProxyBody::Held {
+            frames: VecDeque::from([Frame::data(Bytes::from_static(b"ok"))]),
+            rest: None,
+        };
+        let held = held.watch(idle);
+        assert!(matches!(held, ProxyBody::Held { .. }), "{held:?}");
+        assert_eq!(held.collect().await.unwrap().to_bytes(), "ok");
+        let local = ProxyBody::full(Bytes::from_static(b"x")).watch(idle);
+        assert!(matches!(local, ProxyBody::Full(_)), "{local:?}");
     }
 }
