@@ -931,7 +931,7 @@ fn start_cluster(c: &ClusterConfig, b: &Build<'_>) -> Result<Arc<Cluster>, LoadE
             b.metrics,
             b.rng.fork(),
             b.background.child(),
-            b.workers.pools(),
+            b.workers.count(),
         )?
         .with_hints(b.hints.cloned()),
     );

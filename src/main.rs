@@ -100,15 +100,8 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { config } => check(&config),
         Command::Demo { duration } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("outrigger: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(outrigger::demo::run(duration)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -137,15 +130,8 @@ fn main() -> ExitCode {
             logging::init(log_format);
             // The control side (admin, discovery, health checks, the Raft group) runs here;
             // connections are served on the workers' threads.
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("outrigger: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::FAILURE;
             };
             let n = workers.map_or_else(
                 || std::thread::available_parallelism().map_or(1, usize::from),
@@ -161,6 +147,17 @@ fn main() -> ExitCode {
             let code = runtime.block_on(run(config, workers.clone()));
             workers.stop();
             code
+        }
+    }
+}
+
+/// The runtime `builder` makes, with every driver on; `None` (said on stderr) if it cannot start.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("outrigger: cannot start the runtime: {e}");
+            None
         }
     }
 }

@@ -182,14 +182,13 @@ async fn tcp_example_splices_bytes() {
     assert_eq!(out, b"SELECT 1bye");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resilient_example_hides_a_failing_replica_and_limits_search() {
+/// `examples/resilient.yaml` in front of three catalog replicas and a search service.
+async fn resilient_example() -> ([Origin; 3], Origin, Proxy) {
     let replicas = [
         Origin::start("c1").await,
         Origin::start("c2").await,
         Origin::start("c3").await,
     ];
-    replicas[1].control.set_status(503);
     let search = Origin::start("search").await;
     let proxy = Proxy::start(&localize(
         "resilient.yaml",
@@ -201,6 +200,13 @@ async fn resilient_example_hides_a_failing_replica_and_limits_search() {
         ],
     ))
     .await;
+    (replicas, search, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resilient_example_hides_a_failing_replica_and_limits_search() {
+    let (replicas, _search, proxy) = resilient_example().await;
+    replicas[1].control.set_status(503);
     let client = h1_client();
     for i in 0..60 {
         let (status, _, _) = get(
@@ -327,22 +333,7 @@ async fn quickstart_serves_inbound_and_routes_outbound_by_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resilient_example_retries_a_flaky_catalog_and_opens_its_breaker_when_it_is_down() {
     use std::sync::atomic::Ordering;
-    let replicas = [
-        Origin::start("c1").await,
-        Origin::start("c2").await,
-        Origin::start("c3").await,
-    ];
-    let search = Origin::start("search").await;
-    let proxy = Proxy::start(&localize(
-        "resilient.yaml",
-        &[
-            ("catalog-1.internal:8080", replicas[0].addr),
-            ("catalog-2.internal:8080", replicas[1].addr),
-            ("catalog-3.internal:8080", replicas[2].addr),
-            ("search.internal:8080", search.addr),
-        ],
-    ))
-    .await;
+    let (replicas, _search, proxy) = resilient_example().await;
     let client = h1_client();
     let catalog = |i: usize| proxy.url("outbound", &format!("/catalog/items/{i}"));
     let series = |name: &str| {

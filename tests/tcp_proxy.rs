@@ -43,20 +43,9 @@ async fn tcp_listener_echoes_and_respects_half_close() {
 
     // The bytes are added when the proxy finishes the connection, which can be just after the
     // client has read its end of it.
-    let counted = || async {
-        metric(
-            &scrape(&proxy).await,
-            "outrigger_tcp_bytes_total{direction=\"upstream\",listener=\"tcp\"}",
-        )
-    };
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            counted().await == payload.len() as f64
-        })
-        .await,
-        "upstream bytes: {}",
-        counted().await
-    );
+    let series = "outrigger_tcp_bytes_total{direction=\"upstream\",listener=\"tcp\"}";
+    let expected = payload.len() as f64;
+    assert_eq!(metric_reaching(&proxy, series, expected).await, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

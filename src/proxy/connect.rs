@@ -41,8 +41,8 @@ pub type UpstreamClient = hyper_util::client::legacy::Client<UpstreamConnector, 
 
 /// How a cluster's tries reach its endpoints: the pools, TLS, scheme and protocol.
 pub struct Client {
-    /// One pool per worker (index [`workers::current`]), so a try and the connection task that
-    /// carries it run on the same thread.
+    /// One pool per worker (at its position, [`workers::current`]), so a try and the
+    /// connection task that carries it run on the same thread.
     pools: Box<[UpstreamClient]>,
     /// TLS to the endpoints, if configured (the health checker connects with it too).
     pub tls: Option<Arc<ClientTls>>,
@@ -51,8 +51,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Builds the client of the cluster `config` with `pools` connection pools (see
-    /// [`workers::Workers::pools`]); its certificate files are watched on `tasks`.
+    /// Builds the client of the cluster `config` with `pools` connection pools (one per
+    /// worker); its certificate files are watched on `tasks`.
     pub fn new(
         config: &ClusterConfig,
         metrics: &Metrics,
@@ -155,12 +155,10 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
     cluster.metrics.attempts.inc();
     let in_flight = endpoint.start();
     let started = Instant::now();
-    // Never empty (`Client::new` builds at least one); a thread that is not a worker uses the
+    // Never empty (`Client::new` builds at least one); a thread that is not a worker's uses the
     // first.
-    let pool = client
-        .pools
-        .get(workers::current())
-        .unwrap_or(&client.pools[0]);
+    let at = workers::current().unwrap_or(0);
+    let pool = client.pools.get(at).unwrap_or(&client.pools[0]);
     let pending = pool.request(Request::from_parts(head, body));
     let answer = match ctx.try_deadline {
         Some(at) => tokio::time::timeout_at(at, pending).await,

@@ -20,14 +20,15 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 thread_local! {
-    /// The worker this thread runs, from 1; 0 on every other thread.
-    static INDEX: Cell<usize> = const { Cell::new(0) };
+    /// The position of the worker this thread runs; `None` on every other thread.
+    static POSITION: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// The worker the calling thread runs (from 1), or 0 on a thread that is not a worker (the
-/// control runtime, or a test's runtime that serves in-process).
-pub fn current() -> usize {
-    INDEX.with(Cell::get)
+/// The position (from 0) of the worker the calling thread runs, or `None` on a thread that is
+/// not a worker's (the control runtime, or a program's own runtime serving in-process, whose
+/// single ambient worker is position 0).
+pub fn current() -> Option<usize> {
+    POSITION.with(Cell::get)
 }
 
 /// Where connections are served: worker runtimes of their own, or the ambient runtime.
@@ -39,7 +40,7 @@ pub struct Workers {
 
 /// A worker thread or its runtime could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start worker {index}: {source}")]
+#[error("cannot start worker {}: {source}", index + 1)]
 pub struct StartError {
     index: usize,
     source: std::io::Error,
@@ -51,7 +52,7 @@ impl Workers {
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
-        for index in 1..=n.max(1) {
+        for index in 0..n.max(1) {
             let fail = |source| StartError { index, source };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -60,9 +61,9 @@ impl Workers {
             handles.push(runtime.handle().clone());
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("outrigger-w{index}"))
+                .name(format!("outrigger-w{}", index + 1))
                 .spawn(move || {
-                    INDEX.with(|i| i.set(index));
+                    POSITION.with(|p| p.set(Some(index)));
                     runtime.block_on(stop.cancelled());
                     // Dropping the runtime cancels what is left; shutdown has drained it.
                 })
@@ -76,7 +77,7 @@ impl Workers {
         })
     }
 
-    /// Serves on the runtime of the caller: one worker, index 0. For a proxy embedded in a
+    /// Serves on the runtime of the caller: one worker, position 0. For a proxy embedded in a
     /// program (the tests) that owns its runtime.
     pub fn ambient() -> Self {
         Self {
@@ -91,12 +92,7 @@ impl Workers {
         self.handles.len()
     }
 
-    /// How many upstream pools a cluster keeps: one per value [`current`] can return.
-    pub fn pools(&self) -> usize {
-        self.handles.len() + 1
-    }
-
-    /// Runs `task(i)` on every worker `i` (from 0).
+    /// Runs `task(i)` on the worker at every position `i`.
     pub fn each<F, Fut>(&self, mut task: F)
     where
         F: FnMut(usize) -> Fut,
@@ -111,7 +107,7 @@ impl Workers {
     pub fn stop(&self) {
         self.stop.cancel();
         // A worker cannot wait for itself: dropped there, the others end on their own.
-        if current() != 0 {
+        if current().is_some() {
             return;
         }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
@@ -133,12 +129,11 @@ impl Drop for Workers {
 mod tests {
     use super::*;
 
-    /// Each worker runs its tasks on its own thread, which knows its index.
+    /// Each worker runs its tasks on its own thread, which knows its position.
     #[test]
     fn every_worker_runs_on_its_own_thread() {
         let workers = Workers::start(3).unwrap();
         assert_eq!(workers.count(), 3);
-        assert_eq!(workers.pools(), 4);
         let (tx, rx) = std::sync::mpsc::channel();
         workers.each(|i| {
             let tx = tx.clone();
@@ -152,12 +147,12 @@ mod tests {
         assert_eq!(
             seen,
             vec![
-                (0, 1, Some("outrigger-w1".to_owned())),
-                (1, 2, Some("outrigger-w2".to_owned())),
-                (2, 3, Some("outrigger-w3".to_owned())),
+                (0, Some(0), Some("outrigger-w1".to_owned())),
+                (1, Some(1), Some("outrigger-w2".to_owned())),
+                (2, Some(2), Some("outrigger-w3".to_owned())),
             ]
         );
-        assert_eq!(current(), 0, "the test's own thread is no worker");
+        assert_eq!(current(), None, "the test's own thread is no worker");
         workers.stop();
     }
 }

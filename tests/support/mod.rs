@@ -618,6 +618,20 @@ where
     false
 }
 
+/// Reads `series` from `proxy`'s metrics until it is `value` (for up to 5 s) and returns the last
+/// reading: for counters the proxy updates just after the client has seen its answer.
+pub async fn metric_reaching(proxy: &Proxy, series: &str, value: f64) -> f64 {
+    let mut last = metric(&scrape(proxy).await, series);
+    for _ in 0..500 {
+        if last == value {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        last = metric(&scrape(proxy).await, series);
+    }
+    last
+}
+
 /// The `x-outrigger-error` reason of a response, or "" if absent.
 pub fn reason(headers: &HeaderMap) -> &str {
     headers
