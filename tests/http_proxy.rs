@@ -330,3 +330,111 @@ async fn malformed_requests_get_a_4xx_and_the_proxy_stays_up() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(a.hits(), 1, "no malformed request reached the upstream");
 }
+
+/// A client stream that sends its first `first` bytes, then holds the rest back for a moment,
+/// so that they reach the proxy as two segments.
+struct Staggered {
+    io: tokio::net::TcpStream,
+    first: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for Staggered {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Staggered {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if this.first > 0 {
+            let n = buf.len().min(this.first);
+            let sent =
+                std::task::ready!(std::pin::Pin::new(&mut this.io).poll_write(cx, &buf[..n]))?;
+            this.first -= sent;
+            if this.first == 0 {
+                this.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(30))));
+            }
+            return std::task::Poll::Ready(Ok(sent));
+        }
+        if let Some(p) = this.pause.as_mut() {
+            std::task::ready!(p.as_mut().poll(cx));
+            this.pause = None;
+        }
+        std::pin::Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The proxy tells HTTP/2 from HTTP/1 by the first bytes of a plain connection: an HTTP/2
+/// client whose preface arrives cut in two is still served over HTTP/2, and HTTP/1 requests
+/// whose method shares the preface's first letter (`POST`, `PRI`-like) are still HTTP/1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preface_cut_in_two_is_still_http2_and_p_methods_are_still_http1() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let proxy = Proxy::start(&config(&a, &b, "")).await;
+    let addr = proxy.addr("in");
+    for first in [1, 5, 23] {
+        let io = Staggered {
+            io: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            first,
+            pause: None,
+        };
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(io),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(format!("http://{addr}/status/202"))
+            .body(empty())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::ACCEPTED,
+            "preface cut after {first}"
+        );
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+    }
+    let client = h1_client();
+    let req = Request::post(proxy.url("in", "/echo"))
+        .body(body("p"))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    // A made-up method that starts like the preface, then differs.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"PRIX / HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+}

@@ -702,6 +702,57 @@ impl<IO> Guarded<IO> {
     }
 }
 
+/// A downstream stream whose waiting bytes can be looked at without taking them, so that the
+/// HTTP/2 preface can be told from an HTTP/1 request before a server is chosen (taking them and
+/// handing them back would cost every connection a second read and a larger read buffer).
+pub trait Peek {
+    /// Copies the bytes waiting to be read into `buf` and leaves them to be read; `None` when
+    /// this kind of stream cannot (TLS: the bytes are only known once decrypted).
+    fn poll_peek(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<usize>>>;
+}
+
+impl Peek for tokio::net::TcpStream {
+    fn poll_peek(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        Some(tokio::net::TcpStream::poll_peek(self, cx, buf))
+    }
+}
+
+impl<IO> Peek for tokio_rustls::server::TlsStream<IO> {
+    fn poll_peek(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        None
+    }
+}
+
+impl<IO: Peek> Peek for Guarded<IO> {
+    /// Also keeps the header-read timeout: once it fires, the peek reports the end of the
+    /// stream, so that the HTTP/1 server reads and this wrapper answers it with `408`.
+    fn poll_peek(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        let peeked = self.io.poll_peek(cx, buf)?;
+        let fired = peeked.is_pending()
+            && self
+                .timer
+                .as_mut()
+                .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+        Some(if fired { Poll::Ready(Ok(0)) } else { peeked })
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> Guarded<IO> {
     fn poll_reply(&mut self, cx: &mut Context<'_>, mut sent: usize) -> Poll<io::Result<()>> {
         while sent < TIMEOUT_REPLY.len() {

@@ -5,9 +5,13 @@
 //! and every answer, relayed or local (`no_route` and `forbidden` included), is counted in
 //! `outrigger_requests_total` and written to the access log in one place ([`finish`]).
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,10 +20,12 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::service::Service as HyperService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +35,7 @@ use crate::control::config::model::RequestIdMode;
 use crate::control::config::{Limits, UpstreamProtocol};
 use crate::error::{ProxyError, REASON_HEADER};
 use crate::proxy::body::{ProxyBody, ReqBody};
+use crate::proxy::framing::Peek;
 use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::classify::is_grpc;
 use crate::proxy::resilience::{Call, CallCtx};
@@ -44,30 +51,178 @@ use crate::tls::allowed;
 /// instant its client sends a request would fail that request.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
-/// The HTTP server settings shared by every connection of a listener.
-pub type Server = auto::Builder<TokioExecutor>;
+/// The HTTP servers shared by every connection of a listener: HTTP/1 and HTTP/2 for connections
+/// whose protocol is known before the first read, and hyper-util's reading one for the rest.
+pub struct Server {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    either: auto::Builder<TokioExecutor>,
+}
 
-/// Builds the HTTP/1.1 + HTTP/2 server used by HTTP listeners. The header-read timeout is not
-/// hyper's: [`Guarded`] enforces it so that it can answer 408.
+/// The HTTP/2 connection preface (RFC 9113, section 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Settings both HTTP/1 builders (the direct one and hyper-util's) take alike.
+macro_rules! h1_settings {
+    ($b:expr, $limits:expr) => {
+        $b.timer(TokioTimer::new())
+            .keep_alive(true)
+            // A client may shut its sending side once its request is out (`nc -N`, some
+            // load balancers' health checks): it still gets its answer, then the connection
+            // closes.
+            .half_close(true)
+            .header_read_timeout(None)
+            .max_headers($limits.max_headers as usize)
+            .max_buf_size($limits.max_header_bytes as usize)
+    };
+}
+
+/// Settings both HTTP/2 builders take alike.
+macro_rules! h2_settings {
+    ($b:expr, $limits:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_concurrent_streams($limits.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams($limits.h2_max_pending_resets as usize)
+            .max_header_list_size($limits.max_header_bytes)
+    };
+}
+
+/// Builds the HTTP/1.1 + HTTP/2 servers used by HTTP listeners. The header-read timeout is not
+/// hyper's: [`Guarded`](crate::proxy::framing::Guarded) enforces it so that it can answer 408.
 pub fn server(limits: &Limits) -> Server {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        // A client may shut its sending side once its request is out (`nc -N`, some
-        // load balancers' health checks): it still gets its answer, then the connection closes.
-        .half_close(true)
-        .header_read_timeout(None)
-        .max_headers(limits.max_headers as usize)
-        .max_buf_size(limits.max_header_bytes as usize);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(limits.h2_max_pending_resets as usize)
-        .max_header_list_size(limits.max_header_bytes);
-    builder
+    let mut h1 = http1::Builder::new();
+    h1_settings!(h1, limits);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2_settings!(h2, limits);
+    let mut either = auto::Builder::new(TokioExecutor::new());
+    h1_settings!(either.http1(), limits);
+    h2_settings!(either.http2(), limits);
+    Server { h1, h2, either }
+}
+
+/// What is known of a downstream connection's protocol before its first read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Proto {
+    /// HTTP/1.x (ALPN `http/1.1`).
+    H1,
+    /// HTTP/2 (ALPN `h2`).
+    H2,
+    /// Unknown, and the stream can be peeked at (plain TCP): its first bytes tell.
+    #[default]
+    Peek,
+    /// Unknown, and the stream cannot be peeked at (TLS without ALPN): its first read tells.
+    Read,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A downstream connection, served by the server its protocol chose. Each server's state is
+/// boxed on its own, so that a connection carries the size of its own protocol's state only.
+enum Serving<'a, IO, S>
+where
+    S: HyperService<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+{
+    /// Waiting for the first bytes, to tell the HTTP/2 preface from an HTTP/1 request.
+    Peeking(Option<(IO, S)>, &'a Server),
+    H1(Pin<Box<http1::UpgradeableConnection<TokioIo<IO>, S>>>),
+    H2(Pin<Box<http2::Connection<TokioIo<IO>, S, TokioExecutor>>>),
+    Either(Pin<Box<auto::UpgradeableConnection<'a, TokioIo<IO>, S, TokioExecutor>>>),
+}
+
+impl Server {
+    fn start<IO, S>(&self, proto: Proto, io: IO, svc: S) -> Serving<'_, IO, S>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: HyperService<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
+            + Unpin,
+        S::Future: Send + 'static,
+    {
+        match proto {
+            Proto::H1 => Serving::H1(Box::pin(
+                self.h1
+                    .serve_connection(TokioIo::new(io), svc)
+                    .with_upgrades(),
+            )),
+            Proto::H2 => Serving::H2(Box::pin(self.h2.serve_connection(TokioIo::new(io), svc))),
+            Proto::Peek => Serving::Peeking(Some((io, svc)), self),
+            Proto::Read => Serving::Either(Box::pin(
+                self.either
+                    .serve_connection_with_upgrades(TokioIo::new(io), svc),
+            )),
+        }
+    }
+}
+
+impl<IO, S> Serving<'_, IO, S>
+where
+    IO: AsyncRead + AsyncWrite + Peek + Unpin + Send + 'static,
+    S: HyperService<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Unpin,
+    S::Future: Send + 'static,
+{
+    /// Lets the requests under way finish, then ends the connection (HTTP/2: `GOAWAY`). One
+    /// still waiting for its first bytes ends at once, as an idle HTTP/1 connection does.
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Serving::Peeking(waiting, _) => *waiting = None,
+            Serving::H1(c) => c.as_mut().graceful_shutdown(),
+            Serving::H2(c) => c.as_mut().graceful_shutdown(),
+            Serving::Either(c) => c.as_mut().graceful_shutdown(),
+        }
+    }
+
+    /// The protocol the bytes waiting on a peeked stream show: HTTP/2 once the whole preface is
+    /// there; HTTP/1 as soon as a byte differs (or on an error or the end, for hyper's HTTP/1
+    /// side to answer). A preface cut short is left to hyper-util's reader.
+    fn peek(io: &mut IO, cx: &mut Context<'_>) -> Poll<Proto> {
+        let mut raw = [0u8; PREFACE.len()];
+        let mut buf = ReadBuf::new(&mut raw);
+        match io.poll_peek(cx, &mut buf) {
+            None => Poll::Ready(Proto::Read),
+            Some(Poll::Pending) => Poll::Pending,
+            Some(Poll::Ready(Err(_))) => Poll::Ready(Proto::H1),
+            Some(Poll::Ready(Ok(_))) => {
+                let seen = buf.filled();
+                Poll::Ready(if seen.is_empty() || !PREFACE.starts_with(seen) {
+                    Proto::H1
+                } else if seen.len() == PREFACE.len() {
+                    Proto::H2
+                } else {
+                    Proto::Read
+                })
+            }
+        }
+    }
+}
+
+impl<IO, S> Future for Serving<'_, IO, S>
+where
+    IO: AsyncRead + AsyncWrite + Peek + Unpin + Send + 'static,
+    S: HyperService<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Unpin,
+    S::Future: Send + 'static,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                Serving::Peeking(waiting, server) => {
+                    let Some((io, _)) = waiting.as_mut() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    let proto = ready!(Self::peek(io, cx));
+                    let server = *server;
+                    let Some((io, svc)) = waiting.take() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    *this = server.start(proto, io, svc);
+                }
+                Serving::H1(c) => return c.as_mut().poll(cx).map_err(Into::into),
+                Serving::H2(c) => return c.as_mut().poll(cx).map_err(Into::into),
+                Serving::Either(c) => return c.as_mut().poll(cx),
+            }
+        }
+    }
 }
 
 /// Who is on the other end of a downstream connection.
@@ -77,6 +232,8 @@ pub struct Peer {
     pub identity: Option<Arc<[String]>>,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// What its TLS handshake said of the protocol it speaks ([`Proto::Peek`] when plain).
+    pub proto: Proto,
 }
 
 /// What a connection's requests need: the listener's live state and who the client is.
@@ -162,7 +319,7 @@ pub async fn serve<IO>(
     drain: CancellationToken,
     server: Arc<Server>,
 ) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Peek + Unpin + Send + 'static,
 {
     let (idle_timeout, ids) = {
         let s = state.load();
@@ -189,23 +346,22 @@ pub async fn serve<IO>(
         async move {
             // A guard, because hyper drops this future when an HTTP/2 client resets the stream.
             let _active = Active::new(&conn);
-            Ok::<_, std::convert::Infallible>(handle(&conn, req).await)
+            Ok::<_, Infallible>(handle(&conn, req).await)
         }
     });
-    let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(connection);
+    let mut connection = server.start(watched.who.proto, stream, svc);
     let result = tokio::select! {
-        res = connection.as_mut() => res,
+        res = &mut connection => res,
         () = idle(&watched, idle_timeout) => {
             // Graceful: an h1 response still streaming finishes; h2 gets GOAWAY.
-            connection.as_mut().graceful_shutdown();
+            connection.graceful_shutdown();
             connection.await
         }
         () = drain.cancelled() => {
             tokio::select! {
-                res = connection.as_mut() => res,
+                res = &mut connection => res,
                 () = tokio::time::sleep(DRAIN_GRACE) => {
-                    connection.as_mut().graceful_shutdown();
+                    connection.graceful_shutdown();
                     connection.await
                 }
             }

@@ -22,7 +22,7 @@ use crate::control::config::resilience::LoadShedConfig;
 use crate::control::config::Limits;
 use crate::proxy::cluster::Cluster;
 use crate::proxy::framing::Guarded;
-use crate::proxy::http::{self, Peer};
+use crate::proxy::http::{self, Peer, Proto};
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::router::RouteTable;
 use crate::proxy::tcp;
@@ -263,28 +263,29 @@ async fn accept_loop(
                 let tls = current.tls.as_ref().map(|(_, t)| t.clone());
                 let (metrics, timeout) = (current.metrics.clone(), current.header_read_timeout);
                 let max_head = current.limits.max_header_bytes as usize;
-                tracker.spawn(async move {
-                    let guard = metrics.guard.clone();
-                    match tls {
-                        None => {
-                            let io = Guarded::new(stream, false, timeout, max_head, guard);
-                            let switch = io.switch();
-                            http::serve(io, switch, peer, Peer::default(), state, stop, server)
-                                .await;
-                        }
-                        Some(tls) => {
-                            let Some((stream, who, h2)) =
-                                handshake(stream, peer, &tls, timeout, &metrics).await
-                            else {
-                                return;
-                            };
-                            let io = Guarded::new(stream, h2, timeout, max_head, guard);
-                            let switch = io.switch();
-                            http::serve(io, switch, peer, who, state, stop, server).await;
-                        }
-                    }
-                    drop(open);
-                });
+                // Two tasks, not one with two arms: a task is as large as its largest state,
+                // and a plain connection must not carry a TLS handshake's.
+                match tls {
+                    None => tracker.spawn(async move {
+                        let io = Guarded::new(stream, false, timeout, max_head, metrics.guard);
+                        let switch = io.switch();
+                        let who = Peer::default();
+                        http::serve(io, switch, peer, who, state, stop, server).await;
+                        drop(open);
+                    }),
+                    Some(tls) => tracker.spawn(async move {
+                        let Some((stream, who)) =
+                            handshake(stream, peer, &tls, timeout, &metrics).await
+                        else {
+                            return;
+                        };
+                        let h2 = who.proto == Proto::H2;
+                        let io = Guarded::new(stream, h2, timeout, max_head, metrics.guard.clone());
+                        let switch = io.switch();
+                        http::serve(io, switch, peer, who, state, stop, server).await;
+                        drop(open);
+                    }),
+                };
             }
             ListenerKind::Tcp(cluster) => {
                 let (name, cluster) = (current.name.clone(), cluster.clone());
@@ -301,7 +302,7 @@ async fn accept_loop(
                         // The handshake checks the client's certificate and identity: a
                         // client not allowed never reaches the upstream.
                         Some(tls) => {
-                            let Some((stream, who, _)) =
+                            let Some((stream, who)) =
                                 handshake(stream, peer, &tls, timeout, &metrics).await
                             else {
                                 return;
@@ -329,7 +330,7 @@ async fn handshake(
     tls: &ServerTls,
     timeout: Option<Duration>,
     metrics: &ListenerMetrics,
-) -> Option<(TlsStream<TcpStream>, Peer, bool)> {
+) -> Option<(TlsStream<TcpStream>, Peer)> {
     let acceptor = TlsAcceptor::from(tls.current().config.clone());
     let accepting = acceptor.accept(stream);
     let result = match timeout {
@@ -340,7 +341,11 @@ async fn handshake(
         Ok(Ok(stream)) => {
             metrics.handshake(Handshake::Ok);
             let (_, session) = stream.get_ref();
-            let h2 = session.alpn_protocol() == Some(b"h2");
+            let proto = match session.alpn_protocol() {
+                Some(b"h2") => Proto::H2,
+                Some(b"http/1.1") => Proto::H1,
+                _ => Proto::Read,
+            };
             let identity = session
                 .peer_certificates()
                 .and_then(|c| c.first())
@@ -350,8 +355,8 @@ async fn handshake(
                 Peer {
                     identity,
                     tls: true,
+                    proto,
                 },
-                h2,
             ));
         }
         Ok(Err(e)) => {
