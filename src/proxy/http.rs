@@ -169,27 +169,27 @@ where
             Serving::Either(c) => c.as_mut().graceful_shutdown(),
         }
     }
+}
 
-    /// The protocol the bytes waiting on a peeked stream show: HTTP/2 once the whole preface is
-    /// there; HTTP/1 as soon as a byte differs (or on an error or the end, for hyper's HTTP/1
-    /// side to answer). A preface cut short is left to hyper-util's reader.
-    fn peek(io: &mut IO, cx: &mut Context<'_>) -> Poll<Proto> {
-        let mut raw = [0u8; PREFACE.len()];
-        let mut buf = ReadBuf::new(&mut raw);
-        match io.poll_peek(cx, &mut buf) {
-            None => Poll::Ready(Proto::Read),
-            Some(Poll::Pending) => Poll::Pending,
-            Some(Poll::Ready(Err(_))) => Poll::Ready(Proto::H1),
-            Some(Poll::Ready(Ok(_))) => {
-                let seen = buf.filled();
-                Poll::Ready(if seen.is_empty() || !PREFACE.starts_with(seen) {
-                    Proto::H1
-                } else if seen.len() == PREFACE.len() {
-                    Proto::H2
-                } else {
-                    Proto::Read
-                })
-            }
+/// The protocol the bytes waiting on a peeked stream show: HTTP/2 once the whole preface is
+/// there; HTTP/1 as soon as a byte differs (or on an error or the end, for hyper's HTTP/1
+/// side to answer). A preface cut short is left to hyper-util's reader.
+fn peek(io: &mut impl Peek, cx: &mut Context<'_>) -> Poll<Proto> {
+    let mut raw = [0u8; PREFACE.len()];
+    let mut buf = ReadBuf::new(&mut raw);
+    match io.poll_peek(cx, &mut buf) {
+        None => Poll::Ready(Proto::Read),
+        Some(Poll::Pending) => Poll::Pending,
+        Some(Poll::Ready(Err(_))) => Poll::Ready(Proto::H1),
+        Some(Poll::Ready(Ok(_))) => {
+            let seen = buf.filled();
+            Poll::Ready(if seen.is_empty() || !PREFACE.starts_with(seen) {
+                Proto::H1
+            } else if seen.len() == PREFACE.len() {
+                Proto::H2
+            } else {
+                Proto::Read
+            })
         }
     }
 }
@@ -210,7 +210,7 @@ where
                     let Some((io, _)) = waiting.as_mut() else {
                         return Poll::Ready(Ok(()));
                     };
-                    let proto = ready!(Self::peek(io, cx));
+                    let proto = ready!(peek(io, cx));
                     let server = *server;
                     let Some((io, svc)) = waiting.take() else {
                         return Poll::Ready(Ok(()));

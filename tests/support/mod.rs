@@ -621,15 +621,9 @@ where
 /// Reads `series` from `proxy`'s metrics until it is `value` (for up to 5 s) and returns the last
 /// reading: for counters the proxy updates just after the client has seen its answer.
 pub async fn metric_reaching(proxy: &Proxy, series: &str, value: f64) -> f64 {
-    let mut last = metric(&scrape(proxy).await, series);
-    for _ in 0..500 {
-        if last == value {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        last = metric(&scrape(proxy).await, series);
-    }
-    last
+    let reached = || async { metric(&scrape(proxy).await, series) == value };
+    eventually(Duration::from_secs(5), reached).await;
+    metric(&scrape(proxy).await, series)
 }
 
 /// The `x-outrigger-error` reason of a response, or "" if absent.
