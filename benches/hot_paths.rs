@@ -121,7 +121,7 @@ fn balancer_pick(c: &mut Criterion) {
         let eps: Vec<Arc<Endpoint>> = (0..n)
             .map(|i| {
                 let a = format!("10.{}.{}.{}:80", i / 65536, (i / 256) % 256, i % 256);
-                let e = Endpoint::new(a.parse().unwrap(), "static", 1, None, rng.clone());
+                let e = Endpoint::new(a.parse().unwrap(), "static", 1, None, rng.clone(), 1);
                 e.observe_latency(Duration::from_micros(500 + (i as u64 % 7) * 100));
                 Arc::new(e)
             })

@@ -540,6 +540,7 @@ mod tests {
                     *w,
                     None,
                     Arc::new(crate::rng::Rng::with_seed(1)),
+                    1,
                 ))
             })
             .collect()

@@ -15,18 +15,19 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::BoxError;
+use crate::proxy::pool::Loan;
 
 /// A response body: streamed from the upstream frame by frame (trailers included), or local bytes.
 #[derive(Debug)]
 pub enum ProxyBody {
     /// The upstream's body, never buffered.
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     /// Frames already read from the upstream (to look at its trailers), then the rest of it.
     Held {
         /// Frames read ahead, sent first.
         frames: VecDeque<Frame<Bytes>>,
         /// The remaining stream, if it had not ended.
-        rest: Option<Incoming>,
+        rest: Option<UpstreamBody>,
     },
     /// A body the proxy made itself; `None` once sent.
     Full(Option<Bytes>),
@@ -152,6 +153,61 @@ impl Body for ProxyBody {
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// A response body as it comes from an upstream. An HTTP/1.1 connection is on loan to it, and
+/// goes back to its endpoint's idle list as soon as the last frame has been read: not when the
+/// body is dropped, since a body dropped early leaves the connection in the middle of a message.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    body: Incoming,
+    loan: Option<Box<Loan>>,
+}
+
+impl UpstreamBody {
+    /// `body`, returning `loan`'s connection when it ends (at once if it has no frames).
+    pub fn new(body: Incoming, loan: Option<Box<Loan>>) -> Self {
+        let mut b = Self { body, loan };
+        if b.body.is_end_stream() {
+            b.ended();
+        }
+        b
+    }
+
+    fn ended(&mut self) {
+        if let Some(loan) = self.loan.take() {
+            loan.give_back();
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &polled {
+            None => this.ended(),
+            Some(Ok(_)) if this.body.is_end_stream() => this.ended(),
+            Some(Ok(_)) => {}
+            // The connection is broken: it closes with the loan.
+            Some(Err(_)) => this.loan = None,
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -230,6 +230,7 @@ impl Cluster {
                             *w,
                             self.endpoint_breaker(),
                             self.rng.clone(),
+                            self.client.workers(),
                         ))
                     })
             })

@@ -1,9 +1,10 @@
-//! The upstream client: a pooled HTTP client per cluster (plain or TLS), and [`Upstream`], the
-//! innermost service, which sends one try to one endpoint the cluster picks and classifies what
-//! comes back.
+//! The upstream client of a cluster (plain or TLS), and [`Upstream`], the innermost service,
+//! which sends one try to one endpoint the cluster picks and classifies what comes back.
 //!
-//! Each cluster owns its own connection pool, so a slow dependency cannot use up connections
-//! meant for another. The one [`classify::outcome`] of a try feeds the endpoint's breaker and
+//! HTTP/1.1 tries take an idle connection kept on the endpoint itself ([`pool`]) or open one;
+//! HTTP/2 tries go through hyper-util's client, which multiplexes one connection per endpoint.
+//! Each cluster owns its own connections, so a slow dependency cannot use up connections meant
+//! for another. The one [`classify::outcome`] of a try feeds the endpoint's breaker and
 //! outlier detection alike; the cluster breaker and load shedding compute it from the same
 //! function higher in the stack.
 
@@ -17,6 +18,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Request, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
@@ -24,11 +26,15 @@ use tower::Service;
 
 use crate::control::config::upstream::{Discovery, DnsQuery};
 use crate::control::config::{ClusterConfig, UpstreamProtocol};
-use crate::error::ProxyError;
+use crate::error::{BoxError, ProxyError};
 use crate::proxy::balance::PickRequest;
-use crate::proxy::body::{BodyTooLarge, ClientBodyError, ProxyBody, ReqBody, SupersededTry};
+use crate::proxy::body::{
+    BodyTooLarge, ClientBodyError, ProxyBody, ReqBody, SupersededTry, UpstreamBody,
+};
 use crate::proxy::cluster::Cluster;
+use crate::proxy::endpoint::Endpoint;
 use crate::proxy::http::strip_hop_by_hop;
+use crate::proxy::pool::{self, Loan};
 use crate::proxy::resilience::classify::{self, Outcome, TrailerStatus};
 use crate::proxy::resilience::{timeout, Call, Response, ResponseFuture};
 use crate::proxy::workers;
@@ -36,18 +42,64 @@ use crate::tasks::Tasks;
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{ClientTls, LoadError, UpstreamConnector};
 
-/// The pooled hyper client of a cluster.
+/// hyper-util's pooled client, used by HTTP/2 clusters for its one multiplexed connection per
+/// endpoint.
 pub type UpstreamClient = hyper_util::client::legacy::Client<UpstreamConnector, ReqBody>;
 
 /// How a cluster's tries reach its endpoints: the pools, TLS, scheme and protocol.
 pub struct Client {
-    /// One pool per worker (at its position, [`workers::current`]), so a try and the
-    /// connection task that carries it run on the same thread.
-    pools: Box<[UpstreamClient]>,
+    conns: Conns,
     /// TLS to the endpoints, if configured (the health checker connects with it too).
     pub tls: Option<Arc<ClientTls>>,
     scheme: Scheme,
-    version: Version,
+    /// How many workers the pools are kept for.
+    workers: usize,
+}
+
+/// Where a cluster's connections come from.
+enum Conns {
+    /// HTTP/1.1: a connection per exchange, idle ones kept on each endpoint ([`pool`]).
+    Http1 {
+        connector: UpstreamConnector,
+        builder: http1::Builder,
+        settings: pool::Settings,
+    },
+    /// HTTP/2: one hyper-util client per worker (at its position, [`workers::current`]), so a
+    /// try and the connection task that carries it run on the same thread.
+    Http2(Box<[UpstreamClient]>),
+}
+
+/// Why a try got no response.
+#[derive(Debug, thiserror::Error)]
+enum TryError {
+    /// No connection could be made (TCP or TLS).
+    #[error("{0}")]
+    Connect(BoxError),
+    /// The exchange on an HTTP/1.1 connection failed.
+    #[error("{0}")]
+    Http1(hyper::Error),
+    /// The HTTP/2 client failed (to connect, or in the exchange).
+    #[error("{0}")]
+    Http2(hyper_util::client::legacy::Error),
+}
+
+impl TryError {
+    fn is_connect(&self) -> bool {
+        match self {
+            TryError::Connect(_) => true,
+            TryError::Http1(_) => false,
+            TryError::Http2(e) => e.is_connect(),
+        }
+    }
+
+    /// The error whose causes tell what failed.
+    fn cause(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            TryError::Connect(e) => e.as_ref(),
+            TryError::Http1(e) => e,
+            TryError::Http2(e) => e,
+        }
+    }
 }
 
 impl Client {
@@ -92,25 +144,146 @@ impl Client {
         };
         let connector = UpstreamConnector::new(connector, tls.clone());
         let pool = &config.upstream.pool;
-        let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(pool.idle_timeout)
-            .pool_max_idle_per_host(pool.max_idle_per_endpoint)
-            .http2_only(config.protocol == UpstreamProtocol::Http2);
-        let pools = (0..pools.max(1))
-            .map(|_| builder.build(connector.clone()))
-            .collect();
+        let workers = pools.max(1);
+        let conns = match config.protocol {
+            UpstreamProtocol::Http1 => Conns::Http1 {
+                connector,
+                builder: http1::Builder::new(),
+                settings: pool::Settings {
+                    max_idle: pool.max_idle_per_endpoint,
+                    idle_timeout: pool.idle_timeout,
+                },
+            },
+            UpstreamProtocol::Http2 => {
+                let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(pool.idle_timeout)
+                    .pool_max_idle_per_host(pool.max_idle_per_endpoint)
+                    .http2_only(true);
+                Conns::Http2(
+                    (0..workers)
+                        .map(|_| builder.build(connector.clone()))
+                        .collect(),
+                )
+            }
+        };
         Ok(Self {
-            pools,
+            conns,
             tls,
             scheme,
-            version: match config.protocol {
-                UpstreamProtocol::Http1 => Version::HTTP_11,
-                UpstreamProtocol::Http2 => Version::HTTP_2,
-            },
+            workers,
         })
+    }
+
+    /// How many workers' idle lists each endpoint keeps.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Sends `req` to `endpoint`: on HTTP/1.1 over one of its idle connections, or a new one.
+    /// A request that a reused connection closed on before taking it goes out again, on
+    /// another connection.
+    async fn request(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        mut req: Request<ReqBody>,
+    ) -> Result<http::Response<UpstreamBody>, TryError> {
+        let (connector, builder, settings) = match &self.conns {
+            Conns::Http1 {
+                connector,
+                builder,
+                settings,
+            } => (connector, builder, *settings),
+            Conns::Http2(clients) => {
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(self.scheme.clone());
+                uri.authority = Some(endpoint.authority.clone());
+                uri.path_and_query = Some(
+                    req.uri()
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/")),
+                );
+                *req.uri_mut() =
+                    Uri::from_parts(uri).map_err(|e| TryError::Connect(Box::new(e)))?;
+                *req.version_mut() = Version::HTTP_2;
+                // Never empty (`Client::new` builds at least one); a thread that is not a
+                // worker's uses the first.
+                let at = workers::current().unwrap_or(0);
+                let client = clients.get(at).unwrap_or(&clients[0]);
+                let resp = client.request(req).await.map_err(TryError::Http2)?;
+                return Ok(resp.map(|b| UpstreamBody::new(b, None)));
+            }
+        };
+        // HTTP/1.1 to an origin server takes the origin form: only the path and query.
+        if req.uri().authority().is_some() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+        }
+        *req.version_mut() = Version::HTTP_11;
+        // HTTP/1.1 requires `Host`; an HTTP/1.0 client may have sent none.
+        if !req.headers().contains_key(http::header::HOST) {
+            if let Ok(host) = http::HeaderValue::from_str(endpoint.authority.as_str()) {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+        }
+        loop {
+            let (mut tx, reused) = match endpoint.idle.take(settings.idle_timeout) {
+                Some(tx) => (tx, true),
+                None => (
+                    self.connect(endpoint, connector.clone(), builder).await?,
+                    false,
+                ),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    // After a `101` the connection belongs to the upgrade.
+                    let loan = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| {
+                        Box::new(Loan {
+                            endpoint: endpoint.clone(),
+                            tx,
+                            settings,
+                        })
+                    });
+                    return Ok(resp.map(|b| UpstreamBody::new(b, loan)));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(TryError::Http1(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// A new HTTP/1.1 connection to `endpoint`, its task started on the calling worker.
+    async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        mut connector: UpstreamConnector,
+        builder: &http1::Builder,
+    ) -> Result<http1::SendRequest<ReqBody>, TryError> {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(endpoint.authority.clone());
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+        let uri = Uri::from_parts(uri).map_err(|e| TryError::Connect(Box::new(e)))?;
+        let io = connector.call(uri).await.map_err(TryError::Connect)?;
+        let (tx, conn) = builder
+            .handshake(io)
+            .await
+            .map_err(|e| TryError::Connect(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
     }
 }
 
@@ -135,19 +308,7 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
         body,
         ctx,
     } = call;
-    let client = &cluster.client;
     let grpc = classify::is_grpc(&head.headers);
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(client.scheme.clone());
-    uri.authority = Some(endpoint.authority.clone());
-    uri.path_and_query = Some(
-        head.uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    head.uri = Uri::from_parts(uri).map_err(|e| ProxyError::UpstreamConnect(Box::new(e)))?;
-    head.version = client.version;
     // The next hop gets the time this try has left, which is never more than the request's.
     if let Some(deadline) = ctx.try_deadline.or(ctx.deadline) {
         timeout::propagate(&mut head.headers, deadline, grpc);
@@ -155,11 +316,9 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
     cluster.metrics.attempts.inc();
     let in_flight = endpoint.start();
     let started = Instant::now();
-    // Never empty (`Client::new` builds at least one); a thread that is not a worker's uses the
-    // first.
-    let at = workers::current().unwrap_or(0);
-    let pool = client.pools.get(at).unwrap_or(&client.pools[0]);
-    let pending = pool.request(Request::from_parts(head, body));
+    let pending = cluster
+        .client
+        .request(&endpoint, Request::from_parts(head, body));
     let answer = match ctx.try_deadline {
         Some(at) => tokio::time::timeout_at(at, pending).await,
         None => Ok(pending.await),
@@ -216,15 +375,15 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
                 Response::from_parts(parts, body.watch(ctx.idle_timeout))
             })
         }
-        Ok(Err(e)) if client_side(&e) => Err(match too_large(&e) {
+        Ok(Err(e)) if client_side(e.cause()) => Err(match too_large(e.cause()) {
             Some(limit) => ProxyError::BodyTooLarge(limit),
             None => ProxyError::ClientAbort(Box::new(e)),
         }),
         Ok(Err(e)) if e.is_connect() => {
-            cluster.connect_failed(&endpoint, refused(&e));
+            cluster.connect_failed(&endpoint, refused(e.cause()));
             Err(ProxyError::UpstreamConnect(Box::new(e)))
         }
-        Ok(Err(e)) if refused_stream(&e) => Err(ProxyError::RefusedStream(Box::new(e))),
+        Ok(Err(e)) if refused_stream(e.cause()) => Err(ProxyError::RefusedStream(Box::new(e))),
         Ok(Err(e)) => Err(ProxyError::UpstreamReset(Box::new(e))),
     };
     drop(in_flight);
@@ -298,8 +457,8 @@ async fn hold_for_trailers(
 
 /// Whether a client error came from our side of the request body: the client's body failed,
 /// or a newer try took it over. Neither says anything about the upstream.
-fn client_side(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
+fn client_side(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(err) = source {
         if err.is::<ClientBodyError>() || err.is::<SupersededTry>() || err.is::<BodyTooLarge>() {
             return true;
@@ -310,8 +469,8 @@ fn client_side(e: &hyper_util::client::legacy::Error) -> bool {
 }
 
 /// The limit, if the client's body failed for being larger than the route allows.
-fn too_large(e: &hyper_util::client::legacy::Error) -> Option<u64> {
-    let mut source = std::error::Error::source(e);
+fn too_large(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut source = Some(e);
     while let Some(err) = source {
         if let Some(t) = err.downcast_ref::<BodyTooLarge>() {
             return Some(t.0);
@@ -322,8 +481,8 @@ fn too_large(e: &hyper_util::client::legacy::Error) -> Option<u64> {
 }
 
 /// Whether an HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it did not process it.
-fn refused_stream(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(err) = source {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
             return h2.reason() == Some(h2::Reason::REFUSED_STREAM);

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::control::health::Health;
 use crate::proxy::outlier::Outlier;
+use crate::proxy::pool::Idle;
 use crate::proxy::resilience::breaker::CircuitBreaker;
 use crate::rng::Rng;
 
@@ -57,16 +58,19 @@ pub struct Endpoint {
     /// Nanoseconds since `epoch` before which new connections are not tried while other
     /// endpoints are ready.
     reconnect_at: AtomicU64,
+    /// Idle HTTP/1.1 connections to it, per worker.
+    pub idle: Idle,
 }
 
 impl Endpoint {
-    /// A fresh endpoint.
+    /// A fresh endpoint, with an idle-connection list for each of `workers` workers.
     pub fn new(
         authority: Authority,
         source: &'static str,
         weight: u32,
         breaker: Option<Arc<CircuitBreaker>>,
         rng: Arc<Rng>,
+        workers: usize,
     ) -> Self {
         Self {
             authority,
@@ -84,6 +88,7 @@ impl Endpoint {
             rng,
             connect_streak: AtomicU32::new(0),
             reconnect_at: AtomicU64::new(0),
+            idle: Idle::new(workers),
         }
     }
 
@@ -230,6 +235,7 @@ mod tests {
             1,
             None,
             Arc::new(Rng::with_seed(1)),
+            1,
         )
     }
 

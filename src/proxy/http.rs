@@ -815,6 +815,20 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
 /// Removes headers that describe one connection rather than the message (RFC 9110 §7.6.1),
 /// including those named in `Connection`. `te: trailers` stays: gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names costs less than a hashed
+    // lookup of each.
+    let any = headers.keys().any(|k| {
+        k == header::CONNECTION
+            || k == header::TE
+            || k == header::TRANSFER_ENCODING
+            || k == header::UPGRADE
+            || k == header::TRAILER
+            || k == KEEP_ALIVE
+            || k == PROXY_CONNECTION
+    });
+    if !any {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)

@@ -1,8 +1,9 @@
 //! The data path, in request order: accept ([`listener`]), serve ([`http`] or [`tcp`]), route
 //! ([`router`]), run the resilience stack ([`stack`]), pick an endpoint of the [`cluster`]
 //! ([`balance`], with [`outlier`] detection) and reach it through its pooled client
-//! ([`connect`]). A request that switches protocols (a WebSocket) becomes a [`tunnel`]. All of it
-//! runs on the [`workers`], one thread each.
+//! ([`connect`]; idle HTTP/1.1 connections are kept in a [`pool`] on each endpoint). A request
+//! that switches protocols (a WebSocket) becomes a [`tunnel`]. All of it runs on the
+//! [`workers`], one thread each.
 //!
 //! The data path reads control state only as immutable snapshots (route tables, endpoint sets)
 //! and is never imported by the control side or by telemetry.
@@ -16,6 +17,7 @@ pub mod framing;
 pub mod http;
 pub mod listener;
 pub mod outlier;
+pub mod pool;
 pub mod resilience;
 pub mod router;
 pub mod stack;

@@ -309,6 +309,7 @@ mod tests {
                     1,
                     None,
                     rng.clone(),
+                    1,
                 ))
             })
             .collect()

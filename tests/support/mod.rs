@@ -79,7 +79,16 @@ pub struct Origin {
     pub hits: Arc<AtomicUsize>,
     pub release: Arc<Notify>,
     pub control: Arc<Control>,
+    /// Connections accepted so far, and open now.
+    pub conns: Arc<Conns>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// An origin's connection counts.
+#[derive(Default)]
+pub struct Conns {
+    pub accepted: AtomicUsize,
+    pub open: AtomicUsize,
 }
 
 impl Drop for Origin {
@@ -99,18 +108,22 @@ impl Origin {
         let hits = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(Notify::new());
         let control = Arc::new(Control::default());
-        let (n, h, r, c) = (
+        let conns = Arc::new(Conns::default());
+        let (n, h, r, c, k) = (
             name.to_owned(),
             hits.clone(),
             release.clone(),
             control.clone(),
+            conns.clone(),
         );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (n, h, r, c) = (n.clone(), h.clone(), r.clone(), c.clone());
+                k.accepted.fetch_add(1, Ordering::SeqCst);
+                k.open.fetch_add(1, Ordering::SeqCst);
+                let (n, h, r, c, k) = (n.clone(), h.clone(), r.clone(), c.clone(), k.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let (n, h, r, c) = (n.clone(), h.clone(), r.clone(), c.clone());
@@ -119,6 +132,7 @@ impl Origin {
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    k.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -128,6 +142,7 @@ impl Origin {
             hits,
             release,
             control,
+            conns,
             task,
         }
     }

@@ -1,0 +1,162 @@
+//! Idle HTTP/1.1 connections to upstream endpoints: kept on the endpoint itself, one list per
+//! worker, and handed back by the response body the moment its last frame is read.
+//!
+//! Why not hyper-util's pool (HTTP/2 clusters still use it, for its shared multiplexed
+//! connection): for every request it hashes the endpoint's scheme and authority to find the idle
+//! list, under one lock shared by every endpoint, builds an absolute URI only to turn it back
+//! into a path, and when the response has a body it spawns a task that waits for the connection
+//! to become reusable. Here the balancer has already picked the endpoint, so the list is a field
+//! away; the body that ends is the one that returns the connection; and the only task besides each
+//! connection's own is a sweeper per endpoint and worker while it has idle connections, so that
+//! `pool.idle_timeout` closes them even when no request comes.
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use hyper::client::conn::http1::SendRequest;
+use tokio::time::Instant;
+
+use crate::proxy::body::ReqBody;
+use crate::proxy::endpoint::Endpoint;
+use crate::proxy::workers;
+
+/// How many idle connections an endpoint keeps per worker, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Idle connections kept per endpoint (on each worker); 0 keeps none.
+    pub max_idle: usize,
+    /// How long a connection may stay idle before it is closed.
+    pub idle_timeout: Duration,
+}
+
+/// The idle connections of one endpoint, one list per worker: a request only ever takes a
+/// connection whose task runs on its own thread.
+#[derive(Debug)]
+pub struct Idle {
+    slots: Box<[Mutex<Slot>]>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// Most recently parked last.
+    conns: Vec<Parked>,
+    /// Whether a sweeper task watches this list.
+    sweeping: bool,
+}
+
+#[derive(Debug)]
+struct Parked {
+    tx: SendRequest<ReqBody>,
+    since: Instant,
+}
+
+impl Idle {
+    /// Empty lists for `workers` workers.
+    pub fn new(workers: usize) -> Self {
+        Self {
+            slots: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// The calling worker's list (the first one off the workers' threads).
+    fn slot(&self) -> Option<(usize, MutexGuard<'_, Slot>)> {
+        let at = workers::current().unwrap_or(0) % self.slots.len();
+        let slot = self.slots.get(at)?;
+        // A poisoned list only lost idle connections; what is left of it is still usable.
+        Some((at, slot.lock().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    /// The most recently parked connection that can take a request now. Closed and expired
+    /// ones are dropped on the way; one still finishing its previous exchange is left for later.
+    pub fn take(&self, idle_timeout: Duration) -> Option<SendRequest<ReqBody>> {
+        let (_, mut slot) = self.slot()?;
+        if slot.conns.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut i = slot.conns.len();
+        while i > 0 {
+            i -= 1;
+            let p = &slot.conns[i];
+            if p.tx.is_closed() || now.saturating_duration_since(p.since) >= idle_timeout {
+                slot.conns.remove(i);
+            } else if p.tx.is_ready() {
+                return Some(slot.conns.remove(i).tx);
+            }
+        }
+        None
+    }
+}
+
+/// A connection on loan to one response: parked on its endpoint again when that response's
+/// body has been read to its end (see [`crate::proxy::body::UpstreamBody`]).
+#[derive(Debug)]
+pub struct Loan {
+    /// The endpoint the connection goes to.
+    pub endpoint: Arc<Endpoint>,
+    /// The connection.
+    pub tx: SendRequest<ReqBody>,
+    /// The cluster's pool settings.
+    pub settings: Settings,
+}
+
+impl Loan {
+    /// Parks the connection on its endpoint, unless the endpoint keeps enough already; starts
+    /// the list's sweeper if none watches it.
+    pub fn give_back(self) {
+        let Loan {
+            endpoint,
+            tx,
+            settings,
+        } = self;
+        if settings.max_idle == 0 || tx.is_closed() {
+            return;
+        }
+        let Some((at, mut slot)) = endpoint.idle.slot() else {
+            return;
+        };
+        if slot.conns.len() >= settings.max_idle {
+            return;
+        }
+        slot.conns.push(Parked {
+            tx,
+            since: Instant::now(),
+        });
+        if slot.sweeping {
+            return;
+        }
+        // Off a runtime (never on the data path) the list is only trimmed by `take`.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            slot.sweeping = true;
+            let weak = Arc::downgrade(&endpoint);
+            rt.spawn(sweep(weak, at, settings.idle_timeout));
+        }
+    }
+}
+
+/// Closes the connections of one endpoint's list (on worker `at`) as they pass
+/// `idle_timeout`, waking when the oldest is due; ends when the list is empty or the endpoint
+/// is gone.
+async fn sweep(endpoint: Weak<Endpoint>, at: usize, idle_timeout: Duration) {
+    let mut due = Instant::now() + idle_timeout;
+    loop {
+        tokio::time::sleep_until(due).await;
+        let Some(endpoint) = endpoint.upgrade() else {
+            return;
+        };
+        let Some(slot) = endpoint.idle.slots.get(at) else {
+            return;
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        slot.conns
+            .retain(|p| !p.tx.is_closed() && now.saturating_duration_since(p.since) < idle_timeout);
+        match slot.conns.iter().map(|p| p.since).min() {
+            Some(oldest) => due = oldest + idle_timeout,
+            None => {
+                slot.sweeping = false;
+                return;
+            }
+        }
+    }
+}
