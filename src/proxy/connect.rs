@@ -330,8 +330,9 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
             Err(ctx.expired())
         }
         Ok(Ok(resp)) => {
-            cluster.latency.record(started.elapsed());
-            endpoint.observe_latency(started.elapsed());
+            let rtt = started.elapsed();
+            cluster.latency.record(rtt);
+            endpoint.observe_latency(rtt);
             let (mut parts, body) = resp.into_parts();
             // A `101` names the protocol switched to: that hop-by-hop pair is relayed, since
             // the proxy relays the switch itself (the route allowed the upgrade).
@@ -363,9 +364,8 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
                     .exact()
                     .is_some_and(|n| n <= ctx.hold_limit);
             let held = if grpc_hold || small_hold {
-                let until = ctx.try_deadline.map_or(Instant::now() + HOLD_MAX, |d| {
-                    d.min(Instant::now() + HOLD_MAX)
-                });
+                let latest = started + rtt + HOLD_MAX;
+                let until = ctx.try_deadline.map_or(latest, |d| d.min(latest));
                 hold_for_trailers(resp, ctx.hold_limit, until).await
             } else {
                 Ok(resp)
