@@ -13,23 +13,12 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// One listener `in` whose route sends to cluster `app` at `origin` with no retries (so that
-/// nothing but the pool itself can save a request), and `pool` as the cluster's pool settings.
+/// One listener `in` whose first route sends everything to cluster `app` at `origin` with no
+/// retries (so that nothing but the pool itself can save a request), and `pool` as the cluster's
+/// pool settings.
 fn config(origin: std::net::SocketAddr, pool: &str) -> String {
-    format!(
-        "listeners:
-  - name: in
-    address: 127.0.0.1:0
-    routes:
-      - name: all
-        cluster: app
-        retry: {{ attempts: 1 }}
-clusters:
-  - name: app
-    endpoints: [{origin}]
-    pool: {pool}
-"
-    )
+    let once = "      - name: once\n        cluster: app\n        retry: { attempts: 1 }\n";
+    format!("{}    pool: {pool}\n", one_listener("", once, origin))
 }
 
 #[tokio::test]
