@@ -6,7 +6,6 @@
 //! exceeds `queue_timeout`, it is refused with 503 `bulkhead_full`. The slot is held until the
 //! response headers arrive.
 
-use std::borrow::Borrow;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,14 +38,8 @@ impl Bulkhead {
         }
     }
 
-    /// A slot if one is free now.
-    fn try_acquire(self: &Arc<Self>) -> Option<Slot<Arc<Bulkhead>>> {
-        let permit = self.slots.clone().try_acquire_owned().ok()?;
-        Some(Slot::new(permit, self.clone()))
-    }
-
     /// Waits for a slot, within the queue's bounds.
-    pub async fn acquire(&self) -> Result<Slot<&Bulkhead>, ProxyError> {
+    pub async fn acquire(&self) -> Result<Slot<'_>, ProxyError> {
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -72,7 +65,13 @@ impl Bulkhead {
                     .ok_or(ProxyError::BulkheadFull)?
             }
         };
-        Ok(Slot::new(permit, self))
+        if let Some(m) = &self.metrics {
+            m.active.inc();
+        }
+        Ok(Slot {
+            _permit: permit,
+            bulkhead: self,
+        })
     }
 }
 
@@ -87,27 +86,15 @@ impl Drop for Dequeue<'_> {
     }
 }
 
-/// A held slot of the bulkhead `B` points to; dropping it frees the slot.
-pub struct Slot<B: Borrow<Bulkhead>> {
+/// A held slot; dropping it frees the slot.
+pub struct Slot<'a> {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    bulkhead: B,
+    bulkhead: &'a Bulkhead,
 }
 
-impl<B: Borrow<Bulkhead>> Slot<B> {
-    fn new(permit: tokio::sync::OwnedSemaphorePermit, bulkhead: B) -> Self {
-        if let Some(m) = &bulkhead.borrow().metrics {
-            m.active.inc();
-        }
-        Self {
-            _permit: permit,
-            bulkhead,
-        }
-    }
-}
-
-impl<B: Borrow<Bulkhead>> Drop for Slot<B> {
+impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        if let Some(m) = &self.bulkhead.borrow().metrics {
+        if let Some(m) = &self.bulkhead.metrics {
             m.active.dec();
         }
     }
@@ -120,15 +107,6 @@ pub type BulkheadService<S> = Apply<Bulkhead, S>;
 
 impl Mechanism for Bulkhead {
     fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
-        // A free slot (the usual case) sends the call on at once, so that this layer's future
-        // holds only the slot and the inner future, not another copy of the call.
-        if let Some(slot) = self.try_acquire() {
-            let fut = inner.call(call);
-            return Box::pin(async move {
-                let _slot = slot;
-                fut.await
-            });
-        }
         let (bulkhead, mut inner) = (self.clone(), inner.clone());
         Box::pin(async move {
             let _slot = bulkhead.acquire().await?;
