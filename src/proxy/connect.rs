@@ -197,17 +197,12 @@ impl Client {
                 settings,
             } => (connector, builder, *settings),
             Conns::Http2(clients) => {
-                let mut uri = http::uri::Parts::default();
-                uri.scheme = Some(self.scheme.clone());
-                uri.authority = Some(endpoint.authority.clone());
-                uri.path_and_query = Some(
-                    req.uri()
-                        .path_and_query()
-                        .cloned()
-                        .unwrap_or_else(|| PathAndQuery::from_static("/")),
-                );
-                *req.uri_mut() =
-                    Uri::from_parts(uri).map_err(|e| TryError::Connect(Box::new(e)))?;
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                *req.uri_mut() = self.uri(endpoint, path)?;
                 *req.version_mut() = Version::HTTP_2;
                 // Never empty (`Client::new` builds at least one); a thread that is not a
                 // worker's uses the first.
@@ -261,6 +256,15 @@ impl Client {
         }
     }
 
+    /// The absolute URI of `path` on `endpoint`, as the connector and hyper-util's client take it.
+    fn uri(&self, endpoint: &Endpoint, path: PathAndQuery) -> Result<Uri, TryError> {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(endpoint.authority.clone());
+        uri.path_and_query = Some(path);
+        Uri::from_parts(uri).map_err(|e| TryError::Connect(Box::new(e)))
+    }
+
     /// A new HTTP/1.1 connection to `endpoint`, its task started on the calling worker.
     async fn connect(
         &self,
@@ -268,11 +272,7 @@ impl Client {
         mut connector: UpstreamConnector,
         builder: &http1::Builder,
     ) -> Result<http1::SendRequest<ReqBody>, TryError> {
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(self.scheme.clone());
-        uri.authority = Some(endpoint.authority.clone());
-        uri.path_and_query = Some(PathAndQuery::from_static("/"));
-        let uri = Uri::from_parts(uri).map_err(|e| TryError::Connect(Box::new(e)))?;
+        let uri = self.uri(endpoint, PathAndQuery::from_static("/"))?;
         let io = connector.call(uri).await.map_err(TryError::Connect)?;
         let (tx, conn) = builder
             .handshake(io)
