@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, StatusCode, Uri, Version};
-use http_body::Body as _;
+use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -231,8 +232,10 @@ impl Client {
         loop {
             let (mut tx, reused) = match endpoint.idle.take(settings.idle_timeout) {
                 Some(tx) => (tx, true),
+                // Boxed: a new connection is rare, and its handshake would otherwise make
+                // every request's future (moved on each call) as large as its own.
                 None => (
-                    self.connect(endpoint, connector.clone(), builder).await?,
+                    Box::pin(self.connect(endpoint, connector.clone(), builder)).await?,
                     false,
                 ),
             };
@@ -417,23 +420,14 @@ async fn hold_for_trailers(
     let ProxyBody::Upstream(mut body) = body else {
         return Ok(Response::from_parts(parts, body));
     };
-    let mut frames = VecDeque::new();
+    let mut frames = Frames::default();
     let mut held = 0u64;
     loop {
         let Ok(next) = tokio::time::timeout_at(until, body.frame()).await else {
-            let rest = Some(body);
-            return Ok(Response::from_parts(
-                parts,
-                ProxyBody::Held { frames, rest },
-            ));
+            return Ok(Response::from_parts(parts, frames.body(Some(body))));
         };
         match next {
-            None => {
-                return Ok(Response::from_parts(
-                    parts,
-                    ProxyBody::Held { frames, rest: None },
-                ));
-            }
+            None => return Ok(Response::from_parts(parts, frames.body(None))),
             Some(Err(e)) => return Err(ProxyError::UpstreamReset(Box::new(e))),
             Some(Ok(frame)) => {
                 if let Some(t) = frame.trailers_ref() {
@@ -442,14 +436,41 @@ async fn hold_for_trailers(
                     }
                 }
                 held += frame.data_ref().map_or(0, |d| d.len() as u64);
-                frames.push_back(frame);
+                frames.push(frame);
                 if held > limit {
-                    let rest = Some(body);
-                    return Ok(Response::from_parts(
-                        parts,
-                        ProxyBody::Held { frames, rest },
-                    ));
+                    return Ok(Response::from_parts(parts, frames.body(Some(body))));
                 }
+            }
+        }
+    }
+}
+
+/// Frames read ahead. The first is kept apart: a small answer is usually one data frame, which
+/// then needs no queue.
+#[derive(Default)]
+struct Frames {
+    first: Option<Frame<Bytes>>,
+    more: VecDeque<Frame<Bytes>>,
+}
+
+impl Frames {
+    fn push(&mut self, frame: Frame<Bytes>) {
+        match self.first {
+            None => self.first = Some(frame),
+            Some(_) => self.more.push_back(frame),
+        }
+    }
+
+    /// The response body: these frames, then `rest` if the stream had not ended.
+    fn body(self, rest: Option<UpstreamBody>) -> ProxyBody {
+        let Frames { first, mut more } = self;
+        match first.map(Frame::into_data) {
+            Some(Ok(data)) if more.is_empty() && rest.is_none() => ProxyBody::full(data),
+            first => {
+                if let Some(frame) = first {
+                    more.push_front(frame.map_or_else(|f| f, Frame::data));
+                }
+                ProxyBody::Held { frames: more, rest }
             }
         }
     }

@@ -40,7 +40,7 @@ use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::classify::is_grpc;
 use crate::proxy::resilience::{Call, CallCtx};
 use crate::proxy::router::Route;
-use crate::proxy::tunnel;
+use crate::proxy::{tunnel, values};
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
 use crate::telemetry::metrics::RouteMetrics;
@@ -764,7 +764,7 @@ fn new_request_id(rng: &Rng) -> HeaderValue {
         nibble -= 1;
         *b = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    values::cut(&out).unwrap_or_else(|| HeaderValue::from_static("-"))
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to: its `Upgrade` value, when `Connection`

@@ -23,4 +23,5 @@ pub mod router;
 pub mod stack;
 pub mod tcp;
 pub mod tunnel;
+pub mod values;
 pub mod workers;

@@ -9,16 +9,21 @@
 //!
 //! Recording is lock-free (atomics); only state transitions take a lock, and they are rare.
 
+use std::future::{Future, Ready};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::control::config::resilience::{BreakerConfig, Window};
 use crate::error::ProxyError;
 use crate::proxy::resilience::classify::{self, Outcome};
-use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
+use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, Response};
 use crate::telemetry::metrics::BreakerMetrics;
 
 /// Breaker states; the gauge label and the `/clusters` field.
@@ -464,16 +469,39 @@ pub type BreakerLayer = ApplyLayer<CircuitBreaker>;
 pub type Breaker<S> = Apply<CircuitBreaker, S>;
 
 impl Mechanism for CircuitBreaker {
-    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
+    type Future<S: Inner> = Either<Recorded<S::Future>, Ready<Result<Response, ProxyError>>>;
+
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> Self::Future<S> {
         let Some(permit) = self.try_acquire() else {
-            return Box::pin(std::future::ready(Err(ProxyError::CircuitOpen)));
+            return Either::Right(std::future::ready(Err(ProxyError::CircuitOpen)));
         };
-        let fut = inner.call(call);
-        Box::pin(async move {
-            let result = fut.await;
-            permit.record(classify::outcome(&result));
-            result
+        Either::Left(Recorded {
+            inner: inner.call(call),
+            permit: Some(permit),
         })
+    }
+}
+
+pin_project! {
+    /// A call through the breaker: its outcome is recorded when it ends. Dropped before that
+    /// (the caller gave up), it records nothing.
+    pub struct Recorded<F> {
+        #[pin]
+        inner: F,
+        permit: Option<Permit>,
+    }
+}
+
+impl<F: Future<Output = Result<Response, ProxyError>>> Future for Recorded<F> {
+    type Output = Result<Response, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if let Some(permit) = this.permit.take() {
+            permit.record(classify::outcome(&result));
+        }
+        Poll::Ready(result)
     }
 }
 

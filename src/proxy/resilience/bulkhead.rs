@@ -6,15 +6,23 @@
 //! exceeds `queue_timeout`, it is refused with 503 `bulkhead_full`. The slot is held until the
 //! response headers arrive.
 
+use std::borrow::Borrow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
+use pin_project_lite::pin_project;
 use tokio::sync::Semaphore;
 
 use crate::control::config::resilience::BulkheadConfig;
 use crate::error::ProxyError;
-use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
+use crate::proxy::resilience::{
+    Apply, ApplyLayer, Call, Inner, Mechanism, Response, ResponseFuture,
+};
 use crate::telemetry::metrics::BulkheadMetrics;
 
 /// The shared state of one bulkhead.
@@ -38,8 +46,14 @@ impl Bulkhead {
         }
     }
 
+    /// A slot if one is free now.
+    fn try_acquire(self: &Arc<Self>) -> Option<Slot<Arc<Bulkhead>>> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(Slot::new(permit, self.clone()))
+    }
+
     /// Waits for a slot, within the queue's bounds.
-    pub async fn acquire(&self) -> Result<Slot<'_>, ProxyError> {
+    pub async fn acquire(&self) -> Result<Slot<&Bulkhead>, ProxyError> {
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -65,13 +79,7 @@ impl Bulkhead {
                     .ok_or(ProxyError::BulkheadFull)?
             }
         };
-        if let Some(m) = &self.metrics {
-            m.active.inc();
-        }
-        Ok(Slot {
-            _permit: permit,
-            bulkhead: self,
-        })
+        Ok(Slot::new(permit, self))
     }
 }
 
@@ -86,15 +94,27 @@ impl Drop for Dequeue<'_> {
     }
 }
 
-/// A held slot; dropping it frees the slot.
-pub struct Slot<'a> {
+/// A held slot of the bulkhead `B` points to; dropping it frees the slot.
+pub struct Slot<B: Borrow<Bulkhead>> {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    bulkhead: &'a Bulkhead,
+    bulkhead: B,
 }
 
-impl Drop for Slot<'_> {
+impl<B: Borrow<Bulkhead>> Slot<B> {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, bulkhead: B) -> Self {
+        if let Some(m) = &bulkhead.borrow().metrics {
+            m.active.inc();
+        }
+        Self {
+            _permit: permit,
+            bulkhead,
+        }
+    }
+}
+
+impl<B: Borrow<Bulkhead>> Drop for Slot<B> {
     fn drop(&mut self) {
-        if let Some(m) = &self.bulkhead.metrics {
+        if let Some(m) = &self.bulkhead.borrow().metrics {
             m.active.dec();
         }
     }
@@ -106,12 +126,41 @@ pub type BulkheadLayer = ApplyLayer<Bulkhead>;
 pub type BulkheadService<S> = Apply<Bulkhead, S>;
 
 impl Mechanism for Bulkhead {
-    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
+    type Future<S: Inner> = Either<Slotted<S::Future>, ResponseFuture>;
+
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> Self::Future<S> {
+        // A free slot, the usual case, sends the call on at once; only a wait is boxed.
+        if let Some(slot) = self.try_acquire() {
+            return Either::Left(Slotted {
+                inner: inner.call(call),
+                slot: Some(slot),
+            });
+        }
         let (bulkhead, mut inner) = (self.clone(), inner.clone());
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let _slot = bulkhead.acquire().await?;
             inner.call(call).await
-        })
+        }))
+    }
+}
+
+pin_project! {
+    /// A call holding a slot until its response headers arrive.
+    pub struct Slotted<F> {
+        #[pin]
+        inner: F,
+        slot: Option<Slot<Arc<Bulkhead>>>,
+    }
+}
+
+impl<F: Future<Output = Result<Response, ProxyError>>> Future for Slotted<F> {
+    type Output = Result<Response, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        this.slot.take();
+        Poll::Ready(result)
     }
 }
 

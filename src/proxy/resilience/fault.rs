@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use futures_util::future::Either;
+
 use crate::control::config::resilience::FaultConfig;
 use crate::error::ProxyError;
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
@@ -30,14 +32,16 @@ pub type FaultLayer = ApplyLayer<Faults>;
 pub type Fault<S> = Apply<Faults, S>;
 
 impl Mechanism for Faults {
-    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
+    type Future<S: Inner> = Either<S::Future, ResponseFuture>;
+
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> Self::Future<S> {
         let f = self;
         if let Some((share, status)) = f.cfg.abort {
             if f.rng.f64() < share {
                 if let Some(m) = &f.metrics {
                     m.aborted.inc();
                 }
-                return Box::pin(std::future::ready(Err(ProxyError::Fault(status))));
+                return Either::Right(Box::pin(std::future::ready(Err(ProxyError::Fault(status)))));
             }
         }
         match f.cfg.delay {
@@ -46,12 +50,12 @@ impl Mechanism for Faults {
                     m.delayed.inc();
                 }
                 let mut inner = inner.clone();
-                Box::pin(async move {
+                Either::Right(Box::pin(async move {
                     tokio::time::sleep(delay).await;
                     inner.call(call).await
-                })
+                }))
             }
-            _ => inner.call(call),
+            _ => Either::Left(inner.call(call)),
         }
     }
 }

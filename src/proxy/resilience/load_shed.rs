@@ -330,6 +330,8 @@ pub type LoadShedLayer = ApplyLayer<Limiter>;
 pub type LoadShed<S> = Apply<Limiter, S>;
 
 impl Mechanism for Limiter {
+    type Future<S: Inner> = ResponseFuture;
+
     fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
         let (limiter, mut inner) = (self.clone(), inner.clone());
         Box::pin(async move {

@@ -23,6 +23,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -124,28 +126,31 @@ impl Call {
     }
 }
 
-/// The services every resilience layer wraps: they answer with the one future type.
+/// The services every resilience layer wraps.
 pub trait Inner:
-    Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
+    Service<Call, Response = Response, Error = ProxyError, Future: Send + 'static>
     + Clone
     + Send
     + 'static
 {
 }
 
-impl<S> Inner for S where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
-        + Clone
-        + Send
-        + 'static
+impl<S> Inner for S
+where
+    S: Service<Call, Response = Response, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
 {
 }
 
 /// A mechanism that an [`Apply`] layer puts in front of a service: a bulkhead, a breaker, a
 /// rate limiter, a load-shedding limiter or a set of faults. Its shared state lives in `Self`.
 pub trait Mechanism: Send + Sync + 'static {
+    /// What a call through the mechanism answers with. A concrete type, not a boxed one, where
+    /// the usual case allows: the layers' futures then nest in one allocation.
+    type Future<S: Inner>: Future<Output = Result<Response, ProxyError>> + Send + 'static;
+
     /// Sends `call` to `inner` through the mechanism.
-    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture;
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> Self::Future<S>;
 }
 
 /// Puts an optional [`Mechanism`] in front of the inner service; `None` passes calls through
@@ -197,17 +202,50 @@ impl<M, S: Clone> Clone for Apply<M, S> {
 impl<M: Mechanism, S: Inner> Service<Call> for Apply<M, S> {
     type Response = Response;
     type Error = ProxyError;
-    type Future = ResponseFuture;
+    type Future = Either<S::Future, M::Future<S>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, call: Call) -> ResponseFuture {
+    fn call(&mut self, call: Call) -> Self::Future {
         match &self.mechanism {
-            None => self.inner.call(call),
-            Some(m) => m.apply(&mut self.inner, call),
+            None => Either::Left(self.inner.call(call)),
+            Some(m) => Either::Right(m.apply(&mut self.inner, call)),
         }
+    }
+}
+
+pin_project! {
+    /// The inner service's future, with the error its deadline passing gives: what the timeout
+    /// layers answer without a box.
+    pub struct Deadline<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+        caller: bool,
+    }
+}
+
+impl<F: Future> Deadline<F> {
+    /// `inner`, given up at `at`; `caller`: the deadline is the caller's own.
+    pub fn new(inner: F, at: Instant, caller: bool) -> Self {
+        Self {
+            inner: tokio::time::timeout_at(at, inner),
+            caller,
+        }
+    }
+}
+
+impl<F: Future<Output = Result<Response, ProxyError>>> Future for Deadline<F> {
+    type Output = Result<Response, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        this.inner.poll(cx).map(|r| match r {
+            Ok(result) => result,
+            Err(_) if *this.caller => Err(ProxyError::DeadlineExceeded),
+            Err(_) => Err(ProxyError::Timeout),
+        })
     }
 }
 

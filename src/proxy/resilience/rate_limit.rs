@@ -233,6 +233,8 @@ pub type RateLimitLayer = ApplyLayer<RateLimiter>;
 pub type RateLimit<S> = Apply<RateLimiter, S>;
 
 impl Mechanism for RateLimiter {
+    type Future<S: Inner> = ResponseFuture;
+
     fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, call: Call) -> ResponseFuture {
         let limiter = self.clone();
         match limiter.check_call(&call) {

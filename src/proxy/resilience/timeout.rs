@@ -9,10 +9,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::ProxyError;
-use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use futures_util::future::Either;
+use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
+
+use crate::proxy::resilience::{Apply, ApplyLayer, Call, Deadline, Inner, Mechanism};
+use crate::proxy::values;
 
 /// The header carrying the time a caller still waits, in milliseconds.
 pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-outrigger-deadline-ms");
@@ -35,7 +37,9 @@ impl RouteDeadline {
 }
 
 impl Mechanism for RouteDeadline {
-    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, mut call: Call) -> ResponseFuture {
+    type Future<S: Inner> = Either<S::Future, Deadline<S::Future>>;
+
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, mut call: Call) -> Self::Future<S> {
         // Both clocks run from the request's arrival, so time spent in the layers above (a
         // throttle delay, a queue) counts.
         let start = call.ctx.start;
@@ -49,19 +53,9 @@ impl Mechanism for RouteDeadline {
         call.ctx.deadline = deadline;
         call.ctx.caller_deadline = caller;
         let fut = inner.call(call);
-        let expired = if caller {
-            ProxyError::DeadlineExceeded
-        } else {
-            ProxyError::Timeout
-        };
         match deadline {
-            None => fut,
-            Some(at) => Box::pin(async move {
-                match tokio::time::timeout_at(at, fut).await {
-                    Ok(result) => result,
-                    Err(_) => Err(expired),
-                }
-            }),
+            None => Either::Left(fut),
+            Some(at) => Either::Right(Deadline::new(fut, at, caller)),
         }
     }
 }
@@ -86,24 +80,21 @@ impl TryDeadline {
 }
 
 impl Mechanism for TryDeadline {
-    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, mut call: Call) -> ResponseFuture {
+    type Future<S: Inner> = Either<S::Future, Deadline<S::Future>>;
+
+    fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, mut call: Call) -> Self::Future<S> {
         let at = match (self.timeout.map(|t| Instant::now() + t), call.ctx.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         call.ctx.try_deadline = at;
-        let expired = call.ctx.expired();
+        let caller = call.ctx.caller_deadline && call.ctx.try_deadline == call.ctx.deadline;
         let fut = inner.call(call);
         match (self.timeout, at) {
-            (Some(_), Some(at)) => Box::pin(async move {
-                // The upstream layer enforces the same instant itself so that the endpoint's
-                // breaker sees the timeout; this covers waiting in the bulkhead's queue.
-                match tokio::time::timeout_at(at, fut).await {
-                    Ok(result) => result,
-                    Err(_) => Err(expired),
-                }
-            }),
-            _ => fut,
+            // The upstream layer enforces the same instant itself so that the endpoint's
+            // breaker sees the timeout; this covers waiting in the bulkhead's queue.
+            (Some(_), Some(at)) => Either::Right(Deadline::new(fut, at, caller)),
+            _ => Either::Left(fut),
         }
     }
 }
@@ -152,9 +143,11 @@ pub fn propagate(headers: &mut HeaderMap, deadline: Instant, grpc: bool) {
     let left = deadline.saturating_duration_since(Instant::now());
     // Round up so that a short but live budget never reads as "already expired".
     let ms = left.as_millis().max(1) as u64;
-    headers.insert(DEADLINE_HEADER, HeaderValue::from(ms));
+    if let Some(v) = values::decimal(ms, b"") {
+        headers.insert(DEADLINE_HEADER, v);
+    }
     if grpc {
-        if let Ok(v) = HeaderValue::from_str(&format!("{}m", ms.min(99_999_999))) {
+        if let Some(v) = values::decimal(ms.min(99_999_999), b"m") {
             headers.insert(GRPC_TIMEOUT, v);
         }
     }
@@ -163,6 +156,8 @@ pub fn propagate(headers: &mut HeaderMap, deadline: Instant, grpc: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ProxyError;
+    use http::HeaderValue;
 
     #[test]
     fn grpc_timeouts_parse() {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::StatusCode;
 use tokio::time::Instant;
@@ -30,7 +31,7 @@ use crate::error::ProxyError;
 use crate::proxy::body::ReqBody;
 use crate::proxy::resilience::classify::{self, RetryReason};
 use crate::proxy::resilience::latency::LatencyWindow;
-use crate::proxy::resilience::{Call, Response, ResponseFuture};
+use crate::proxy::resilience::{Call, Inner, Response, ResponseFuture};
 use crate::rng::Rng;
 use crate::telemetry::metrics::{RetryMetrics, Skip};
 use backoff::Backoff;
@@ -115,43 +116,34 @@ pub struct Retry<S> {
     policy: Arc<RetryPolicy>,
 }
 
-impl<S> Service<Call> for Retry<S>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture>
-        + Clone
-        + Send
-        + 'static,
-{
+impl<S: Inner> Service<Call> for Retry<S> {
     type Response = Response;
     type Error = ProxyError;
-    type Future = ResponseFuture;
+    type Future = Either<S::Future, ResponseFuture>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut call: Call) -> ResponseFuture {
-        let policy = self.policy.clone();
+    fn call(&mut self, mut call: Call) -> Self::Future {
+        let policy = &self.policy;
         policy.budget.deposit();
         call.ctx.base = policy.next_base.fetch_add(1, Ordering::Relaxed);
         if policy.cfg.attempts <= 1 && policy.cfg.hedge.is_none() {
-            return self.inner.call(call);
+            return Either::Left(self.inner.call(call));
         }
         // Tries share what they tried, so that each goes to an endpoint not tried yet.
         call.ctx.tried = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
         let inner = self.inner.clone();
-        Box::pin(run(policy, inner, call))
+        Either::Right(Box::pin(run(policy.clone(), inner, call)))
     }
 }
 
-async fn run<S>(
+async fn run<S: Inner>(
     policy: Arc<RetryPolicy>,
     mut inner: S,
     mut call: Call,
-) -> Result<Response, ProxyError>
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture> + Clone,
-{
+) -> Result<Response, ProxyError> {
     let cfg = &policy.cfg;
     let idempotent = classify::idempotent(&call.head.method);
     let resendable = idempotent || cfg.non_idempotent;
@@ -180,7 +172,9 @@ where
             (Some(_), Some(spare))
                 if tries == 0 && idempotent && matches!(call.body, ReqBody::Empty) =>
             {
-                hedged(&policy, &mut inner, call, spare).await
+                // Boxed: hedging is rare, and its state would otherwise be part of (and be
+                // moved with) every request's future.
+                Box::pin(hedged(&policy, &mut inner, call, spare)).await
             }
             (_, spare) => ((inner.call(call).await, 1), spare),
         };
@@ -232,18 +226,15 @@ where
 
 /// Sends `call`, and hedges while it is outstanding. Returns the chosen result with the number of
 /// tries sent, and a spare copy for a later retry if one can still be made.
-async fn hedged<S>(
+async fn hedged<S: Inner>(
     policy: &RetryPolicy,
     inner: &mut S,
     call: Call,
     spare: Call,
-) -> ((Result<Response, ProxyError>, u32), Option<Call>)
-where
-    S: Service<Call, Response = Response, Error = ProxyError, Future = ResponseFuture> + Clone,
-{
+) -> ((Result<Response, ProxyError>, u32), Option<Call>) {
     let cfg = &policy.cfg;
     let max_hedges = cfg.hedge.as_ref().map_or(0, |h| h.max);
-    let mut pending: FuturesUnordered<ResponseFuture> = FuturesUnordered::new();
+    let mut pending: FuturesUnordered<S::Future> = FuturesUnordered::new();
     pending.push(inner.call(call));
     let mut sent = 1u32;
     let mut spare = Some(spare);
