@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame};
@@ -423,8 +424,13 @@ async fn hold_for_trailers(
     let mut frames = Frames::default();
     let mut held = 0u64;
     loop {
-        let Ok(next) = tokio::time::timeout_at(until, body.frame()).await else {
-            return Ok(Response::from_parts(parts, frames.body(Some(body))));
+        // A frame already read needs no timer: a small answer's usually is.
+        let next = match body.frame().now_or_never() {
+            Some(next) => next,
+            None => match tokio::time::timeout_at(until, body.frame()).await {
+                Ok(next) => next,
+                Err(_) => return Ok(Response::from_parts(parts, frames.body(Some(body)))),
+            },
         };
         match next {
             None => return Ok(Response::from_parts(parts, frames.body(None))),

@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
+use futures_util::future::Either;
+use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -25,6 +27,7 @@ use hyper::service::service_fn;
 use hyper::service::Service as HyperService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -249,6 +252,9 @@ struct Conn {
     /// connection's draw.
     ids: Rng,
     drain: CancellationToken,
+    /// Set once the connection has seen `drain` fire: later responses close it. A flag, since
+    /// asking the token takes its lock.
+    draining: AtomicBool,
     /// Requests being handled now (until their response headers).
     active: AtomicUsize,
     /// When the connection last had a request, in milliseconds since `opened`.
@@ -293,6 +299,76 @@ impl Drop for Active<'_> {
     }
 }
 
+/// Why a connection is wound down before it ends by itself.
+enum Stop {
+    /// No request for the listener's idle timeout.
+    Idle,
+    /// The listener drains (shutdown, or a reload that removed it).
+    Drain,
+}
+
+pin_project! {
+    /// Runs `main` until it ends or `watch` fires, polling `watch` only when its own waker was
+    /// woken: a connection's task wakes a few times per request, and its idle timer and drain
+    /// token (whose poll takes a lock) need no look on each of those wakes.
+    struct Overseen<M, W> {
+        #[pin]
+        main: M,
+        #[pin]
+        watch: W,
+        flag: Arc<WakeFlag>,
+        waker: Waker,
+    }
+}
+
+impl<M, W> Overseen<M, W> {
+    fn new(main: M, watch: W) -> Self {
+        let flag = Arc::new(WakeFlag {
+            // The first poll looks at `watch`, so that it registers its wakers.
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Self {
+            main,
+            watch,
+            waker: Waker::from(flag.clone()),
+            flag,
+        }
+    }
+}
+
+impl<M: Future, W: Future> Future for Overseen<M, W> {
+    type Output = Either<M::Output, W::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        this.flag.task.register(cx.waker());
+        if this.flag.woken.swap(false, Ordering::AcqRel) {
+            if let Poll::Ready(w) = this.watch.poll(&mut Context::from_waker(this.waker)) {
+                return Poll::Ready(Either::Right(w));
+            }
+        }
+        this.main.poll(cx).map(Either::Left)
+    }
+}
+
+/// The waker [`Overseen`] gives its watch: it notes the wake, then wakes the task.
+struct WakeFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
 /// Resolves once `conn` has been idle for `limit`; never if `limit` is `None`.
 async fn idle(conn: &Conn, limit: Option<Duration>) {
     let Some(limit) = limit else {
@@ -334,6 +410,7 @@ pub async fn serve<IO>(
         ip: ip_value(peer),
         ids,
         drain: drain.clone(),
+        draining: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         last_request: AtomicU64::new(0),
         opened: Instant::now(),
@@ -350,14 +427,21 @@ pub async fn serve<IO>(
         }
     });
     let mut connection = server.start(watched.who.proto, stream, svc);
-    let result = tokio::select! {
-        res = &mut connection => res,
-        () = idle(&watched, idle_timeout) => {
+    let stop = async {
+        tokio::select! {
+            () = idle(&watched, idle_timeout) => Stop::Idle,
+            () = drain.cancelled() => Stop::Drain,
+        }
+    };
+    let result = match Overseen::new(&mut connection, stop).await {
+        Either::Left(res) => res,
+        Either::Right(Stop::Idle) => {
             // Graceful: an h1 response still streaming finishes; h2 gets GOAWAY.
             connection.graceful_shutdown();
             connection.await
         }
-        () = drain.cancelled() => {
+        Either::Right(Stop::Drain) => {
+            watched.draining.store(true, Ordering::Release);
             tokio::select! {
                 res = &mut connection => res,
                 () = tokio::time::sleep(DRAIN_GRACE) => {
@@ -416,7 +500,10 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
             finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
         }
     };
-    if h1 && conn.drain.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+    if h1
+        && conn.draining.load(Ordering::Acquire)
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+    {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
