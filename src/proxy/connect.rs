@@ -199,12 +199,7 @@ impl Client {
                 settings,
             } => (connector, builder, *settings),
             Conns::Http2(clients) => {
-                let path = req
-                    .uri()
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
-                *req.uri_mut() = self.uri(endpoint, path)?;
+                *req.uri_mut() = self.uri(endpoint, path_of(req.uri()))?;
                 *req.version_mut() = Version::HTTP_2;
                 // Never empty (`Client::new` builds at least one); a thread that is not a
                 // worker's uses the first.
@@ -216,12 +211,7 @@ impl Client {
         };
         // HTTP/1.1 to an origin server takes the origin form: only the path and query.
         if req.uri().authority().is_some() {
-            let path = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *req.uri_mut() = Uri::from(path);
+            *req.uri_mut() = Uri::from(path_of(req.uri()));
         }
         *req.version_mut() = Version::HTTP_11;
         // HTTP/1.1 requires `Host`; an HTTP/1.0 client may have sent none.
@@ -289,6 +279,13 @@ impl Client {
         });
         Ok(tx)
     }
+}
+
+/// The path and query of `uri`; `/` when it has none (an authority-form target).
+fn path_of(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 /// Sends one try to one endpoint of `cluster` and classifies what comes back.

@@ -317,7 +317,6 @@ pin_project! {
         #[pin]
         watch: W,
         flag: Arc<WakeFlag>,
-        waker: Waker,
     }
 }
 
@@ -328,12 +327,7 @@ impl<M, W> Overseen<M, W> {
             woken: AtomicBool::new(true),
             task: AtomicWaker::new(),
         });
-        Self {
-            main,
-            watch,
-            waker: Waker::from(flag.clone()),
-            flag,
-        }
+        Self { main, watch, flag }
     }
 }
 
@@ -344,7 +338,8 @@ impl<M: Future, W: Future> Future for Overseen<M, W> {
         let this = self.project();
         this.flag.task.register(cx.waker());
         if this.flag.woken.swap(false, Ordering::AcqRel) {
-            if let Poll::Ready(w) = this.watch.poll(&mut Context::from_waker(this.waker)) {
+            let waker = Waker::from(this.flag.clone());
+            if let Poll::Ready(w) = this.watch.poll(&mut Context::from_waker(&waker)) {
                 return Poll::Ready(Either::Right(w));
             }
         }

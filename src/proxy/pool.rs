@@ -50,6 +50,18 @@ struct Parked {
     since: Instant,
 }
 
+impl Parked {
+    /// Closed by the upstream, or idle for `idle_timeout` at `now`: to be dropped.
+    fn stale(&self, now: Instant, idle_timeout: Duration) -> bool {
+        self.tx.is_closed() || now.saturating_duration_since(self.since) >= idle_timeout
+    }
+}
+
+/// Locks a list. A poisoned one only lost idle connections; what is left of it is still usable.
+fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Idle {
     /// Empty lists for `workers` workers.
     pub fn new(workers: usize) -> Self {
@@ -61,9 +73,7 @@ impl Idle {
     /// The calling worker's list (the first one off the workers' threads).
     fn slot(&self) -> Option<(usize, MutexGuard<'_, Slot>)> {
         let at = workers::current().unwrap_or(0) % self.slots.len();
-        let slot = self.slots.get(at)?;
-        // A poisoned list only lost idle connections; what is left of it is still usable.
-        Some((at, slot.lock().unwrap_or_else(|p| p.into_inner())))
+        Some((at, lock(self.slots.get(at)?)))
     }
 
     /// The most recently parked connection that can take a request now. Closed and expired
@@ -78,7 +88,7 @@ impl Idle {
         while i > 0 {
             i -= 1;
             let p = &slot.conns[i];
-            if p.tx.is_closed() || now.saturating_duration_since(p.since) >= idle_timeout {
+            if p.stale(now, idle_timeout) {
                 slot.conns.remove(i);
             } else if p.tx.is_ready() {
                 return Some(slot.conns.remove(i).tx);
@@ -147,10 +157,9 @@ async fn sweep(endpoint: Weak<Endpoint>, at: usize, idle_timeout: Duration) {
         let Some(slot) = endpoint.idle.slots.get(at) else {
             return;
         };
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(slot);
         let now = Instant::now();
-        slot.conns
-            .retain(|p| !p.tx.is_closed() && now.saturating_duration_since(p.since) < idle_timeout);
+        slot.conns.retain(|p| !p.stale(now, idle_timeout));
         match slot.conns.iter().map(|p| p.since).min() {
             Some(oldest) => due = oldest + idle_timeout,
             None => {

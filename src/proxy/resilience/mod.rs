@@ -105,13 +105,24 @@ impl CallCtx {
 }
 
 impl CallCtx {
+    /// Whether this try's deadline is the caller's own, so that its passing says nothing of the
+    /// upstream.
+    pub fn try_deadline_is_callers(&self) -> bool {
+        self.caller_deadline && self.try_deadline == self.deadline
+    }
+
     /// The error for this try's deadline passing: the caller's, or an upstream timeout.
     pub fn expired(&self) -> ProxyError {
-        if self.caller_deadline && self.try_deadline == self.deadline {
-            ProxyError::DeadlineExceeded
-        } else {
-            ProxyError::Timeout
-        }
+        expiry(self.try_deadline_is_callers())
+    }
+}
+
+/// The error for a deadline passing: the caller's own (`caller`), or an upstream timeout.
+fn expiry(caller: bool) -> ProxyError {
+    if caller {
+        ProxyError::DeadlineExceeded
+    } else {
+        ProxyError::Timeout
     }
 }
 
@@ -241,11 +252,9 @@ impl<F: Future<Output = Result<Response, ProxyError>>> Future for Deadline<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        this.inner.poll(cx).map(|r| match r {
-            Ok(result) => result,
-            Err(_) if *this.caller => Err(ProxyError::DeadlineExceeded),
-            Err(_) => Err(ProxyError::Timeout),
-        })
+        this.inner
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| Err(expiry(*this.caller))))
     }
 }
 

@@ -88,7 +88,7 @@ impl Mechanism for TryDeadline {
             (a, b) => a.or(b),
         };
         call.ctx.try_deadline = at;
-        let caller = call.ctx.caller_deadline && call.ctx.try_deadline == call.ctx.deadline;
+        let caller = call.ctx.try_deadline_is_callers();
         let fut = inner.call(call);
         match (self.timeout, at) {
             // The upstream layer enforces the same instant itself so that the endpoint's
