@@ -634,6 +634,7 @@ impl tower::Service<Uri> for UpstreamConnector {
 }
 
 /// An upstream connection, plain or TLS.
+#[derive(Debug)]
 pub enum UpstreamStream {
     /// Cleartext TCP.
     Plain(TcpStream),

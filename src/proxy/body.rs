@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::BoxError;
-use crate::proxy::pool::Loan;
+use crate::proxy::h1;
 
 /// A response body: streamed from the upstream frame by frame (trailers included), or local bytes.
 #[derive(Debug)]
@@ -92,7 +92,7 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = match self.get_mut() {
+        match self.get_mut() {
             ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx),
             ProxyBody::Held { frames, rest } => match frames.pop_front() {
                 Some(f) => Poll::Ready(Some(Ok(f))),
@@ -102,21 +102,18 @@ impl Body for ProxyBody {
                 },
             },
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Watched(w) => {
-                return match Pin::new(&mut w.inner).poll_frame(cx) {
-                    Poll::Ready(frame) => {
-                        let idle = w.idle;
-                        w.timer.as_mut().reset(Instant::now() + idle);
-                        Poll::Ready(frame)
-                    }
-                    Poll::Pending => match w.timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(StreamIdle(w.idle))))),
-                        Poll::Pending => Poll::Pending,
-                    },
-                };
-            }
-        };
-        polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
+            ProxyBody::Watched(w) => match Pin::new(&mut w.inner).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    let idle = w.idle;
+                    w.timer.as_mut().reset(Instant::now() + idle);
+                    Poll::Ready(frame)
+                }
+                Poll::Pending => match w.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(StreamIdle(w.idle))))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -156,58 +153,49 @@ impl Body for ProxyBody {
     }
 }
 
-/// A response body as it comes from an upstream. An HTTP/1.1 connection is on loan to it, and
-/// goes back to its endpoint's idle list as soon as the last frame has been read: not when the
-/// body is dropped, since a body dropped early leaves the connection in the middle of a message.
+/// A response body as it comes from an upstream. An HTTP/1.1 body holds its connection and
+/// gives it back to its endpoint's idle list as soon as the last frame has been read: not when
+/// the body is dropped, since a body dropped early leaves the connection in the middle of a
+/// message.
 #[derive(Debug)]
-pub struct UpstreamBody {
-    body: Incoming,
-    loan: Option<Box<Loan>>,
-}
-
-impl UpstreamBody {
-    /// `body`, returning `loan`'s connection when it ends (at once if it has no frames).
-    pub fn new(body: Incoming, loan: Option<Box<Loan>>) -> Self {
-        let mut b = Self { body, loan };
-        if b.body.is_end_stream() {
-            b.ended();
-        }
-        b
-    }
-
-    fn ended(&mut self) {
-        if let Some(loan) = self.loan.take() {
-            loan.give_back();
-        }
-    }
+pub enum UpstreamBody {
+    /// Read from an HTTP/1.1 connection by the request's own task.
+    H1(h1::ResponseBody),
+    /// A stream of an HTTP/2 connection.
+    H2(Incoming),
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
-        match &polled {
-            None => this.ended(),
-            Some(Ok(_)) if this.body.is_end_stream() => this.ended(),
-            Some(Ok(_)) => {}
-            // The connection is broken: it closes with the loan.
-            Some(Err(_)) => this.loan = None,
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match self.get_mut() {
+            UpstreamBody::H1(b) => {
+                ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BoxError::from))
+            }
+            UpstreamBody::H2(b) => {
+                ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BoxError::from))
+            }
+        };
         Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
     }
 }
 

@@ -17,10 +17,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, StatusCode, Uri, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
-use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
@@ -35,6 +34,7 @@ use crate::proxy::body::{
 };
 use crate::proxy::cluster::Cluster;
 use crate::proxy::endpoint::Endpoint;
+use crate::proxy::h1;
 use crate::proxy::http::strip_hop_by_hop;
 use crate::proxy::pool::{self, Loan};
 use crate::proxy::resilience::classify::{self, Outcome, TrailerStatus};
@@ -60,10 +60,10 @@ pub struct Client {
 
 /// Where a cluster's connections come from.
 enum Conns {
-    /// HTTP/1.1: a connection per exchange, idle ones kept on each endpoint ([`pool`]).
+    /// HTTP/1.1: a connection per exchange, idle ones kept on each endpoint ([`pool`]), spoken
+    /// by the request's own task ([`h1`]).
     Http1 {
         connector: UpstreamConnector,
-        builder: http1::Builder,
         settings: pool::Settings,
     },
     /// HTTP/2: one hyper-util client per worker (at its position, [`workers::current`]), so a
@@ -79,7 +79,7 @@ enum TryError {
     Connect(BoxError),
     /// The exchange on an HTTP/1.1 connection failed.
     #[error("{0}")]
-    Http1(hyper::Error),
+    Http1(h1::Error),
     /// The HTTP/2 client failed (to connect, or in the exchange).
     #[error("{0}")]
     Http2(hyper_util::client::legacy::Error),
@@ -150,7 +150,6 @@ impl Client {
         let conns = match config.protocol {
             UpstreamProtocol::Http1 => Conns::Http1 {
                 connector,
-                builder: http1::Builder::new(),
                 settings: pool::Settings {
                     max_idle: pool.max_idle_per_endpoint,
                     idle_timeout: pool.idle_timeout,
@@ -185,19 +184,18 @@ impl Client {
     }
 
     /// Sends `req` to `endpoint`: on HTTP/1.1 over one of its idle connections, or a new one.
-    /// A request that a reused connection closed on before taking it goes out again, on
-    /// another connection.
+    /// An idempotent request without a body that a reused connection closed on before a byte
+    /// of the answer goes out again, on another connection.
     async fn request(
         &self,
         endpoint: &Arc<Endpoint>,
         mut req: Request<ReqBody>,
     ) -> Result<http::Response<UpstreamBody>, TryError> {
-        let (connector, builder, settings) = match &self.conns {
+        let (connector, settings) = match &self.conns {
             Conns::Http1 {
                 connector,
-                builder,
                 settings,
-            } => (connector, builder, *settings),
+            } => (connector, *settings),
             Conns::Http2(clients) => {
                 *req.uri_mut() = self.uri(endpoint, path_of(req.uri()))?;
                 *req.version_mut() = Version::HTTP_2;
@@ -206,46 +204,56 @@ impl Client {
                 let at = workers::current().unwrap_or(0);
                 let client = clients.get(at).unwrap_or(&clients[0]);
                 let resp = client.request(req).await.map_err(TryError::Http2)?;
-                return Ok(resp.map(|b| UpstreamBody::new(b, None)));
+                return Ok(resp.map(UpstreamBody::H2));
             }
         };
-        // HTTP/1.1 to an origin server takes the origin form: only the path and query.
-        if req.uri().authority().is_some() {
-            *req.uri_mut() = Uri::from(path_of(req.uri()));
-        }
-        *req.version_mut() = Version::HTTP_11;
+        let (mut parts, body) = req.into_parts();
         // HTTP/1.1 requires `Host`; an HTTP/1.0 client may have sent none.
-        if !req.headers().contains_key(http::header::HOST) {
+        if !parts.headers.contains_key(http::header::HOST) {
             if let Ok(host) = http::HeaderValue::from_str(endpoint.authority.as_str()) {
-                req.headers_mut().insert(http::header::HOST, host);
+                parts.headers.insert(http::header::HOST, host);
             }
         }
+        let head_only = parts.method == Method::HEAD;
+        let mut body = body;
         loop {
-            let (mut tx, reused) = match endpoint.idle.take(settings.idle_timeout) {
-                Some(tx) => (tx, true),
+            let mut conn = match endpoint.idle.take(settings.idle_timeout) {
+                Some(conn) => conn,
                 // Boxed: a new connection is rare, and its handshake would otherwise make
                 // every request's future (moved on each call) as large as its own.
-                None => (
-                    Box::pin(self.connect(endpoint, connector.clone(), builder)).await?,
-                    false,
-                ),
+                None => Box::pin(self.connect(endpoint, connector.clone())).await?,
             };
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    // After a `101` the connection belongs to the upgrade.
-                    let loan = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| {
-                        Box::new(Loan {
-                            endpoint: endpoint.clone(),
-                            tx,
-                            settings,
-                        })
+            let empty = matches!(body, ReqBody::Empty);
+            let mut out = conn.encode(&parts, body).map_err(TryError::Http1)?;
+            match h1::exchange(&mut conn, &mut out, head_only).await {
+                Ok(head) => {
+                    let h1::Head {
+                        mut parts,
+                        framing,
+                        keep,
+                    } = head;
+                    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                        // After a `101` the connection belongs to the upgrade.
+                        parts
+                            .extensions
+                            .insert(h1::Switched::new(h1::Upgraded::new(conn)));
+                        let body = UpstreamBody::H1(h1::ResponseBody::ended());
+                        return Ok(http::Response::from_parts(parts, body));
+                    }
+                    let loan = Box::new(Loan {
+                        endpoint: endpoint.clone(),
+                        conn,
+                        settings,
                     });
-                    return Ok(resp.map(|b| UpstreamBody::new(b, loan)));
+                    let body = h1::ResponseBody::new(loan, framing, out, keep);
+                    return Ok(http::Response::from_parts(parts, UpstreamBody::H1(body)));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(TryError::Http1(e.into_error())),
-                },
+                Err(h1::Error::Closed)
+                    if conn.reused() && empty && h1::idempotent(&parts.method) =>
+                {
+                    body = ReqBody::Empty;
+                }
+                Err(e) => return Err(TryError::Http1(e)),
             }
         }
     }
@@ -259,25 +267,15 @@ impl Client {
         Uri::from_parts(uri).map_err(|e| TryError::Connect(Box::new(e)))
     }
 
-    /// A new HTTP/1.1 connection to `endpoint`, its task started on the calling worker.
+    /// A new HTTP/1.1 connection to `endpoint`.
     async fn connect(
         &self,
         endpoint: &Endpoint,
         mut connector: UpstreamConnector,
-        builder: &http1::Builder,
-    ) -> Result<http1::SendRequest<ReqBody>, TryError> {
+    ) -> Result<h1::Conn, TryError> {
         let uri = self.uri(endpoint, PathAndQuery::from_static("/"))?;
         let io = connector.call(uri).await.map_err(TryError::Connect)?;
-        let (tx, conn) = builder
-            .handshake(io)
-            .await
-            .map_err(|e| TryError::Connect(Box::new(e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(tx)
+        Ok(h1::Conn::new(io.into_inner()))
     }
 }
 
@@ -431,7 +429,7 @@ async fn hold_for_trailers(
         };
         match next {
             None => return Ok(Response::from_parts(parts, frames.body(None))),
-            Some(Err(e)) => return Err(ProxyError::UpstreamReset(Box::new(e))),
+            Some(Err(e)) => return Err(ProxyError::UpstreamReset(e)),
             Some(Ok(frame)) => {
                 if let Some(t) = frame.trailers_ref() {
                     if let Some(code) = classify::header_grpc_code(t) {

@@ -43,7 +43,7 @@ use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::classify::is_grpc;
 use crate::proxy::resilience::{Call, CallCtx};
 use crate::proxy::router::Route;
-use crate::proxy::{tunnel, values};
+use crate::proxy::{h1, tunnel, values};
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
 use crate::telemetry::metrics::RouteMetrics;
@@ -728,9 +728,13 @@ async fn forward(
         ctx,
     };
     let answer = match target.stack.clone().call(call).await {
-        Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match switch {
-            Some((client, protocol)) => {
-                let upstream = hyper::upgrade::on(&mut resp);
+        Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match (
+            switch,
+            resp.extensions_mut()
+                .remove::<h1::Switched>()
+                .and_then(|s| s.take()),
+        ) {
+            (Some((client, protocol)), Some(upstream)) => {
                 // The client sends the new protocol's bytes only after this 101.
                 conn.switch.store(true, Ordering::Relaxed);
                 state.metrics.upgrades.switched.inc();
@@ -754,8 +758,9 @@ async fn forward(
                 }
             }
             // The upstream switched without being asked: relaying that would hand the client
-            // a connection it cannot read.
-            None => local(
+            // a connection it cannot read. (An upgrade goes through HTTP/1.1 clusters only,
+            // whose `101` always carries its connection.)
+            _ => local(
                 state,
                 ProxyError::UpstreamReset("a 101 without an upgrade request".into()),
                 form,

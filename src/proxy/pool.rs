@@ -6,18 +6,19 @@
 //! list, under one lock shared by every endpoint, builds an absolute URI only to turn it back
 //! into a path, and when the response has a body it spawns a task that waits for the connection
 //! to become reusable. Here the balancer has already picked the endpoint, so the list is a field
-//! away; the body that ends is the one that returns the connection; and the only task besides each
-//! connection's own is a sweeper per endpoint and worker while it has idle connections, so that
-//! `pool.idle_timeout` closes them even when no request comes.
+//! away; the body that ends is the one that returns the connection; and a connection has no task
+//! of its own ([`crate::proxy::h1`]): the only task is a sweeper per endpoint and worker while it
+//! has idle connections, so that `pool.idle_timeout` closes them even when no request comes. A
+//! connection the upstream closed while idle is noticed when it is next taken (its socket is
+//! readable), and dropped then.
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
-use crate::proxy::body::ReqBody;
 use crate::proxy::endpoint::Endpoint;
+use crate::proxy::h1::Conn;
 use crate::proxy::workers;
 
 /// How many idle connections an endpoint keeps per worker, and for how long.
@@ -46,14 +47,14 @@ struct Slot {
 
 #[derive(Debug)]
 struct Parked {
-    tx: SendRequest<ReqBody>,
+    conn: Conn,
     since: Instant,
 }
 
 impl Parked {
     /// Closed by the upstream, or idle for `idle_timeout` at `now`: to be dropped.
-    fn stale(&self, now: Instant, idle_timeout: Duration) -> bool {
-        self.tx.is_closed() || now.saturating_duration_since(self.since) >= idle_timeout
+    fn stale(&mut self, now: Instant, idle_timeout: Duration) -> bool {
+        now.saturating_duration_since(self.since) >= idle_timeout || self.conn.is_closed()
     }
 }
 
@@ -77,21 +78,16 @@ impl Idle {
     }
 
     /// The most recently parked connection that can take a request now. Closed and expired
-    /// ones are dropped on the way; one still finishing its previous exchange is left for later.
-    pub fn take(&self, idle_timeout: Duration) -> Option<SendRequest<ReqBody>> {
+    /// ones are dropped on the way.
+    pub fn take(&self, idle_timeout: Duration) -> Option<Conn> {
         let (_, mut slot) = self.slot()?;
         if slot.conns.is_empty() {
             return None;
         }
         let now = Instant::now();
-        let mut i = slot.conns.len();
-        while i > 0 {
-            i -= 1;
-            let p = &slot.conns[i];
-            if p.stale(now, idle_timeout) {
-                slot.conns.remove(i);
-            } else if p.tx.is_ready() {
-                return Some(slot.conns.remove(i).tx);
+        while let Some(mut p) = slot.conns.pop() {
+            if !p.stale(now, idle_timeout) {
+                return Some(p.conn);
             }
         }
         None
@@ -105,7 +101,7 @@ pub struct Loan {
     /// The endpoint the connection goes to.
     pub endpoint: Arc<Endpoint>,
     /// The connection.
-    pub tx: SendRequest<ReqBody>,
+    pub conn: Conn,
     /// The cluster's pool settings.
     pub settings: Settings,
 }
@@ -116,10 +112,10 @@ impl Loan {
     pub fn give_back(self) {
         let Loan {
             endpoint,
-            tx,
+            conn,
             settings,
         } = self;
-        if settings.max_idle == 0 || tx.is_closed() {
+        if settings.max_idle == 0 {
             return;
         }
         let Some((at, mut slot)) = endpoint.idle.slot() else {
@@ -129,7 +125,7 @@ impl Loan {
             return;
         }
         slot.conns.push(Parked {
-            tx,
+            conn,
             since: Instant::now(),
         });
         if slot.sweeping {
@@ -159,7 +155,7 @@ async fn sweep(endpoint: Weak<Endpoint>, at: usize, idle_timeout: Duration) {
         };
         let mut slot = lock(slot);
         let now = Instant::now();
-        slot.conns.retain(|p| !p.stale(now, idle_timeout));
+        slot.conns.retain_mut(|p| !p.stale(now, idle_timeout));
         match slot.conns.iter().map(|p| p.since).min() {
             Some(oldest) => due = oldest + idle_timeout,
             None => {

@@ -22,14 +22,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::proxy::h1::Upgraded;
 use crate::telemetry::metrics::UpgradeMetrics;
 
 /// A switch the proxy relayed, waiting for both connections to be handed over.
 pub struct Pending {
     /// The client's side, once hyper has written the `101` to it.
     pub client: OnUpgrade,
-    /// The upstream's side, once its `101` was read.
-    pub upstream: OnUpgrade,
+    /// The upstream's side, whose `101` was read.
+    pub upstream: Upgraded,
     /// The protocol switched to, for the log.
     pub protocol: HeaderValue,
     /// Silence after which the tunnel is closed; `None` never.
@@ -112,22 +113,15 @@ where
 /// Runs the tunnel until both sides are done, the idle timeout passes, or a side fails.
 pub async fn run(p: Pending) {
     let started = Instant::now();
-    let (client, upstream) = match tokio::join!(p.client, p.upstream) {
-        (Ok(c), Ok(u)) => (c, u),
-        (c, u) => {
-            let error = c.err().or(u.err()).map(|e| e.to_string());
-            tracing::debug!(?error, "an upgraded connection was not handed over");
+    let client = match p.client.await {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::debug!(%error, "an upgraded connection was not handed over");
             return;
         }
     };
     p.metrics.active.inc();
-    let (end, up, down) = splice(
-        TokioIo::new(client),
-        TokioIo::new(upstream),
-        p.idle,
-        &p.drain,
-    )
-    .await;
+    let (end, up, down) = splice(TokioIo::new(client), p.upstream, p.idle, &p.drain).await;
     p.metrics.active.dec();
     p.metrics.bytes_upstream.inc_by(up);
     p.metrics.bytes_downstream.inc_by(down);
