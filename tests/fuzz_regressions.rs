@@ -10,6 +10,8 @@ mod config_target;
 mod framing_target;
 #[path = "../fuzz/shared/route_match.rs"]
 mod route_match_target;
+#[path = "../fuzz/shared/upstream_response.rs"]
+mod upstream_response_target;
 
 use std::path::{Path, PathBuf};
 
@@ -125,5 +127,57 @@ fn route_match_inputs_reach_the_routes_they_were_written_for() {
     }
     for (n, _) in expected {
         assert!(seen.iter().any(|s| s == n), "seed {n} is missing");
+    }
+}
+
+/// The target's check on every input and every split point, and each seed read as it was
+/// written to be: its status, whether it fails, and its body.
+#[test]
+fn upstream_responses_read_the_same_however_they_arrive() {
+    let expected: [(&str, Option<u16>, bool, &[u8]); 14] = [
+        ("01-length", Some(200), false, b"hello"),
+        ("02-chunked-trailers", Some(200), false, b"hello"),
+        ("03-chunked-no-trailers", Some(200), false, b"abc"),
+        ("04-interim-100", Some(201), false, b"ok"),
+        ("05-head", Some(200), false, b""),
+        ("06-no-content", Some(204), false, b""),
+        ("07-close-delimited", Some(200), false, b"until the end"),
+        ("08-two-lengths", None, true, b""),
+        ("09-length-and-chunked", Some(200), false, b"a"),
+        ("10-bad-chunk-size", Some(200), true, b""),
+        ("11-chunk-without-crlf", Some(200), true, b"ab"),
+        ("12-switching", Some(101), false, b""),
+        (
+            "13-gzip-then-chunked",
+            Some(200),
+            false,
+            b"\x1f\x8b\x08\x00",
+        ),
+        ("14-not-http", None, true, b""),
+    ];
+    let inputs = inputs("upstream_response", expected.len());
+    for (path, data) in &inputs {
+        eprintln!("replaying {}", path.display());
+        assert!(upstream_response_target::run(data) || data.is_empty());
+        let Some((first, bytes)) = data.split_first() else {
+            continue;
+        };
+        let head = first & 0x80 != 0;
+        for at in 0..=bytes.len() {
+            upstream_response_target::check_split(bytes, head, at);
+        }
+        if path.parent().unwrap().ends_with("seeds/upstream_response") {
+            let (_, status, failed, body) = expected
+                .iter()
+                .find(|(n, ..)| *n == name(path))
+                .unwrap_or_else(|| panic!("seed {} has no expected reading here", name(path)));
+            let got = upstream_response_target::read(&[bytes], head);
+            assert_eq!(
+                (got.status, got.failed, got.data.as_slice()),
+                (*status, *failed, *body),
+                "{}",
+                path.display()
+            );
+        }
     }
 }

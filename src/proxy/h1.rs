@@ -34,8 +34,8 @@ use crate::tls::UpstreamStream;
 
 /// The longest response head (status line and headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
-/// The most headers a response head may carry.
-const MAX_HEADERS: usize = 128;
+/// The most headers a response head may carry (hyper's client default).
+const MAX_HEADERS: usize = 100;
 /// Read size: a whole small answer in one read.
 const READ_SIZE: usize = 8 * 1024;
 /// The longest chunk-size line, extensions included.
@@ -264,18 +264,8 @@ impl Conn {
     /// interim `1xx` answers other than `101`.
     pub fn poll_head(&mut self, cx: &mut Context<'_>, head: bool) -> Poll<Result<Head, Error>> {
         loop {
-            if !self.rd.is_empty() {
-                if let Some(parsed) = self.parse_head(head)? {
-                    let interim = parsed.parts.status.is_informational()
-                        && parsed.parts.status != StatusCode::SWITCHING_PROTOCOLS;
-                    if !interim {
-                        return Poll::Ready(Ok(parsed));
-                    }
-                    continue;
-                }
-                if self.rd.len() > MAX_HEAD {
-                    return Poll::Ready(Err(Error::Malformed("a response head too large")));
-                }
+            if let Some(parsed) = read_head(&mut self.rd, head)? {
+                return Poll::Ready(Ok(parsed));
             }
             let was_empty = self.rd.is_empty();
             if ready!(self.poll_fill(cx))? == 0 {
@@ -288,102 +278,6 @@ impl Conn {
         }
     }
 
-    /// A whole response head from the buffer, consumed; `None` if it is not all there yet.
-    fn parse_head(&mut self, head: bool) -> Result<Option<Head>, Error> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let len = match resp.parse(&self.rd) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Error::Malformed("too many response headers"))
-            }
-            Err(_) => return Err(Error::Malformed("an invalid response head")),
-        };
-        let status = resp
-            .code
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .ok_or(Error::Malformed("an invalid status code"))?;
-        let version = match resp.version {
-            Some(0) => Version::HTTP_10,
-            _ => Version::HTTP_11,
-        };
-        // Offsets, so that the values can share the frozen head's bytes.
-        let base = self.rd.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = resp.headers.len();
-        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            *span = (name, h.name.len(), value, h.value.len());
-        }
-        let bytes = self.rd.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        let mut length: Option<u64> = None;
-        let mut chunked = false;
-        let mut close = version == Version::HTTP_10;
-        for &(n, nl, v, vl) in &spans[..count] {
-            let name = HeaderName::from_bytes(&bytes[n..n + nl])
-                .map_err(|_| Error::Malformed("an invalid header name"))?;
-            let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl))
-                .map_err(|_| Error::Malformed("an invalid header value"))?;
-            if name == header::CONTENT_LENGTH {
-                let n = parse_length(value.as_bytes())
-                    .ok_or(Error::Malformed("an invalid content-length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(Error::Malformed("two different content-lengths"));
-                }
-                length = Some(n);
-            } else if name == header::TRANSFER_ENCODING {
-                // Only the last coding tells whether the body is chunked.
-                chunked = value
-                    .as_bytes()
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if name == header::CONNECTION {
-                for token in value.as_bytes().split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        close = false;
-                    }
-                }
-            }
-            headers.append(name, value);
-        }
-        let coded = headers.contains_key(header::TRANSFER_ENCODING);
-        let no_body = head
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-            || status.is_informational();
-        let framing = if no_body {
-            Framing::Length(0)
-        } else if chunked {
-            Framing::Chunked(Chunk::Size)
-        } else if coded {
-            Framing::Close
-        } else {
-            match length {
-                Some(n) => Framing::Length(n),
-                None => Framing::Close,
-            }
-        };
-        // A length next to a transfer coding is a smuggling attempt's shape: the coding wins
-        // and the connection is not trusted again.
-        let keep = !(close || coded && length.is_some() || matches!(framing, Framing::Close));
-        let mut parts = http::Response::new(()).into_parts().0;
-        parts.status = status;
-        parts.version = version;
-        parts.headers = headers;
-        Ok(Some(Head {
-            parts,
-            framing,
-            keep,
-        }))
-    }
-
     /// Reads the next frame of a response body framed by `framing`.
     pub fn poll_frame(
         &mut self,
@@ -391,28 +285,11 @@ impl Conn {
         framing: &mut Framing,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
-            match framing {
-                Framing::Length(0) | Framing::Chunked(Chunk::Done) => return Poll::Ready(None),
-                Framing::Length(left) => {
-                    if !self.rd.is_empty() {
-                        let n = (*left).min(self.rd.len() as u64) as usize;
-                        *left -= n as u64;
-                        return Poll::Ready(Some(Ok(Frame::data(self.rd.split_to(n).freeze()))));
-                    }
-                }
-                Framing::Close => {
-                    if !self.rd.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(self.rd.split().freeze()))));
-                    }
-                }
-                Framing::Chunked(chunk) => {
-                    if let Some(frame) = self.next_chunk(chunk)? {
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                    if *chunk == Chunk::Done {
-                        return Poll::Ready(None);
-                    }
-                }
+            match read_frame(&mut self.rd, framing) {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) if framing.ended() => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
             }
             match ready!(self.poll_fill(cx)) {
                 Ok(0) if matches!(framing, Framing::Close) => {
@@ -426,87 +303,224 @@ impl Conn {
         }
     }
 
-    /// Steps a chunked body through the bytes buffered: a frame when one is there, `None` when
-    /// more bytes are needed or the body ended (`chunk` is then [`Chunk::Done`]).
-    fn next_chunk(&mut self, chunk: &mut Chunk) -> Result<Option<Frame<Bytes>>, Error> {
-        loop {
-            match chunk {
-                Chunk::Done => return Ok(None),
-                Chunk::Size => {
-                    let Some(end) = line_end(&self.rd) else {
-                        if self.rd.len() > MAX_CHUNK_LINE {
-                            return Err(Error::Malformed("a chunk size line too long"));
-                        }
-                        return Ok(None);
-                    };
-                    let size = parse_chunk_size(&self.rd[..end])
-                        .ok_or(Error::Malformed("an invalid chunk size"))?;
-                    self.rd.advance(end + 2);
-                    *chunk = if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    };
-                }
-                Chunk::Data(left) => {
-                    if self.rd.is_empty() {
-                        return Ok(None);
-                    }
-                    let n = (*left).min(self.rd.len() as u64) as usize;
-                    *left -= n as u64;
-                    if *left == 0 {
-                        *chunk = Chunk::DataEnd;
-                    }
-                    return Ok(Some(Frame::data(self.rd.split_to(n).freeze())));
-                }
-                Chunk::DataEnd => {
-                    if self.rd.len() < 2 {
-                        return Ok(None);
-                    }
-                    if &self.rd[..2] != b"\r\n" {
-                        return Err(Error::Malformed("a chunk without its line end"));
-                    }
-                    self.rd.advance(2);
-                    *chunk = Chunk::Size;
-                }
-                Chunk::Trailers => {
-                    if self.rd.starts_with(b"\r\n") {
-                        self.rd.advance(2);
-                        *chunk = Chunk::Done;
-                        return Ok(None);
-                    }
-                    let Some(end) = find(&self.rd, b"\r\n\r\n") else {
-                        if self.rd.len() > MAX_HEAD {
-                            return Err(Error::Malformed("trailers too large"));
-                        }
-                        return Ok(None);
-                    };
-                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let trailers = match httparse::parse_headers(&self.rd[..end + 4], &mut slots) {
-                        Ok(httparse::Status::Complete((_, parsed))) => {
-                            let mut map = HeaderMap::with_capacity(parsed.len());
-                            for h in parsed {
-                                let name = HeaderName::from_bytes(h.name.as_bytes())
-                                    .map_err(|_| Error::Malformed("an invalid trailer name"))?;
-                                let value = HeaderValue::from_bytes(h.value)
-                                    .map_err(|_| Error::Malformed("an invalid trailer value"))?;
-                                map.append(name, value);
-                            }
-                            map
-                        }
-                        _ => return Err(Error::Malformed("invalid trailers")),
-                    };
-                    self.rd.advance(end + 4);
-                    *chunk = Chunk::Done;
-                    return Ok(Some(Frame::trailers(trailers)));
-                }
-            }
-        }
-    }
-
     /// Whether the last exchange left the connection fit for another: nothing stray buffered.
     fn clean(&self) -> bool {
         self.rd.is_empty() && self.wr.is_empty()
+    }
+}
+
+/// The next response head in `rd`, consumed, interim `1xx` answers other than `101` passed
+/// over (`head`: the request was `HEAD`); `None` until a whole one is there.
+pub fn read_head(rd: &mut BytesMut, head: bool) -> Result<Option<Head>, Error> {
+    while !rd.is_empty() {
+        let Some(parsed) = parse_head(rd, head)? else {
+            if rd.len() > MAX_HEAD {
+                return Err(Error::Malformed("a response head too large"));
+            }
+            return Ok(None);
+        };
+        let interim = parsed.parts.status.is_informational()
+            && parsed.parts.status != StatusCode::SWITCHING_PROTOCOLS;
+        if !interim {
+            return Ok(Some(parsed));
+        }
+    }
+    Ok(None)
+}
+
+/// The next frame of a body framed by `framing` that the bytes in `rd` hold, consumed; `None`
+/// when more bytes are needed or the body ended (`framing` then says it ended). A body framed
+/// by the connection's close never ends here: only its reader sees the close.
+pub fn read_frame(rd: &mut BytesMut, framing: &mut Framing) -> Result<Option<Frame<Bytes>>, Error> {
+    match framing {
+        Framing::Length(0) => Ok(None),
+        Framing::Length(left) => {
+            if rd.is_empty() {
+                return Ok(None);
+            }
+            let n = (*left).min(rd.len() as u64) as usize;
+            *left -= n as u64;
+            Ok(Some(Frame::data(rd.split_to(n).freeze())))
+        }
+        Framing::Close if rd.is_empty() => Ok(None),
+        Framing::Close => Ok(Some(Frame::data(rd.split().freeze()))),
+        Framing::Chunked(chunk) => next_chunk(rd, chunk),
+    }
+}
+
+/// A whole response head from the buffer, consumed; `None` if it is not all there yet.
+fn parse_head(rd: &mut BytesMut, head: bool) -> Result<Option<Head>, Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(rd) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Malformed("too many response headers"))
+        }
+        Err(_) => return Err(Error::Malformed("an invalid response head")),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(Error::Malformed("an invalid status code"))?;
+    let version = match resp.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Offsets, so that the values can share the frozen head's bytes.
+    let base = rd.as_ptr() as usize;
+    // Compact (a head is at most `MAX_HEAD` plus one read long), so that zeroing it is cheap.
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    let count = resp.headers.len();
+    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = [name, h.name.len(), value, h.value.len()].map(|n| n as u32);
+    }
+    let bytes = rd.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut close = version == Version::HTTP_10;
+    for &span in &spans[..count] {
+        let [n, nl, v, vl] = span.map(|n| n as usize);
+        let name = HeaderName::from_bytes(&bytes[n..n + nl])
+            .map_err(|_| Error::Malformed("an invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl))
+            .map_err(|_| Error::Malformed("an invalid header value"))?;
+        if name == header::CONTENT_LENGTH {
+            let n = parse_length(value.as_bytes())
+                .ok_or(Error::Malformed("an invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Malformed("two different content-lengths"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            // Only the last coding tells whether the body is chunked.
+            chunked = value
+                .as_bytes()
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    close = false;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    let coded = headers.contains_key(header::TRANSFER_ENCODING);
+    let no_body = head
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational();
+    let framing = if no_body {
+        Framing::Length(0)
+    } else if chunked {
+        Framing::Chunked(Chunk::Size)
+    } else if coded {
+        Framing::Close
+    } else {
+        match length {
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    // A length next to a transfer coding is a smuggling attempt's shape: the coding wins
+    // and the connection is not trusted again.
+    let keep = !(close || coded && length.is_some() || matches!(framing, Framing::Close));
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Head {
+        parts,
+        framing,
+        keep,
+    }))
+}
+
+/// Steps a chunked body through the bytes buffered: a frame when one is there, `None` when
+/// more bytes are needed or the body ended (`chunk` is then [`Chunk::Done`]).
+fn next_chunk(rd: &mut BytesMut, chunk: &mut Chunk) -> Result<Option<Frame<Bytes>>, Error> {
+    loop {
+        match chunk {
+            Chunk::Done => return Ok(None),
+            Chunk::Size => {
+                let Some(end) = line_end(rd) else {
+                    if rd.len() > MAX_CHUNK_LINE {
+                        return Err(Error::Malformed("a chunk size line too long"));
+                    }
+                    return Ok(None);
+                };
+                let size = parse_chunk_size(&rd[..end])
+                    .ok_or(Error::Malformed("an invalid chunk size"))?;
+                rd.advance(end + 2);
+                *chunk = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(left) => {
+                if rd.is_empty() {
+                    return Ok(None);
+                }
+                let n = (*left).min(rd.len() as u64) as usize;
+                *left -= n as u64;
+                if *left == 0 {
+                    *chunk = Chunk::DataEnd;
+                }
+                return Ok(Some(Frame::data(rd.split_to(n).freeze())));
+            }
+            Chunk::DataEnd => {
+                if rd.len() < 2 {
+                    return Ok(None);
+                }
+                if &rd[..2] != b"\r\n" {
+                    return Err(Error::Malformed("a chunk without its line end"));
+                }
+                rd.advance(2);
+                *chunk = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                if rd.starts_with(b"\r\n") {
+                    rd.advance(2);
+                    *chunk = Chunk::Done;
+                    return Ok(None);
+                }
+                let Some(end) = find(rd, b"\r\n\r\n") else {
+                    if rd.len() > MAX_HEAD {
+                        return Err(Error::Malformed("trailers too large"));
+                    }
+                    return Ok(None);
+                };
+                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let trailers = match httparse::parse_headers(&rd[..end + 4], &mut slots) {
+                    Ok(httparse::Status::Complete((_, parsed))) => {
+                        let mut map = HeaderMap::with_capacity(parsed.len());
+                        for h in parsed {
+                            let name = HeaderName::from_bytes(h.name.as_bytes())
+                                .map_err(|_| Error::Malformed("an invalid trailer name"))?;
+                            let value = HeaderValue::from_bytes(h.value)
+                                .map_err(|_| Error::Malformed("an invalid trailer value"))?;
+                            map.append(name, value);
+                        }
+                        map
+                    }
+                    _ => return Err(Error::Malformed("invalid trailers")),
+                };
+                rd.advance(end + 4);
+                *chunk = Chunk::Done;
+                return Ok(Some(Frame::trailers(trailers)));
+            }
+        }
     }
 }
 
@@ -575,7 +589,8 @@ impl Framing {
         }
     }
 
-    fn ended(&self) -> bool {
+    /// Whether the body has no more bytes to come.
+    pub fn ended(&self) -> bool {
         matches!(self, Framing::Length(0) | Framing::Chunked(Chunk::Done))
     }
 }

@@ -794,6 +794,9 @@ async fn forward(
 /// Rewrites a downstream request head for the upstream: hop-by-hop headers out, forwarding
 /// headers in. The endpoint's address and the version are set per try by the upstream layer.
 fn prepare(parts: &mut http::request::Parts, ip: &HeaderValue, tls: bool) {
+    // Room, in one step, for what the proxy adds (forwarding, request id, deadline, host): a map
+    // sized for the client's few headers would otherwise grow, and rehash, once or twice.
+    parts.headers.reserve(5);
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST) {
         if let Some(a) = parts.uri.authority() {

@@ -9,7 +9,7 @@
 //! detection counts the two in separate streaks. The proxy's own refusals (open circuit, full
 //! bulkhead, rate limit, shedding) say nothing about the upstream's health and are ignored.
 
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use crate::control::config::resilience::RetryOn;
 use crate::error::ProxyError;
@@ -153,10 +153,14 @@ pub fn grpc_code(resp: &Response) -> Option<u32> {
         .or_else(|| resp.extensions().get::<TrailerStatus>().map(|t| t.0))
 }
 
+/// The name, made once: a lookup by string parses and lower-cases it every time, and this one
+/// runs several times for every answer (each layer classifies it).
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` in a header map.
 pub fn header_grpc_code(headers: &HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
 }
