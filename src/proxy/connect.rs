@@ -249,7 +249,7 @@ impl Client {
                     return Ok(http::Response::from_parts(parts, UpstreamBody::H1(body)));
                 }
                 Err(h1::Error::Closed)
-                    if conn.reused() && empty && h1::idempotent(&parts.method) =>
+                    if conn.reused() && empty && classify::idempotent(&parts.method) =>
                 {
                     body = ReqBody::Empty;
                 }

@@ -23,7 +23,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -453,7 +453,7 @@ fn next_chunk(rd: &mut BytesMut, chunk: &mut Chunk) -> Result<Option<Frame<Bytes
         match chunk {
             Chunk::Done => return Ok(None),
             Chunk::Size => {
-                let Some(end) = line_end(rd) else {
+                let Some(end) = find(rd, b"\r\n") else {
                     if rd.len() > MAX_CHUNK_LINE {
                         return Err(Error::Malformed("a chunk size line too long"));
                     }
@@ -606,15 +606,6 @@ pub async fn exchange(conn: &mut Conn, out: &mut Outgoing, head: bool) -> Result
         conn.poll_head(cx, head)
     })
     .await
-}
-
-/// Whether a request may go out again on another connection after a reused one closed before
-/// a byte of the answer: sending it twice has the effect of sending it once.
-pub fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 impl Conn {
@@ -806,11 +797,7 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
     })
 }
 
-/// Where the first `\r\n` of `buf` starts.
-fn line_end(buf: &[u8]) -> Option<usize> {
-    find(buf, b"\r\n")
-}
-
+/// Where `what` first occurs in `buf`.
 fn find(buf: &[u8], what: &[u8]) -> Option<usize> {
     buf.windows(what.len()).position(|w| w == what)
 }
@@ -1065,7 +1052,7 @@ mod tests {
     async fn a_request_head_is_written_in_origin_form_with_its_headers() {
         let (mut conn, mut peer) = pair().await;
         let req = http::Request::builder()
-            .method(Method::DELETE)
+            .method(http::Method::DELETE)
             .uri("http://example.test/a/b?c=d")
             .header("host", "example.test")
             .header("x-multi", "1")
