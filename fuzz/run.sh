@@ -11,7 +11,7 @@ secs="${1:-300}"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # cargo-fuzz needs nightly-only flags; the one stable toolchain here accepts them this way.
 export RUSTC_BOOTSTRAP=1
-targets=(config framing route_match upstream_response)
+targets=(config downstream_request framing route_match upstream_response)
 cargo fuzz build
 mkdir -p logs
 run() {

@@ -6,6 +6,8 @@
 
 #[path = "../fuzz/shared/config.rs"]
 mod config_target;
+#[path = "../fuzz/shared/downstream_request.rs"]
+mod downstream_request_target;
 #[path = "../fuzz/shared/framing.rs"]
 mod framing_target;
 #[path = "../fuzz/shared/route_match.rs"]
@@ -180,4 +182,44 @@ fn upstream_responses_read_the_same_however_they_arrive() {
             );
         }
     }
+}
+
+/// The target's check on every input and every split point, and the target's own seeds served
+/// as they were written to be: the statuses written back, in order.
+#[test]
+fn downstream_requests_are_served_the_same_however_they_arrive() {
+    let expected: [(&str, &[u16]); 6] = [
+        ("50-pipelined", &[200, 200, 200]),
+        ("51-expect-continue", &[100, 200]),
+        ("52-chunked-trailers-then-next", &[200, 200]),
+        ("53-switch", &[101]),
+        ("54-http10-keep-alive", &[200, 200]),
+        ("55-cut-body", &[200]),
+    ];
+    let inputs = inputs("downstream_request", 47);
+    let mut checked = 0;
+    for (path, data) in &inputs {
+        eprintln!("replaying {}", path.display());
+        assert!(downstream_request_target::run(data) || data.is_empty());
+        let Some((_, bytes)) = data.split_first() else {
+            continue;
+        };
+        for at in 0..=bytes.len() {
+            downstream_request_target::check_split(bytes, at);
+        }
+        if let Some((_, statuses)) = expected.iter().find(|(n, _)| *n == name(path)) {
+            let served = downstream_request_target::serve(&[bytes]);
+            assert_eq!(statuses_of(&served.out), *statuses, "{}", path.display());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, expected.len(), "every expected seed was replayed");
+}
+
+/// The status codes of the HTTP/1.1 responses in `out`, in order.
+fn statuses_of(out: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(out);
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
 }

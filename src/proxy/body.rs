@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::BoxError;
-use crate::proxy::h1;
+use crate::proxy::{downstream, h1};
 
 /// A response body: streamed from the upstream frame by frame (trailers included), or local bytes.
 #[derive(Debug)]
@@ -199,6 +199,47 @@ impl Body for UpstreamBody {
     }
 }
 
+/// A request body as the client sends it.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// Read by hyper's server (HTTP/2, or TLS without ALPN).
+    Hyper(Incoming),
+    /// Read by the proxy's own HTTP/1.1 server.
+    H1(downstream::RequestBody),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => {
+                let polled = ready!(Pin::new(b).poll_frame(cx));
+                Poll::Ready(polled.map(|f| f.map_err(BoxError::from)))
+            }
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::H1(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Copies a frame; data is reference-counted, so this does not copy bytes.
 pub fn copy_frame(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
     if let Some(d) = f.data_ref() {
@@ -234,7 +275,7 @@ pub struct ReplayBody {
 
 #[derive(Debug)]
 struct Recording {
-    source: Incoming,
+    source: ClientBody,
     frames: Vec<Frame<Bytes>>,
     recorded: u64,
     cap: u64,
@@ -271,7 +312,7 @@ pub struct SupersededTry;
 impl ReqBody {
     /// Wraps a client's body, keeping up to `cap` bytes of it for retries and failing it once
     /// it exceeds `limit` bytes.
-    pub fn new(body: Incoming, cap: u64, limit: Option<u64>) -> Self {
+    pub fn new(body: ClientBody, cap: u64, limit: Option<u64>) -> Self {
         if body.is_end_stream() {
             return ReqBody::Empty;
         }

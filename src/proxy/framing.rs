@@ -1,8 +1,9 @@
-//! A strict HTTP/1.1 framing check that runs on the bytes of a downstream connection before hyper
+//! A strict HTTP/1.1 framing check that runs on the bytes of a downstream connection before the
+//! HTTP/1 server ([`downstream`](crate::proxy::downstream), or hyper's over TLS without ALPN)
 //! parses them, and the header-read timeout that answers slow clients with 408.
 //!
-//! hyper is lenient where RFC 9112 allows it (a bare LF ends a line; duplicate identical
-//! `Content-Length` headers are merged), and lenient is how requests get smuggled past the
+//! Parsers are lenient where RFC 9112 allows it (a bare LF ends a line; hyper merges duplicate
+//! identical `Content-Length` headers), and lenient is how requests get smuggled past the
 //! proxy in front of us or the service behind us. [`Framing`] follows the message boundaries
 //! itself (head, then a `Content-Length` or chunked body) and stops at the first byte that makes a
 //! message ambiguous or malformed: a bare CR or LF, obs-fold, a control byte in a header, a space
@@ -10,8 +11,8 @@
 //! other than `chunked`, `Host` twice or missing from an HTTP/1.1 request, a bad chunk size,
 //! HTTP/0.9, or a version other than 1.0 and 1.1.
 //!
-//! [`Guarded`] wraps the connection: it hands hyper every byte up to the offending one and then a
-//! NUL, which no HTTP/1 parser accepts at any position, so hyper itself answers `400` once the
+//! [`Guarded`] wraps the connection: it hands the server every byte up to the offending one and
+//! then a NUL, which no HTTP/1 parser accepts at any position, so the server answers `400` once the
 //! responses already owed are written, and closes. Nothing of the bad message reaches an upstream
 //! as a request; a bad chunk inside a body fails that body, and the request with it.
 //!
@@ -643,16 +644,16 @@ pub struct Guarded<IO> {
     wrote: bool,
     /// Bytes of the 408 reply still to write, once the timeout fired.
     reply: Option<usize>,
-    /// An incomplete request head, held back until it is whole and checked, so that hyper
-    /// never sees part of a head that turns out to be bad.
+    /// An incomplete request head, held back until it is whole and checked, so that the
+    /// server never sees part of a head that turns out to be bad.
     held: Vec<u8>,
     /// Stream offset of `held[0]`.
     held_at: u64,
     /// Bytes at the front of `held` that are checked and may be handed on.
     ready: usize,
-    /// A violation was found: after the bytes before it, hyper gets a NUL.
+    /// A violation was found: after the bytes before it, the server gets a NUL.
     reject: bool,
-    /// The most head bytes held; past it they go to hyper, whose own limit answers 431.
+    /// The most head bytes held; past it they go to the server, whose own limit answers 431.
     max_head: usize,
     done: bool,
     metrics: GuardMetrics,
@@ -841,7 +842,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
                 return Poll::Ready(Ok(()));
             }
             if this.reject {
-                // Whatever follows the bytes handed on so far, hyper now sees a NUL where a
+                // Whatever follows the bytes handed on so far, the server now sees a NUL where a
                 // message must begin or continue, answers 400 and closes.
                 this.reject = false;
                 this.done = true;
@@ -852,11 +853,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
                 return Poll::Ready(Ok(()));
             }
             if this.done {
-                // End of stream for hyper: the connection is over.
+                // End of stream for the server: the connection is over.
                 return Poll::Ready(Ok(()));
             }
             if this.held.is_empty() {
-                // The fast path: read straight into hyper's buffer.
+                // The fast path: read straight into the server's buffer.
                 let before = buf.filled().len();
                 match Pin::new(&mut this.io).poll_read(cx, buf) {
                     Poll::Ready(Ok(())) => {
@@ -891,7 +892,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
                 Poll::Ready(Ok(())) => {
                     let data = more.filled();
                     if data.is_empty() {
-                        // EOF mid-head: hand on what there is; hyper reports the cut message.
+                        // EOF mid-head: hand on what there is; the server reports the cut message.
                         this.ready = this.held.len();
                         this.done = this.ready == 0;
                         continue;
@@ -907,7 +908,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
                     }
                     this.ready = (upto - this.held_at) as usize;
                     if this.held.len() > this.max_head {
-                        // Too big to be a head we would accept: hyper sees it and answers 431.
+                        // Too big to be a head we would accept: the server sees it and answers 431.
                         this.framing = Framing::passthrough();
                         this.ready = this.held.len();
                     }

@@ -772,7 +772,7 @@ impl AsyncWrite for Upgraded {
 }
 
 /// A content-length value: digits only, as RFC 9110 section 8.6 has it.
-fn parse_length(v: &[u8]) -> Option<u64> {
+pub fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -803,7 +803,7 @@ fn find(buf: &[u8], what: &[u8]) -> Option<usize> {
 }
 
 /// `n` in lowercase hexadecimal, written into `buf`.
-fn hex(n: usize, buf: &mut [u8; 16]) -> &[u8] {
+pub fn hex(n: usize, buf: &mut [u8; 16]) -> &[u8] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut at = buf.len();
     let mut n = n;

@@ -22,7 +22,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::service::Service as HyperService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,13 +37,13 @@ use tower::Service;
 use crate::control::config::model::RequestIdMode;
 use crate::control::config::{Limits, UpstreamProtocol};
 use crate::error::{ProxyError, REASON_HEADER};
-use crate::proxy::body::{ProxyBody, ReqBody};
+use crate::proxy::body::{ClientBody, ProxyBody, ReqBody};
 use crate::proxy::framing::Peek;
 use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::classify::is_grpc;
 use crate::proxy::resilience::{Call, CallCtx};
 use crate::proxy::router::Route;
-use crate::proxy::{h1, tunnel, values};
+use crate::proxy::{downstream, h1, tunnel, values};
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
 use crate::telemetry::metrics::RouteMetrics;
@@ -54,31 +54,19 @@ use crate::tls::allowed;
 /// instant its client sends a request would fail that request.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
-/// The HTTP servers shared by every connection of a listener: HTTP/1 and HTTP/2 for connections
-/// whose protocol is known before the first read, and hyper-util's reading one for the rest.
+/// The HTTP servers shared by every connection of a listener: the proxy's own HTTP/1.1 server
+/// and hyper's HTTP/2 one for connections whose protocol is known before the first read, and
+/// hyper-util's reading one for the rest.
 pub struct Server {
-    h1: http1::Builder,
+    /// Request heads of the proxy's own HTTP/1.1 server: most bytes, most fields.
+    max_head: usize,
+    max_headers: usize,
     h2: http2::Builder<TokioExecutor>,
     either: auto::Builder<TokioExecutor>,
 }
 
 /// The HTTP/2 connection preface (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Settings both HTTP/1 builders (the direct one and hyper-util's) take alike.
-macro_rules! h1_settings {
-    ($b:expr, $limits:expr) => {
-        $b.timer(TokioTimer::new())
-            .keep_alive(true)
-            // A client may shut its sending side once its request is out (`nc -N`, some
-            // load balancers' health checks): it still gets its answer, then the connection
-            // closes.
-            .half_close(true)
-            .header_read_timeout(None)
-            .max_headers($limits.max_headers as usize)
-            .max_buf_size($limits.max_header_bytes as usize)
-    };
-}
 
 /// Settings both HTTP/2 builders take alike.
 macro_rules! h2_settings {
@@ -93,14 +81,27 @@ macro_rules! h2_settings {
 /// Builds the HTTP/1.1 + HTTP/2 servers used by HTTP listeners. The header-read timeout is not
 /// hyper's: [`Guarded`](crate::proxy::framing::Guarded) enforces it so that it can answer 408.
 pub fn server(limits: &Limits) -> Server {
-    let mut h1 = http1::Builder::new();
-    h1_settings!(h1, limits);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2_settings!(h2, limits);
     let mut either = auto::Builder::new(TokioExecutor::new());
-    h1_settings!(either.http1(), limits);
+    // HTTP/1 on a connection whose protocol only its first read tells (TLS without ALPN).
+    either
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        // A client may shut its sending side once its request is out (`nc -N`, some load
+        // balancers' health checks): it still gets its answer, then the connection closes.
+        .half_close(true)
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers as usize)
+        .max_buf_size(limits.max_header_bytes as usize);
     h2_settings!(either.http2(), limits);
-    Server { h1, h2, either }
+    Server {
+        max_head: limits.max_header_bytes as usize,
+        max_headers: limits.max_headers as usize,
+        h2,
+        either,
+    }
 }
 
 /// What is known of a downstream connection's protocol before its first read.
@@ -121,33 +122,38 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A downstream connection, served by the server its protocol chose. Each server's state is
 /// boxed on its own, so that a connection carries the size of its own protocol's state only.
-enum Serving<'a, IO, S>
+/// HTTP/1.1 is served by the proxy's own codec ([`downstream`]); hyper serves HTTP/2, and both
+/// on a TLS connection whose handshake named no protocol.
+enum Serving<'a, IO, S, H, F>
 where
     S: HyperService<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
 {
     /// Waiting for the first bytes, to tell the HTTP/2 preface from an HTTP/1 request.
-    Peeking(Option<(IO, S)>, &'a Server),
-    H1(Pin<Box<http1::UpgradeableConnection<TokioIo<IO>, S>>>),
+    Peeking(Option<(IO, S, H)>, &'a Server),
+    H1(Pin<Box<downstream::Connection<IO, H, F>>>),
     H2(Pin<Box<http2::Connection<TokioIo<IO>, S, TokioExecutor>>>),
     Either(Pin<Box<auto::UpgradeableConnection<'a, TokioIo<IO>, S, TokioExecutor>>>),
 }
 
 impl Server {
-    fn start<IO, S>(&self, proto: Proto, io: IO, svc: S) -> Serving<'_, IO, S>
+    fn start<IO, S, H, F>(&self, proto: Proto, io: IO, svc: S, own: H) -> Serving<'_, IO, S, H, F>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: HyperService<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
             + Unpin,
         S::Future: Send + 'static,
+        H: FnMut(Request<downstream::RequestBody>) -> F + Unpin,
+        F: Future<Output = Response<ProxyBody>>,
     {
         match proto {
-            Proto::H1 => Serving::H1(Box::pin(
-                self.h1
-                    .serve_connection(TokioIo::new(io), svc)
-                    .with_upgrades(),
-            )),
+            Proto::H1 => Serving::H1(Box::pin(downstream::Connection::new(
+                io,
+                own,
+                self.max_head,
+                self.max_headers,
+            ))),
             Proto::H2 => Serving::H2(Box::pin(self.h2.serve_connection(TokioIo::new(io), svc))),
-            Proto::Peek => Serving::Peeking(Some((io, svc)), self),
+            Proto::Peek => Serving::Peeking(Some((io, svc, own)), self),
             Proto::Read => Serving::Either(Box::pin(
                 self.either
                     .serve_connection_with_upgrades(TokioIo::new(io), svc),
@@ -156,18 +162,28 @@ impl Server {
     }
 }
 
-impl<IO, S> Serving<'_, IO, S>
+impl<IO, S, H, F> Serving<'_, IO, S, H, F>
 where
     IO: AsyncRead + AsyncWrite + Peek + Unpin + Send + 'static,
     S: HyperService<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Unpin,
     S::Future: Send + 'static,
+    H: FnMut(Request<downstream::RequestBody>) -> F + Unpin,
+    F: Future<Output = Response<ProxyBody>>,
 {
+    /// The connection after a `101` the proxy's own server wrote, once it ended.
+    fn take_switched(&mut self) -> Option<downstream::Rewound<IO>> {
+        match self {
+            Serving::H1(c) => c.as_mut().get_mut().take_switched(),
+            _ => None,
+        }
+    }
+
     /// Lets the requests under way finish, then ends the connection (HTTP/2: `GOAWAY`). One
     /// still waiting for its first bytes ends at once, as an idle HTTP/1 connection does.
     fn graceful_shutdown(&mut self) {
         match self {
             Serving::Peeking(waiting, _) => *waiting = None,
-            Serving::H1(c) => c.as_mut().graceful_shutdown(),
+            Serving::H1(c) => c.as_mut().get_mut().graceful_shutdown(),
             Serving::H2(c) => c.as_mut().graceful_shutdown(),
             Serving::Either(c) => c.as_mut().graceful_shutdown(),
         }
@@ -197,11 +213,13 @@ fn peek(io: &mut impl Peek, cx: &mut Context<'_>) -> Poll<Proto> {
     }
 }
 
-impl<IO, S> Future for Serving<'_, IO, S>
+impl<IO, S, H, F> Future for Serving<'_, IO, S, H, F>
 where
     IO: AsyncRead + AsyncWrite + Peek + Unpin + Send + 'static,
     S: HyperService<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Unpin,
     S::Future: Send + 'static,
+    H: FnMut(Request<downstream::RequestBody>) -> F + Unpin,
+    F: Future<Output = Response<ProxyBody>>,
 {
     type Output = Result<(), BoxError>;
 
@@ -210,15 +228,15 @@ where
         loop {
             match this {
                 Serving::Peeking(waiting, server) => {
-                    let Some((io, _)) = waiting.as_mut() else {
+                    let Some((io, _, _)) = waiting.as_mut() else {
                         return Poll::Ready(Ok(()));
                     };
                     let proto = ready!(peek(io, cx));
                     let server = *server;
-                    let Some((io, svc)) = waiting.take() else {
+                    let Some((io, svc, own)) = waiting.take() else {
                         return Poll::Ready(Ok(()));
                     };
-                    *this = server.start(proto, io, svc);
+                    *this = server.start(proto, io, svc, own);
                 }
                 Serving::H1(c) => return c.as_mut().poll(cx).map_err(Into::into),
                 Serving::H2(c) => return c.as_mut().poll(cx).map_err(Into::into),
@@ -413,15 +431,23 @@ pub async fn serve<IO>(
         tunnel: Mutex::new(None),
     });
     let watched = conn.clone();
-    let svc = service_fn(move |req| {
-        let conn = conn.clone();
+    let theirs = conn.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let conn = theirs.clone();
         async move {
             // A guard, because hyper drops this future when an HTTP/2 client resets the stream.
             let _active = Active::new(&conn);
-            Ok::<_, Infallible>(handle(&conn, req).await)
+            Ok::<_, Infallible>(handle(&conn, req.map(ClientBody::Hyper)).await)
         }
     });
-    let mut connection = server.start(watched.who.proto, stream, svc);
+    let own = move |req: Request<downstream::RequestBody>| {
+        let conn = conn.clone();
+        async move {
+            let _active = Active::new(&conn);
+            handle(&conn, req.map(ClientBody::H1)).await
+        }
+    };
+    let mut connection = server.start(watched.who.proto, stream, svc, own);
     let stop = async {
         tokio::select! {
             () = idle(&watched, idle_timeout) => Stop::Idle,
@@ -433,7 +459,7 @@ pub async fn serve<IO>(
         Either::Right(Stop::Idle) => {
             // Graceful: an h1 response still streaming finishes; h2 gets GOAWAY.
             connection.graceful_shutdown();
-            connection.await
+            (&mut connection).await
         }
         Either::Right(Stop::Drain) => {
             watched.draining.store(true, Ordering::Release);
@@ -441,7 +467,7 @@ pub async fn serve<IO>(
                 res = &mut connection => res,
                 () = tokio::time::sleep(DRAIN_GRACE) => {
                     connection.graceful_shutdown();
-                    connection.await
+                    (&mut connection).await
                 }
             }
         }
@@ -449,15 +475,18 @@ pub async fn serve<IO>(
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
     }
-    // A relayed `101` ends hyper's part: the connection is now a tunnel, still counted as an
+    // A relayed `101` ends the HTTP part: the connection is now a tunnel, still counted as an
     // open connection of the listener until it closes.
+    let switched = connection.take_switched();
     let pending = watched.tunnel.lock().ok().and_then(|mut t| t.take());
-    if let Some(pending) = pending {
-        tunnel::run(pending).await;
+    match (pending, switched) {
+        (Some(pending), Some(client)) => tunnel::run_over(pending, client).await,
+        (Some(pending), None) => tunnel::run(pending).await,
+        (None, _) => {}
     }
 }
 
-async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(conn: &Conn, req: Request<ClientBody>) -> Response<ProxyBody> {
     let start = Instant::now();
     let state = conn.state.load_full();
     let form = Form::of(&req);
@@ -643,7 +672,7 @@ async fn forward(
     state: &ListenerState,
     route: &Route,
     conn: &Conn,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     form: Form,
     start: Instant,
 ) -> Response<ProxyBody> {

@@ -1,9 +1,9 @@
-//! The data path, in request order: accept ([`listener`]), serve ([`http`] or [`tcp`]), route
-//! ([`router`]), run the resilience stack ([`stack`]), pick an endpoint of the [`cluster`]
-//! ([`balance`], with [`outlier`] detection) and reach it through its pooled client
-//! ([`connect`]; HTTP/1.1 is spoken by the request's own task, [`h1`], and idle connections are
-//! kept in a [`pool`] on each endpoint). A request that switches protocols (a WebSocket) becomes
-//! a [`tunnel`]. All of it runs on the [`workers`], one thread each.
+//! The data path, in request order: accept ([`listener`]), serve ([`http`], whose HTTP/1.1 side
+//! is [`downstream`], or [`tcp`]), route ([`router`]), run the resilience stack ([`stack`]), pick
+//! an endpoint of the [`cluster`] ([`balance`], with [`outlier`] detection) and reach it through
+//! its pooled client ([`connect`]; HTTP/1.1 is spoken by the request's own task, [`h1`], and idle
+//! connections are kept in a [`pool`] on each endpoint). A request that switches protocols (a
+//! WebSocket) becomes a [`tunnel`]. All of it runs on the [`workers`], one thread each.
 //!
 //! The data path reads control state only as immutable snapshots (route tables, endpoint sets)
 //! and is never imported by the control side or by telemetry.
@@ -12,6 +12,7 @@ pub mod balance;
 pub mod body;
 pub mod cluster;
 pub mod connect;
+pub mod downstream;
 pub mod endpoint;
 pub mod framing;
 pub mod h1;

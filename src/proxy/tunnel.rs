@@ -27,7 +27,8 @@ use crate::telemetry::metrics::UpgradeMetrics;
 
 /// A switch the proxy relayed, waiting for both connections to be handed over.
 pub struct Pending {
-    /// The client's side, once hyper has written the `101` to it.
+    /// The client's side, once hyper has written the `101` to it (the proxy's own HTTP/1.1
+    /// server hands its connection over directly, see [`run_over`]).
     pub client: OnUpgrade,
     /// The upstream's side, whose `101` was read.
     pub upstream: Upgraded,
@@ -110,18 +111,24 @@ where
     (end, client.read, upstream.read)
 }
 
-/// Runs the tunnel until both sides are done, the idle timeout passes, or a side fails.
-pub async fn run(p: Pending) {
-    let started = Instant::now();
-    let client = match p.client.await {
+/// Runs the tunnel, once hyper hands over the client's side, until both sides are done, the
+/// idle timeout passes, or a side fails.
+pub async fn run(mut p: Pending) {
+    let client = match (&mut p.client).await {
         Ok(c) => c,
         Err(error) => {
             tracing::debug!(%error, "an upgraded connection was not handed over");
             return;
         }
     };
+    run_over(p, TokioIo::new(client)).await;
+}
+
+/// Runs the tunnel over `client`, the client's side of the connection after its `101`.
+pub async fn run_over<C: AsyncRead + AsyncWrite + Unpin>(p: Pending, client: C) {
+    let started = Instant::now();
     p.metrics.active.inc();
-    let (end, up, down) = splice(TokioIo::new(client), p.upstream, p.idle, &p.drain).await;
+    let (end, up, down) = splice(client, p.upstream, p.idle, &p.drain).await;
     p.metrics.active.dec();
     p.metrics.bytes_upstream.inc_by(up);
     p.metrics.bytes_downstream.inc_by(down);
