@@ -58,6 +58,11 @@ connection: close\r\nx-outrigger-error: request_header_too_large\r\n\r\n";
 thread_local! {
     /// Read buffers of connections waiting for a request, kept for the next read.
     static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    /// Write buffers of connections waiting for a request, kept for the next response.
+    static SPARE_OUT: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// Where a request head's fields lie, noted while it is parsed: kept, so that no request
+    /// zeroes or allocates room for them.
+    static SPANS: RefCell<Vec<[u32; 4]>> = const { RefCell::new(Vec::new()) };
     /// The `date` header value of the current second.
     static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
 }
@@ -74,6 +79,26 @@ fn give_buffer(mut buf: BytesMut) {
     buf.clear();
     if buf.try_reclaim(READ_SIZE) {
         SPARE.with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < SPARES {
+                spare.push(buf);
+            }
+        });
+    }
+}
+
+/// A write buffer: a spare one of this thread, or a new one.
+fn take_out() -> Vec<u8> {
+    SPARE_OUT
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(READ_SIZE))
+}
+
+/// Keeps an empty write buffer for another connection; one grown by a large body is let go.
+fn give_out(mut buf: Vec<u8>) {
+    buf.clear();
+    if buf.capacity() <= WRITE_HIGH {
+        SPARE_OUT.with(|s| {
             let mut spare = s.borrow_mut();
             if spare.len() < SPARES {
                 spare.push(buf);
@@ -132,34 +157,12 @@ struct Scan {
     count: usize,
 }
 
-/// Header spans (name offset and length, value offset and length): on the stack for the
-/// usual few, in a vector past that.
-struct Spans {
-    fixed: [[u32; 4]; STACK_HEADERS],
-    extra: Vec<[u32; 4]>,
-}
-
-impl Spans {
-    fn push(&mut self, i: usize, span: [u32; 4]) {
-        match self.fixed.get_mut(i) {
-            Some(s) => *s = span,
-            None => self.extra.push(span),
-        }
-    }
-
-    fn iter(&self, count: usize) -> impl Iterator<Item = &[u32; 4]> {
-        self.fixed[..count.min(STACK_HEADERS)]
-            .iter()
-            .chain(&self.extra)
-    }
-}
-
 /// Finds the parts of the request head at the start of `buf`; `None` if it is not all there.
 fn scan<'b>(
     buf: &'b [u8],
     max_head: usize,
     slots: &mut [MaybeUninit<httparse::Header<'b>>],
-    spans: &mut Spans,
+    spans: &mut Vec<[u32; 4]>,
 ) -> Result<Option<Scan>, Refusal> {
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, slots) {
@@ -172,17 +175,17 @@ fn scan<'b>(
     if len > max_head {
         return Err(Refusal::TooLarge);
     }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(Refusal::Malformed);
+    };
+    // Everything httparse hands back points into `buf`.
     let base = buf.as_ptr() as usize;
     let at = |s: &str| (s.as_ptr() as usize - base, s.len());
-    let method = at(req.method.unwrap_or_default());
-    let target = at(req.path.unwrap_or_default());
-    for (i, h) in req.headers.iter().enumerate() {
+    let (method, target) = (at(method), at(target));
+    for h in req.headers.iter() {
         let name = h.name.as_ptr() as usize - base;
         let value = h.value.as_ptr() as usize - base;
-        spans.push(
-            i,
-            [name, h.name.len(), value, h.value.len()].map(|n| n as u32),
-        );
+        spans.push([name, h.name.len(), value, h.value.len()].map(|n| n as u32));
     }
     Ok(Some(Scan {
         len,
@@ -202,17 +205,27 @@ fn parse_request(
     max_head: usize,
     max_headers: usize,
 ) -> Result<Option<Parsed>, Refusal> {
-    let mut spans = Spans {
-        fixed: [[0; 4]; STACK_HEADERS],
-        extra: Vec::new(),
-    };
+    SPANS.with(|spans| match spans.try_borrow_mut() {
+        Ok(mut spans) => parse_into(rd, max_head, max_headers, &mut spans),
+        Err(_) => parse_into(rd, max_head, max_headers, &mut Vec::new()),
+    })
+}
+
+/// [`parse_request`], with `spans` to note where the fields are.
+fn parse_into(
+    rd: &mut BytesMut,
+    max_head: usize,
+    max_headers: usize,
+    spans: &mut Vec<[u32; 4]>,
+) -> Result<Option<Parsed>, Refusal> {
+    spans.clear();
     let found = if max_headers <= STACK_HEADERS {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
-        scan(rd, max_head, &mut slots[..max_headers], &mut spans)?
+        scan(rd, max_head, &mut slots[..max_headers], spans)?
     } else {
         let mut slots = Vec::with_capacity(max_headers);
         slots.resize_with(max_headers, MaybeUninit::uninit);
-        scan(rd, max_head, &mut slots, &mut spans)?
+        scan(rd, max_head, &mut slots, spans)?
     };
     let Some(found) = found else {
         return Ok(None);
@@ -228,7 +241,7 @@ fn parse_request(
     let mut chunked = false;
     let mut keep = version == Version::HTTP_11;
     let mut expect = false;
-    for &span in spans.iter(found.count) {
+    for &span in spans.iter() {
         let [n, nl, v, vl] = span.map(|n| n as usize);
         let name = HeaderName::from_bytes(&bytes[n..n + nl]).map_err(|_| Refusal::Malformed)?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl))
@@ -456,8 +469,8 @@ pub struct Connection<IO, H, F> {
     closing: bool,
     max_head: usize,
     max_headers: usize,
-    /// The connection after a `101`, for the tunnel.
-    switched: Option<Rewound<IO>>,
+    /// A `101` was written: the connection is the tunnel's.
+    switched: bool,
 }
 
 impl<IO, H, F> Connection<IO, H, F>
@@ -480,7 +493,7 @@ where
             closing: false,
             max_head,
             max_headers,
-            switched: None,
+            switched: false,
         }
     }
 
@@ -492,7 +505,14 @@ where
 
     /// The connection, once it has written a `101` and ended.
     pub fn take_switched(&mut self) -> Option<Rewound<IO>> {
-        self.switched.take()
+        if !self.switched || !matches!(self.state, State::Done) {
+            return None;
+        }
+        let io = self.io.take()?;
+        Some(Rewound {
+            rd: std::mem::take(&mut self.rd),
+            io,
+        })
     }
 
     /// Reads more bytes; `Ok(0)` at the end of the stream.
@@ -654,8 +674,12 @@ where
                 }
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => {
+                    // Nothing in flight: the buffers serve other connections meanwhile.
                     if self.rd.is_empty() {
                         give_buffer(std::mem::take(&mut self.rd));
+                    }
+                    if self.wr.capacity() > 0 && self.wr.is_empty() {
+                        give_out(std::mem::take(&mut self.wr));
                     }
                     return Poll::Pending;
                 }
@@ -702,6 +726,9 @@ where
         version: Version,
     ) -> Out {
         let status = parts.status;
+        if self.wr.capacity() == 0 {
+            self.wr = take_out();
+        }
         let wr = &mut self.wr;
         wr.extend_from_slice(b"HTTP/1.1 ");
         wr.extend_from_slice(status.as_str().as_bytes());
@@ -930,12 +957,7 @@ where
                         ready!(self.poll_write_out(cx))?;
                     }
                     if switched {
-                        if let Some(io) = self.io.take() {
-                            self.switched = Some(Rewound {
-                                rd: std::mem::take(&mut self.rd),
-                                io,
-                            });
-                        }
+                        self.switched = true;
                     } else if let Some(io) = self.io.as_mut() {
                         // Errors here change nothing: the connection is over either way.
                         let _ = ready!(Pin::new(io).poll_shutdown(cx));
@@ -979,6 +1001,11 @@ mod tests {
         }
         if parts.method == Method::HEAD {
             return Response::new(ProxyBody::full(Bytes::from_static(b"xyz")));
+        }
+        if parts.uri.path() == "/count" {
+            let last = parts.headers.get("x-40").cloned();
+            let text = format!("{} headers, x-40: {last:?}", parts.headers.len());
+            return Response::new(ProxyBody::full(Bytes::from(text)));
         }
         let text = match body.collect().await {
             Ok(c) => {
@@ -1081,6 +1108,20 @@ mod tests {
         client.write_all(long.as_bytes()).await.unwrap();
         let out = read_all(&mut client).await;
         assert!(out.starts_with("HTTP/1.1 431 "), "{out}");
+    }
+
+    /// A head with more fields than most still arrives whole.
+    #[tokio::test]
+    async fn a_head_with_many_fields_arrives_whole() {
+        let (mut client, _task) = serve(60);
+        let mut head = String::from("GET /count HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+        for i in 1..=40 {
+            head.push_str(&format!("x-{i}: v{i}\r\n"));
+        }
+        head.push_str("\r\n");
+        client.write_all(head.as_bytes()).await.unwrap();
+        let out = read_all(&mut client).await;
+        assert!(out.ends_with("42 headers, x-40: Some(\"v40\")"), "{out}");
     }
 
     #[tokio::test]

@@ -280,8 +280,9 @@ struct Conn {
     opened: Instant,
     /// Turns the framing check off once a `101` is relayed.
     switch: Arc<AtomicBool>,
-    /// The tunnel a relayed `101` started, run once hyper hands the connection over.
-    tunnel: Mutex<Option<tunnel::Pending>>,
+    /// The tunnel a relayed `101` started, run once the HTTP server hands the connection over.
+    /// Boxed: it holds an upstream connection, and every downstream connection carries the slot.
+    tunnel: Mutex<Option<Box<tunnel::Pending>>>,
 }
 
 impl Conn {
@@ -480,8 +481,10 @@ pub async fn serve<IO>(
     let switched = connection.take_switched();
     let pending = watched.tunnel.lock().ok().and_then(|mut t| t.take());
     match (pending, switched) {
-        (Some(pending), Some(client)) => tunnel::run_over(pending, client).await,
-        (Some(pending), None) => tunnel::run(pending).await,
+        // Boxed: a connection's task is as large as its largest state, and most connections
+        // never become a tunnel.
+        (Some(pending), Some(client)) => Box::pin(tunnel::run_over(*pending, client)).await,
+        (Some(pending), None) => Box::pin(tunnel::run(*pending)).await,
         (None, _) => {}
     }
 }
@@ -779,7 +782,7 @@ async fn forward(
                     drain: conn.drain.clone(),
                 };
                 if let Ok(mut slot) = conn.tunnel.lock() {
-                    *slot = Some(pending);
+                    *slot = Some(Box::new(pending));
                 }
                 Answer {
                     status: resp.status(),
