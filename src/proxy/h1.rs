@@ -598,12 +598,33 @@ impl Framing {
 /// Sends the request encoded on `conn` and reads its response head, writing the body as the
 /// client sends it (an answer may come before the whole body, which then keeps going out while
 /// the response body is read).
+///
+/// An upstream may answer before taking the whole body and then close the connection (RFC 9112,
+/// section 9.6), so that writing the rest fails: the answer stands when it arrives, and only when
+/// none does is the write's failure the exchange's.
 pub async fn exchange(conn: &mut Conn, out: &mut Outgoing, head: bool) -> Result<Head, Error> {
+    let mut unsent = None;
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(Err(e)) = conn.poll_send(cx, out) {
-            return Poll::Ready(Err(e));
+        if unsent.is_none() {
+            match conn.poll_send(cx, out) {
+                // The connection broke: what it already carried back may still be read.
+                Poll::Ready(Err(Error::Io(e))) => {
+                    *out = Outgoing::Done;
+                    unsent = Some(e);
+                }
+                // The request's own body failed: no answer is coming.
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                _ => {}
+            }
         }
-        conn.poll_head(cx, head)
+        match ready!(conn.poll_head(cx, head)) {
+            Ok(mut answer) => {
+                // Part of the request never went out: the connection cannot be reused.
+                answer.keep &= unsent.is_none();
+                Poll::Ready(Ok(answer))
+            }
+            Err(e) => Poll::Ready(Err(unsent.take().map_or(e, Error::Io))),
+        }
     })
     .await
 }
