@@ -236,7 +236,7 @@ impl Client {
                         // After a `101` the connection belongs to the upgrade.
                         parts
                             .extensions
-                            .insert(h1::Switched::new(h1::Upgraded::new(conn)));
+                            .insert(h1::Switched::new(h1::Upgraded::from_conn(conn)));
                         let body = UpstreamBody::H1(h1::ResponseBody::ended());
                         return Ok(http::Response::from_parts(parts, body));
                     }

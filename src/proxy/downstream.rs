@@ -30,15 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::SystemTime;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::BoxError;
 use crate::proxy::body::ProxyBody;
-use crate::proxy::h1::{self, Chunk, Framing};
+use crate::proxy::h1::{self, Chunk, Framing, Rewound};
 
 /// Bytes asked of each read: a whole small request in one.
 const READ_SIZE: usize = 4096;
@@ -413,48 +413,6 @@ enum State<F> {
     Done,
 }
 
-/// A connection switched to another protocol by a `101`: bytes read past the head come first.
-#[derive(Debug)]
-pub struct Rewound<IO> {
-    rd: BytesMut,
-    io: IO,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Rewound<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.rd.is_empty() {
-            let n = this.rd.len().min(buf.remaining());
-            buf.put_slice(&this.rd[..n]);
-            this.rd.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewound<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
 /// One downstream HTTP/1.1 connection, served until it closes or switches protocols.
 pub struct Connection<IO, H, F> {
     io: Option<IO>,
@@ -509,10 +467,7 @@ where
             return None;
         }
         let io = self.io.take()?;
-        Some(Rewound {
-            rd: std::mem::take(&mut self.rd),
-            io,
-        })
+        Some(Rewound::new(std::mem::take(&mut self.rd), io))
     }
 
     /// Reads more bytes; `Ok(0)` at the end of the stream.
@@ -528,25 +483,12 @@ where
         tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.rd)
     }
 
-    /// Writes what is waiting in `wr`, then flushes (TLS keeps records back until then).
+    /// Writes what is waiting in `wr`, then flushes.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(io) = self.io.as_mut() else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
-        };
-        let mut at = 0;
-        while at < self.wr.len() {
-            match Pin::new(&mut *io).poll_write(cx, &self.wr[at..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => at += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    self.wr.drain(..at);
-                    return Poll::Pending;
-                }
-            }
+        match self.io.as_mut() {
+            Some(io) => h1::poll_write_all(io, &mut self.wr, cx),
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
         }
-        self.wr.clear();
-        Pin::new(io).poll_flush(cx)
     }
 
     /// Hands the request body the frames it asks for, reading them from the client.
@@ -843,29 +785,11 @@ where
                             wr.extend_from_slice(data);
                         }
                     }
-                    Out::Chunked => match frame.into_data() {
-                        Ok(data) if data.is_empty() => {}
-                        Ok(data) => {
-                            let mut size = [0u8; 16];
-                            wr.extend_from_slice(h1::hex(data.len(), &mut size));
-                            wr.extend_from_slice(b"\r\n");
-                            wr.extend_from_slice(&data);
-                            wr.extend_from_slice(b"\r\n");
-                        }
-                        Err(frame) => {
-                            wr.extend_from_slice(b"0\r\n");
-                            if let Ok(trailers) = frame.into_trailers() {
-                                for (name, value) in &trailers {
-                                    wr.extend_from_slice(name.as_str().as_bytes());
-                                    wr.extend_from_slice(b": ");
-                                    wr.extend_from_slice(value.as_bytes());
-                                    wr.extend_from_slice(b"\r\n");
-                                }
-                            }
-                            wr.extend_from_slice(b"\r\n");
+                    Out::Chunked => {
+                        if h1::put_chunk(wr, frame) {
                             *out = Out::Done;
                         }
-                    },
+                    }
                     Out::Done => {}
                 },
                 None => {
@@ -1024,7 +948,7 @@ mod tests {
         let task = tokio::spawn(async move {
             let mut conn = Connection::new(server, echo, 8192, max_headers);
             (&mut conn).await.ok();
-            conn.take_switched().map(|s| s.rd.to_vec())
+            conn.take_switched().map(|s| s.buffered().to_vec())
         });
         (client, task)
     }

@@ -113,22 +113,9 @@ impl Conn {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rd)
     }
 
-    /// Writes what is waiting in `wr`, then flushes (TLS keeps records back until then).
+    /// Writes what is waiting in `wr`, then flushes.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut at = 0;
-        while at < self.wr.len() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.wr[at..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => at += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    self.wr.drain(..at);
-                    return Poll::Pending;
-                }
-            }
-        }
-        self.wr.clear();
-        Pin::new(&mut self.io).poll_flush(cx)
+        poll_write_all(&mut self.io, &mut self.wr, cx)
     }
 
     /// Encodes the head of a request with `parts` and a body of `body`, and returns how the body
@@ -220,29 +207,11 @@ impl Conn {
                         wr.extend_from_slice(data);
                     }
                 }
-                (Some(Ok(frame)), Outgoing::Chunked { .. }) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) => {
-                        let mut size = [0u8; 16];
-                        wr.extend_from_slice(hex(data.len(), &mut size));
-                        wr.extend_from_slice(b"\r\n");
-                        wr.extend_from_slice(&data);
-                        wr.extend_from_slice(b"\r\n");
-                    }
-                    Err(frame) => {
-                        wr.extend_from_slice(b"0\r\n");
-                        if let Ok(trailers) = frame.into_trailers() {
-                            for (name, value) in &trailers {
-                                wr.extend_from_slice(name.as_str().as_bytes());
-                                wr.extend_from_slice(b": ");
-                                wr.extend_from_slice(value.as_bytes());
-                                wr.extend_from_slice(b"\r\n");
-                            }
-                        }
-                        wr.extend_from_slice(b"\r\n");
+                (Some(Ok(frame)), Outgoing::Chunked { .. }) => {
+                    if put_chunk(wr, frame) {
                         *out = Outgoing::Done;
                     }
-                },
+                }
                 (None, Outgoing::Length { left, .. }) => {
                     if *left != 0 {
                         return Poll::Ready(Err(Error::Body(
@@ -727,16 +696,34 @@ impl Body for ResponseBody {
     }
 }
 
-/// A connection switched to another protocol by a `101`: bytes already read come first.
+/// A connection switched to another protocol by a `101`: the bytes already read past the head
+/// come first. Both sides of a tunnel are one: the upstream's, and the client's when the proxy's
+/// own HTTP/1.1 server wrote the `101`.
 #[derive(Debug)]
-pub struct Upgraded {
-    conn: Conn,
+pub struct Rewound<IO> {
+    rd: BytesMut,
+    io: IO,
 }
+
+impl<IO> Rewound<IO> {
+    /// `io`, with `rd` read from it already.
+    pub fn new(rd: BytesMut, io: IO) -> Self {
+        Self { rd, io }
+    }
+
+    /// The bytes read already and not yet handed on.
+    pub fn buffered(&self) -> &[u8] {
+        &self.rd
+    }
+}
+
+/// An upstream connection after its `101`.
+pub type Upgraded = Rewound<UpstreamStream>;
 
 impl Upgraded {
     /// The connection after its `101`.
-    pub fn new(conn: Conn) -> Self {
-        Self { conn }
+    pub fn from_conn(conn: Conn) -> Self {
+        Rewound::new(conn.rd, conn.io)
     }
 }
 
@@ -757,38 +744,38 @@ impl Switched {
     }
 }
 
-impl AsyncRead for Upgraded {
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewound<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let conn = &mut self.get_mut().conn;
-        if !conn.rd.is_empty() {
-            let n = conn.rd.len().min(buf.remaining());
-            buf.put_slice(&conn.rd[..n]);
-            conn.rd.advance(n);
+        let this = self.get_mut();
+        if !this.rd.is_empty() {
+            let n = this.rd.len().min(buf.remaining());
+            buf.put_slice(&this.rd[..n]);
+            this.rd.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut conn.io).poll_read(cx, buf)
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Upgraded {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewound<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().conn.io).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn.io).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn.io).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -821,6 +808,58 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
 /// Where `what` first occurs in `buf`.
 fn find(buf: &[u8], what: &[u8]) -> Option<usize> {
     buf.windows(what.len()).position(|w| w == what)
+}
+
+/// Writes the bytes waiting in `wr` to `io` (keeping what could not be written yet), then
+/// flushes: TLS keeps records back until then.
+pub fn poll_write_all<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    wr: &mut Vec<u8>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let mut at = 0;
+    while at < wr.len() {
+        match Pin::new(&mut *io).poll_write(cx, &wr[at..]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => at += n,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                wr.drain(..at);
+                return Poll::Pending;
+            }
+        }
+    }
+    wr.clear();
+    Pin::new(io).poll_flush(cx)
+}
+
+/// Appends `frame` to `wr` in the chunked coding: data as one chunk (none when empty), trailers
+/// as the last chunk and its trailer fields. Returns whether that ended the body.
+pub fn put_chunk(wr: &mut Vec<u8>, frame: Frame<Bytes>) -> bool {
+    match frame.into_data() {
+        Ok(data) if data.is_empty() => false,
+        Ok(data) => {
+            let mut size = [0u8; 16];
+            wr.extend_from_slice(hex(data.len(), &mut size));
+            wr.extend_from_slice(b"\r\n");
+            wr.extend_from_slice(&data);
+            wr.extend_from_slice(b"\r\n");
+            false
+        }
+        Err(frame) => {
+            wr.extend_from_slice(b"0\r\n");
+            if let Ok(trailers) = frame.into_trailers() {
+                for (name, value) in &trailers {
+                    wr.extend_from_slice(name.as_str().as_bytes());
+                    wr.extend_from_slice(b": ");
+                    wr.extend_from_slice(value.as_bytes());
+                    wr.extend_from_slice(b"\r\n");
+                }
+            }
+            wr.extend_from_slice(b"\r\n");
+            true
+        }
+    }
 }
 
 /// `n` in lowercase hexadecimal, written into `buf`.

@@ -171,7 +171,7 @@ where
     F: Future<Output = Response<ProxyBody>>,
 {
     /// The connection after a `101` the proxy's own server wrote, once it ended.
-    fn take_switched(&mut self) -> Option<downstream::Rewound<IO>> {
+    fn take_switched(&mut self) -> Option<h1::Rewound<IO>> {
         match self {
             Serving::H1(c) => c.as_mut().get_mut().take_switched(),
             _ => None,
