@@ -154,7 +154,6 @@ struct Scan {
     method: (usize, usize),
     target: (usize, usize),
     version: Version,
-    count: usize,
 }
 
 /// Finds the parts of the request head at the start of `buf`; `None` if it is not all there.
@@ -195,7 +194,6 @@ fn scan<'b>(
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         },
-        count: req.headers.len(),
     }))
 }
 
@@ -236,7 +234,7 @@ fn parse_into(
     let (t, tl) = found.target;
     let uri = Uri::from_maybe_shared(bytes.slice(t..t + tl)).map_err(|_| Refusal::Malformed)?;
     let version = found.version;
-    let mut headers = HeaderMap::with_capacity(found.count);
+    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut length = 0;
     let mut chunked = false;
     let mut keep = version == Version::HTTP_11;
@@ -411,6 +409,8 @@ enum State<F> {
         switched: bool,
     },
     Done,
+    /// Over after a `101`: the connection is the tunnel's.
+    Switched,
 }
 
 /// One downstream HTTP/1.1 connection, served until it closes or switches protocols.
@@ -427,8 +427,6 @@ pub struct Connection<IO, H, F> {
     closing: bool,
     max_head: usize,
     max_headers: usize,
-    /// A `101` was written: the connection is the tunnel's.
-    switched: bool,
 }
 
 impl<IO, H, F> Connection<IO, H, F>
@@ -451,7 +449,6 @@ where
             closing: false,
             max_head,
             max_headers,
-            switched: false,
         }
     }
 
@@ -463,7 +460,7 @@ where
 
     /// The connection, once it has written a `101` and ended.
     pub fn take_switched(&mut self) -> Option<Rewound<IO>> {
-        if !self.switched || !matches!(self.state, State::Done) {
+        if !matches!(self.state, State::Switched) {
             return None;
         }
         let io = self.io.take()?;
@@ -881,14 +878,16 @@ where
                         ready!(self.poll_write_out(cx))?;
                     }
                     if switched {
-                        self.switched = true;
-                    } else if let Some(io) = self.io.as_mut() {
+                        self.state = State::Switched;
+                        continue;
+                    }
+                    if let Some(io) = self.io.as_mut() {
                         // Errors here change nothing: the connection is over either way.
                         let _ = ready!(Pin::new(io).poll_shutdown(cx));
                     }
                     self.state = State::Done;
                 }
-                State::Done => return Poll::Ready(Ok(())),
+                State::Done | State::Switched => return Poll::Ready(Ok(())),
             }
         }
     }
