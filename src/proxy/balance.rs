@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::control::config::upstream::{Balancer, HashOn};
+use crate::proxy::clock;
 use crate::proxy::endpoint::Endpoint;
 
 /// Points per unit of weight on the hash ring (as ketama): enough for an even spread.
@@ -232,7 +233,7 @@ impl Picker {
     fn better(&self, endpoints: &[Arc<Endpoint>], a: usize, b: usize) -> usize {
         let b_wins = match self {
             Picker::PeakEwma(_) => {
-                let now = tokio::time::Instant::now();
+                let now = clock::now();
                 let cost = |i: usize| endpoints[i].cost(now, UNMEASURED_NANOS);
                 cost(b) * PEAK_EWMA_MARGIN < cost(a)
             }

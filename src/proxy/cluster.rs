@@ -29,6 +29,7 @@ use crate::control::health::{Health, Verdict};
 use crate::control::mesh::hints::{Exchange, Report};
 use crate::error::ProxyError;
 use crate::proxy::balance::{self, PickRequest, Picker, RoundRobin};
+use crate::proxy::clock;
 use crate::proxy::connect::Client;
 use crate::proxy::endpoint::Endpoint;
 use crate::proxy::outlier;
@@ -299,7 +300,7 @@ impl Cluster {
 
     /// Recounts available endpoints: publishes the gauges and decides on panic mode.
     fn refresh_availability(&self, set: &EndpointSet) -> bool {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = (clock::now() - self.epoch).as_millis() as u64;
         set.checked_at.store(now.max(1), Ordering::Relaxed);
         let (mut unhealthy, mut ejected) = (0i64, 0i64);
         for e in &set.endpoints {
@@ -362,7 +363,7 @@ impl Cluster {
                 "the cluster has no endpoints".into(),
             ));
         }
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = (clock::now() - self.epoch).as_millis() as u64;
         let stale = now.saturating_sub(set.checked_at.load(Ordering::Relaxed))
             >= AVAILABILITY_REFRESH.as_millis() as u64;
         let panic = if stale {

@@ -32,6 +32,7 @@ use crate::proxy::balance::PickRequest;
 use crate::proxy::body::{
     BodyTooLarge, ClientBodyError, ProxyBody, ReqBody, SupersededTry, UpstreamBody,
 };
+use crate::proxy::clock;
 use crate::proxy::cluster::Cluster;
 use crate::proxy::endpoint::Endpoint;
 use crate::proxy::h1;
@@ -314,7 +315,7 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
     }
     cluster.metrics.attempts.inc();
     let in_flight = endpoint.start();
-    let started = Instant::now();
+    let started = clock::now();
     let pending = cluster
         .client
         .request(&endpoint, Request::from_parts(head, body));
@@ -325,11 +326,11 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
     let result = match answer {
         Err(_) => {
             // A try cut off by its deadline took at least this long: a latency sample too.
-            endpoint.observe_latency(started.elapsed());
+            endpoint.observe_latency(clock::now() - started);
             Err(ctx.expired())
         }
         Ok(Ok(resp)) => {
-            let rtt = started.elapsed();
+            let rtt = clock::now() - started;
             cluster.latency.record(rtt);
             endpoint.observe_latency(rtt);
             let (mut parts, body) = resp.into_parts();

@@ -28,7 +28,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
@@ -38,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::BoxError;
 use crate::proxy::body::ProxyBody;
+use crate::proxy::clock;
 use crate::proxy::h1::{self, Chunk, Framing, Rewound};
 
 /// Bytes asked of each read: a whole small request in one.
@@ -64,7 +65,7 @@ thread_local! {
     /// zeroes or allocates room for them.
     static SPANS: RefCell<Vec<[u32; 4]>> = const { RefCell::new(Vec::new()) };
     /// The `date` header value of the current second.
-    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    static DATE: RefCell<Date> = const { RefCell::new(Date { until: None, text: [0; 29] }) };
 }
 
 /// A read buffer: a spare one of this thread, or a new one.
@@ -107,23 +108,35 @@ fn give_out(mut buf: Vec<u8>) {
     }
 }
 
-/// Appends `date: <now>` in the IMF-fixdate form, formatted once a second per thread.
+/// The `date` value of this thread's answers, and until when it is right.
+struct Date {
+    /// The end of the second `text` names, on the request path's clock; `None` before the
+    /// first answer.
+    until: Option<tokio::time::Instant>,
+    /// The IMF-fixdate form.
+    text: [u8; 29],
+}
+
+/// Appends `date: <now>` in the IMF-fixdate form, formatted once a second per thread. The wall
+/// clock is read only when the second of the last reading has ended on the request path's
+/// clock, so a step of the wall clock shows within a second.
 fn put_date(wr: &mut Vec<u8>) {
-    let now = SystemTime::now();
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     DATE.with(|d| {
         let mut d = d.borrow_mut();
-        if d.0 != secs {
-            let text = httpdate::fmt_http_date(now);
-            if text.len() == d.1.len() {
-                d.1.copy_from_slice(text.as_bytes());
-                d.0 = secs;
+        let now = clock::now();
+        if d.until.map_or(true, |until| now >= until) {
+            let wall = SystemTime::now();
+            let into = wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let text = httpdate::fmt_http_date(wall);
+            if text.len() == d.text.len() {
+                d.text.copy_from_slice(text.as_bytes());
+                d.until = Some(now + Duration::from_nanos(u64::from(1_000_000_000 - into)));
             }
         }
         wr.extend_from_slice(b"date: ");
-        wr.extend_from_slice(&d.1);
+        wr.extend_from_slice(&d.text);
         wr.extend_from_slice(b"\r\n");
     });
 }

@@ -13,6 +13,7 @@ use http::uri::Authority;
 use tokio::time::Instant;
 
 use crate::control::health::Health;
+use crate::proxy::clock;
 use crate::proxy::outlier::Outlier;
 use crate::proxy::pool::Idle;
 use crate::proxy::resilience::breaker::CircuitBreaker;
@@ -94,7 +95,7 @@ impl Endpoint {
 
     /// Nanoseconds since the endpoint was created: the clock of its atomics.
     pub fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        (clock::now() - self.epoch).as_nanos() as u64
     }
 
     /// Marks a request as started; the guard marks it finished when dropped.

@@ -38,6 +38,7 @@ use crate::control::config::model::RequestIdMode;
 use crate::control::config::{Limits, UpstreamProtocol};
 use crate::error::{ProxyError, REASON_HEADER};
 use crate::proxy::body::{ClientBody, ProxyBody, ReqBody};
+use crate::proxy::clock;
 use crate::proxy::framing::Peek;
 use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::classify::is_grpc;
@@ -224,6 +225,9 @@ where
     type Output = Result<(), BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every timestamp of this wake-up (requests handled, answers relayed) shares one
+        // reading of the clock.
+        let _turn = clock::Turn::start();
         let this = self.get_mut();
         loop {
             match this {
@@ -287,7 +291,7 @@ struct Conn {
 
 impl Conn {
     fn touch(&self) {
-        let ms = self.opened.elapsed().as_millis() as u64;
+        let ms = (clock::now() - self.opened).as_millis() as u64;
         self.last_request.store(ms, Ordering::Relaxed);
     }
 
@@ -490,7 +494,7 @@ pub async fn serve<IO>(
 }
 
 async fn handle(conn: &Conn, req: Request<ClientBody>) -> Response<ProxyBody> {
-    let start = Instant::now();
+    let start = clock::now();
     let state = conn.state.load_full();
     let form = Form::of(&req);
     let h1 = form.h1;
@@ -635,7 +639,7 @@ fn finish(
     start: Instant,
 ) -> Response<ProxyBody> {
     let Answer { resp, status } = answer;
-    let elapsed = start.elapsed();
+    let elapsed = clock::now() - start;
     at.metrics.observe(status, elapsed);
     if state.access_log {
         let req = req();
@@ -817,7 +821,7 @@ async fn forward(
         Some(logged) => finish(state, conn, &at, || logged, answer, start),
         // Without an access log only the metrics are wanted; no method or URI is cloned.
         None => {
-            at.metrics.observe(answer.status, start.elapsed());
+            at.metrics.observe(answer.status, clock::now() - start);
             answer.resp
         }
     }
@@ -830,7 +834,7 @@ fn prepare(parts: &mut http::request::Parts, ip: &HeaderValue, tls: bool) {
     // sized for the client's few headers would otherwise grow, and rehash, once or twice.
     parts.headers.reserve(5);
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
+    if values::find(&parts.headers, &header::HOST).is_none() {
         if let Some(a) = parts.uri.authority() {
             if let Ok(v) = HeaderValue::from_str(a.as_str()) {
                 parts.headers.insert(header::HOST, v);
@@ -859,9 +863,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// untouched: the proxy is not a span of its own.
 fn request_id(headers: &mut HeaderMap, mode: RequestIdMode, rng: &Rng) {
     if mode == RequestIdMode::Keep
-        && headers
-            .get(X_REQUEST_ID)
-            .is_some_and(|v| !v.is_empty() && v.len() <= 128)
+        && values::find(headers, &X_REQUEST_ID).is_some_and(|v| !v.is_empty() && v.len() <= 128)
     {
         return;
     }

@@ -3,13 +3,15 @@
 //! an endpoint of the [`cluster`] ([`balance`], with [`outlier`] detection) and reach it through
 //! its pooled client ([`connect`]; HTTP/1.1 is spoken by the request's own task, [`h1`], and idle
 //! connections are kept in a [`pool`] on each endpoint). A request that switches protocols (a
-//! WebSocket) becomes a [`tunnel`]. All of it runs on the [`workers`], one thread each.
+//! WebSocket) becomes a [`tunnel`]. All of it runs on the [`workers`], one thread each, whose
+//! timestamps come from the [`clock`] read once per wake-up of a connection.
 //!
 //! The data path reads control state only as immutable snapshots (route tables, endpoint sets)
 //! and is never imported by the control side or by telemetry.
 
 pub mod balance;
 pub mod body;
+pub mod clock;
 pub mod cluster;
 pub mod connect;
 pub mod downstream;

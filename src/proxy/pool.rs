@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::proxy::clock;
 use crate::proxy::endpoint::Endpoint;
 use crate::proxy::h1::Conn;
 use crate::proxy::workers;
@@ -84,7 +85,7 @@ impl Idle {
         if slot.conns.is_empty() {
             return None;
         }
-        let now = Instant::now();
+        let now = clock::now();
         while let Some(mut p) = slot.conns.pop() {
             if !p.stale(now, idle_timeout) {
                 return Some(p.conn);
@@ -126,7 +127,7 @@ impl Loan {
         }
         slot.conns.push(Parked {
             conn,
-            since: Instant::now(),
+            since: clock::now(),
         });
         if slot.sweeping {
             return;

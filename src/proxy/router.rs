@@ -18,6 +18,7 @@ use crate::proxy::balance::{self, Weighted};
 use crate::proxy::cluster::Cluster;
 use crate::proxy::resilience::load_shed::Limiter;
 use crate::proxy::stack::{self, RouteShared, RouteStack};
+use crate::proxy::values;
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
@@ -310,7 +311,7 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     if let Some(h) = req.uri().host() {
         return Some(h);
     }
-    let value = req.headers().get(header::HOST)?.to_str().ok()?;
+    let value = values::find(req.headers(), &header::HOST)?.to_str().ok()?;
     Some(strip_port(value))
 }
 

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::control::config::resilience::{BreakerConfig, Window};
 use crate::error::ProxyError;
+use crate::proxy::clock;
 use crate::proxy::resilience::classify::{self, Outcome};
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, Response};
 use crate::telemetry::metrics::BreakerMetrics;
@@ -140,7 +141,7 @@ impl CircuitBreaker {
     }
 
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        (clock::now() - self.epoch).as_nanos() as u64
     }
 
     /// Asks to make a call; `None` means the circuit is open.
@@ -149,7 +150,7 @@ impl CircuitBreaker {
             breaker: self.clone(),
             probe,
             period: self.period.load(Ordering::Acquire),
-            start: Instant::now(),
+            start: clock::now(),
             done: false,
         };
         match self.state() {
@@ -306,7 +307,7 @@ impl Permit {
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
         self.breaker
-            .record(self.probe, self.period, outcome, self.start.elapsed());
+            .record(self.probe, self.period, outcome, clock::now() - self.start);
     }
 }
 

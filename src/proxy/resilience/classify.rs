@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderName, Method, StatusCode};
 use crate::control::config::resilience::RetryOn;
 use crate::error::ProxyError;
 use crate::proxy::resilience::Response;
+use crate::proxy::values;
 
 /// What one try tells about the upstream's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,16 +160,14 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The `grpc-status` in a header map.
 pub fn header_grpc_code(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get(GRPC_STATUS)
+    values::find(headers, &GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
 }
 
 /// Whether a message is gRPC, by its content type.
 pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
+    values::find(headers, &http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::proxy::clock;
+
 /// Buckets grow by 2^(1/4) from 100 µs: 64 buckets reach about 6.5 s.
 const BUCKETS: usize = 64;
 const FIRST_MICROS: f64 = 100.0;
@@ -47,7 +49,7 @@ impl LatencyWindow {
     }
 
     fn period(&self) -> u64 {
-        (self.epoch.elapsed().as_millis() / PERIOD.as_millis()) as u64
+        ((clock::now() - self.epoch).as_millis() / PERIOD.as_millis()) as u64
     }
 
     /// Records one sample.

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::control::config::resilience::{LoadShedConfig, ShedAlgorithm};
 use crate::error::ProxyError;
+use crate::proxy::clock;
 use crate::proxy::resilience::classify::{self, Outcome};
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 use crate::telemetry::metrics::ShedMetrics;
@@ -163,7 +164,7 @@ impl Limiter {
         }
         Admitted {
             limiter: self.clone(),
-            start: Instant::now(),
+            start: clock::now(),
             done: false,
         }
     }
@@ -310,7 +311,7 @@ impl Admitted {
     /// Frees the slot and feeds the request's latency to the limit.
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;
-        let rtt = self.start.elapsed();
+        let rtt = clock::now() - self.start;
         let dropped = outcome.is_failure();
         self.limiter.release(Some(rtt), dropped);
     }

@@ -30,6 +30,7 @@ use tower::{Layer, Service};
 
 use crate::error::ProxyError;
 use crate::proxy::body::{ProxyBody, ReqBody};
+use crate::proxy::clock;
 
 /// What every layer answers.
 pub type Response = http::Response<ProxyBody>;
@@ -88,7 +89,7 @@ impl CallCtx {
     pub fn new(peer: SocketAddr) -> Self {
         Self {
             peer,
-            start: Instant::now(),
+            start: clock::now(),
             deadline: None,
             caller_deadline: false,
             try_deadline: None,

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::control::config::resilience::{RateKey, RateLimitConfig};
 use crate::control::mesh::allowance::Allowance;
 use crate::error::{ProxyError, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
+use crate::proxy::clock;
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Inner, Mechanism, ResponseFuture};
 use crate::telemetry::metrics::RateLimitMetrics;
 
@@ -106,7 +107,7 @@ impl RateLimiter {
     }
 
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        (clock::now() - self.epoch).as_nanos() as u64
     }
 
     /// GCRA on one bucket with the given emission interval and tolerance: `tat` in, the new

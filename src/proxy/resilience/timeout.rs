@@ -13,6 +13,7 @@ use futures_util::future::Either;
 use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
+use crate::proxy::clock;
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Deadline, Inner, Mechanism};
 use crate::proxy::values;
 
@@ -83,7 +84,7 @@ impl Mechanism for TryDeadline {
     type Future<S: Inner> = Either<S::Future, Deadline<S::Future>>;
 
     fn apply<S: Inner>(self: &Arc<Self>, inner: &mut S, mut call: Call) -> Self::Future<S> {
-        let at = match (self.timeout.map(|t| Instant::now() + t), call.ctx.deadline) {
+        let at = match (self.timeout.map(|t| clock::now() + t), call.ctx.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -106,14 +107,11 @@ pub type PerTryTimeout<S> = Apply<TryDeadline, S>;
 
 /// The time the caller still waits, from `x-outrigger-deadline-ms` or `grpc-timeout`.
 pub fn caller_budget(headers: &HeaderMap) -> Option<Duration> {
-    let ours = headers
-        .get(DEADLINE_HEADER)
+    let ours = values::find(headers, &DEADLINE_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis);
-    let grpc = headers
-        .get(GRPC_TIMEOUT)
-        .and_then(|v| parse_grpc_timeout(v.as_bytes()));
+    let grpc = values::find(headers, &GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()));
     match (ours, grpc) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -140,7 +138,7 @@ pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
 
 /// Writes the time left before `deadline` into the outgoing headers.
 pub fn propagate(headers: &mut HeaderMap, deadline: Instant, grpc: bool) {
-    let left = deadline.saturating_duration_since(Instant::now());
+    let left = deadline.saturating_duration_since(clock::now());
     // Round up so that a short but live budget never reads as "already expired".
     let ms = left.as_millis().max(1) as u64;
     if let Some(v) = values::decimal(ms, b"") {
