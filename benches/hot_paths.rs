@@ -169,7 +169,7 @@ fn call() -> Call {
         .unwrap()
         .into_parts();
     Call {
-        head,
+        head: std::sync::Arc::new(head),
         body: ReqBody::Empty,
         ctx: CallCtx::new(SocketAddr::from(([127, 0, 0, 1], 40000))),
     }

@@ -40,6 +40,7 @@ use crate::proxy::http::strip_hop_by_hop;
 use crate::proxy::pool::{self, Loan};
 use crate::proxy::resilience::classify::{self, Outcome, TrailerStatus};
 use crate::proxy::resilience::{timeout, Call, Response, ResponseFuture};
+use crate::proxy::values;
 use crate::proxy::workers;
 use crate::tasks::Tasks;
 use crate::telemetry::metrics::Metrics;
@@ -190,7 +191,9 @@ impl Client {
     async fn request(
         &self,
         endpoint: &Arc<Endpoint>,
-        mut req: Request<ReqBody>,
+        head: Arc<http::request::Parts>,
+        mut set: h1::TryHeaders,
+        body: ReqBody,
     ) -> Result<http::Response<UpstreamBody>, TryError> {
         let (connector, settings) = match &self.conns {
             Conns::Http1 {
@@ -198,8 +201,12 @@ impl Client {
                 settings,
             } => (connector, *settings),
             Conns::Http2(clients) => {
-                *req.uri_mut() = self.uri(endpoint, path_of(req.uri()))?;
-                *req.version_mut() = Version::HTTP_2;
+                // hyper's client takes the head itself: a copy, unless no retry keeps one.
+                let mut parts = Arc::unwrap_or_clone(head);
+                set.apply(&mut parts.headers);
+                parts.uri = self.uri(endpoint, path_of(&parts.uri))?;
+                parts.version = Version::HTTP_2;
+                let req = Request::from_parts(parts, body);
                 // Never empty (`Client::new` builds at least one); a thread that is not a
                 // worker's uses the first.
                 let at = workers::current().unwrap_or(0);
@@ -208,14 +215,13 @@ impl Client {
                 return Ok(resp.map(UpstreamBody::H2));
             }
         };
-        let (mut parts, body) = req.into_parts();
         // HTTP/1.1 requires `Host`; an HTTP/1.0 client may have sent none.
-        if !parts.headers.contains_key(http::header::HOST) {
+        if values::find(&head.headers, &http::header::HOST).is_none() {
             if let Ok(host) = http::HeaderValue::from_str(endpoint.authority.as_str()) {
-                parts.headers.insert(http::header::HOST, host);
+                set.set(http::header::HOST, host);
             }
         }
-        let head_only = parts.method == Method::HEAD;
+        let head_only = head.method == Method::HEAD;
         let mut body = body;
         loop {
             let mut conn = match endpoint.idle.take(settings.idle_timeout) {
@@ -225,7 +231,7 @@ impl Client {
                 None => Box::pin(self.connect(endpoint, connector.clone())).await?,
             };
             let empty = matches!(body, ReqBody::Empty);
-            let mut out = conn.encode(&parts, body).map_err(TryError::Http1)?;
+            let mut out = conn.encode(&head, &set, body).map_err(TryError::Http1)?;
             match h1::exchange(&mut conn, &mut out, head_only).await {
                 Ok(head) => {
                     let h1::Head {
@@ -250,7 +256,7 @@ impl Client {
                     return Ok(http::Response::from_parts(parts, UpstreamBody::H1(body)));
                 }
                 Err(h1::Error::Closed)
-                    if conn.reused() && empty && classify::idempotent(&parts.method) =>
+                    if conn.reused() && empty && classify::idempotent(&head.method) =>
                 {
                     body = ReqBody::Empty;
                 }
@@ -303,22 +309,16 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
     if let Some(t) = &call.ctx.tried {
         t.fetch_or(1 << (index % 64), Ordering::Relaxed);
     }
-    let Call {
-        mut head,
-        body,
-        ctx,
-    } = call;
-    let grpc = classify::is_grpc(&head.headers);
+    let Call { head, body, ctx } = call;
+    let mut set = h1::TryHeaders::default();
     // The next hop gets the time this try has left, which is never more than the request's.
     if let Some(deadline) = ctx.try_deadline.or(ctx.deadline) {
-        timeout::propagate(&mut head.headers, deadline, grpc);
+        timeout::propagate(&mut set, deadline, classify::is_grpc(&head.headers));
     }
     cluster.metrics.attempts.inc();
     let in_flight = endpoint.start();
     let started = clock::now();
-    let pending = cluster
-        .client
-        .request(&endpoint, Request::from_parts(head, body));
+    let pending = cluster.client.request(&endpoint, head, set, body);
     let answer = match ctx.try_deadline {
         Some(at) => tokio::time::timeout_at(at, pending).await,
         None => Ok(pending.await),

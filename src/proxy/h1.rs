@@ -118,12 +118,13 @@ impl Conn {
         poll_write_all(&mut self.io, &mut self.wr, cx)
     }
 
-    /// Encodes the head of a request with `parts` and a body of `body`, and returns how the body
-    /// is to be sent. The target is written in origin form, as HTTP/1.1 asks of a request to an
-    /// origin server.
+    /// Encodes the head of a request with `parts`, the headers of `set` in place of any of the
+    /// same names, and a body of `body`, and returns how the body is to be sent. The target is
+    /// written in origin form, as HTTP/1.1 asks of a request to an origin server.
     pub fn encode(
         &mut self,
         parts: &http::request::Parts,
+        set: &TryHeaders,
         body: ReqBody,
     ) -> Result<Outgoing, Error> {
         let wr = &mut self.wr;
@@ -140,7 +141,7 @@ impl Conn {
         wr.extend_from_slice(b" HTTP/1.1\r\n");
         let mut length = None;
         for (name, value) in &parts.headers {
-            if name == header::TRANSFER_ENCODING {
+            if name == header::TRANSFER_ENCODING || set.sets(name) {
                 continue;
             }
             if name == header::CONTENT_LENGTH {
@@ -151,10 +152,10 @@ impl Conn {
                 }
                 length = Some(n);
             }
-            wr.extend_from_slice(name.as_str().as_bytes());
-            wr.extend_from_slice(b": ");
-            wr.extend_from_slice(value.as_bytes());
-            wr.extend_from_slice(b"\r\n");
+            put_field(wr, name, value);
+        }
+        for (name, value) in set.iter() {
+            put_field(wr, name, value);
         }
         let outgoing = match body {
             ReqBody::Empty => Outgoing::Done,
@@ -561,6 +562,53 @@ impl Framing {
     /// Whether the body has no more bytes to come.
     pub fn ended(&self) -> bool {
         matches!(self, Framing::Length(0) | Framing::Chunked(Chunk::Done))
+    }
+}
+
+/// Writes `name: value` and its line end.
+fn put_field(wr: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    wr.extend_from_slice(name.as_str().as_bytes());
+    wr.extend_from_slice(b": ");
+    wr.extend_from_slice(value.as_bytes());
+    wr.extend_from_slice(b"\r\n");
+}
+
+/// The headers one try sets on the request it sends (the time left, a `Host` the client did not
+/// send), in place of the request's own of the same names. The request's head is shared by its
+/// tries, so that keeping it for a retry copies no header map.
+#[derive(Debug, Default)]
+pub struct TryHeaders {
+    fields: [Option<(HeaderName, HeaderValue)>; 3],
+}
+
+impl TryHeaders {
+    /// Sets `name` to `value`; a name set before is replaced. A fourth name is dropped, which
+    /// the three callers cannot reach.
+    pub fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        let at = self
+            .fields
+            .iter()
+            .position(|f| f.as_ref().map_or(true, |(n, _)| *n == name));
+        if let Some(at) = at {
+            self.fields[at] = Some((name, value));
+        }
+    }
+
+    /// Whether `name` is one this try sets.
+    pub fn sets(&self, name: &HeaderName) -> bool {
+        self.iter().any(|(n, _)| n == name)
+    }
+
+    /// The headers set, in the order they were first set.
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.fields.iter().flatten().map(|(n, v)| (n, v))
+    }
+
+    /// Puts the headers set into `headers`, replacing those of the same names.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields.into_iter().flatten() {
+            headers.insert(name, value);
+        }
     }
 }
 
@@ -1109,7 +1157,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_head_is_written_in_origin_form_with_its_headers() {
+    async fn a_request_head_is_written_in_origin_form_with_its_headers_and_the_trys() {
         let (mut conn, mut peer) = pair().await;
         let req = http::Request::builder()
             .method(http::Method::DELETE)
@@ -1120,7 +1168,20 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let mut out = conn.encode(&parts, ReqBody::Empty).unwrap();
+        let mut set = TryHeaders::default();
+        set.set(
+            HeaderName::from_static("x-multi"),
+            HeaderValue::from_static("3"),
+        );
+        set.set(
+            HeaderName::from_static("x-deadline"),
+            HeaderValue::from_static("10"),
+        );
+        set.set(
+            HeaderName::from_static("x-deadline"),
+            HeaderValue::from_static("9"),
+        );
+        let mut out = conn.encode(&parts, &set, ReqBody::Empty).unwrap();
         assert!(matches!(out, Outgoing::Done));
         std::future::poll_fn(|cx| conn.poll_send(cx, &mut out))
             .await
@@ -1131,7 +1192,8 @@ mod tests {
             .unwrap();
         assert_eq!(
             String::from_utf8_lossy(&got[..n]),
-            "DELETE /a/b?c=d HTTP/1.1\r\nhost: example.test\r\nx-multi: 1\r\nx-multi: 2\r\n\r\n"
+            "DELETE /a/b?c=d HTTP/1.1\r\nhost: example.test\r\nx-multi: 3\r\nx-deadline: 9\r\n\r\n",
+            "a header the try sets replaces all of the request's values of it"
         );
     }
 

@@ -759,7 +759,7 @@ async fn forward(
     ctx.idle_timeout = route.idle_timeout;
     ctx.identity = conn.who.identity.clone();
     let call = Call {
-        head,
+        head: Arc::new(head),
         body: ReqBody::new(body, route.max_retry_body, route.max_request_body),
         ctx,
     };

@@ -41,8 +41,10 @@ pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response, ProxyErro
 /// address), a body that retries can replay, and what the layers tell each other.
 #[derive(Debug)]
 pub struct Call {
-    /// Method, path, headers (hop-by-hop removed, forwarding headers added).
-    pub head: http::request::Parts,
+    /// Method, path, headers (hop-by-hop removed, forwarding headers added). Shared by the
+    /// request's tries, each of which sets its own headers on top (`h1::TryHeaders`): a retry
+    /// keeps a copy of the request without copying its header map.
+    pub head: Arc<http::request::Parts>,
     /// The request body.
     pub body: ReqBody,
     /// Per-request facts shared between layers.
@@ -283,7 +285,7 @@ mod tests {
         }
         let (head, ()) = req.body(()).unwrap().into_parts();
         Call {
-            head,
+            head: Arc::new(head),
             body: ReqBody::Empty,
             ctx: CallCtx::new(SocketAddr::from(([127, 0, 0, 1], 1))),
         }

@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
 use crate::proxy::clock;
+use crate::proxy::h1::TryHeaders;
 use crate::proxy::resilience::{Apply, ApplyLayer, Call, Deadline, Inner, Mechanism};
 use crate::proxy::values;
 
@@ -136,17 +137,17 @@ pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
     })
 }
 
-/// Writes the time left before `deadline` into the outgoing headers.
-pub fn propagate(headers: &mut HeaderMap, deadline: Instant, grpc: bool) {
+/// Sets the time left before `deadline` on the headers a try sends.
+pub fn propagate(headers: &mut TryHeaders, deadline: Instant, grpc: bool) {
     let left = deadline.saturating_duration_since(clock::now());
     // Round up so that a short but live budget never reads as "already expired".
     let ms = left.as_millis().max(1) as u64;
     if let Some(v) = values::decimal(ms, b"") {
-        headers.insert(DEADLINE_HEADER, v);
+        headers.set(DEADLINE_HEADER, v);
     }
     if grpc {
         if let Some(v) = values::decimal(ms.min(99_999_999), b"m") {
-            headers.insert(GRPC_TIMEOUT, v);
+            headers.set(GRPC_TIMEOUT, v);
         }
     }
 }
@@ -305,9 +306,13 @@ mod tests {
     async fn propagated_deadline_is_the_time_left() {
         let deadline = Instant::now() + Duration::from_millis(500);
         tokio::time::advance(Duration::from_millis(120)).await;
+        let mut set = TryHeaders::default();
+        propagate(&mut set, deadline, true);
         let mut h = HeaderMap::new();
-        propagate(&mut h, deadline, true);
+        h.insert(DEADLINE_HEADER, HeaderValue::from_static("9000"));
+        set.apply(&mut h);
         assert_eq!(h[DEADLINE_HEADER], "380");
         assert_eq!(h[GRPC_TIMEOUT], "380m");
+        assert_eq!(h.len(), 2);
     }
 }
