@@ -28,7 +28,7 @@ use tower::Service;
 use crate::control::config::upstream::{Discovery, DnsQuery};
 use crate::control::config::{ClusterConfig, UpstreamProtocol};
 use crate::error::{BoxError, ProxyError};
-use crate::proxy::balance::PickRequest;
+use crate::proxy::balance::{self, PickRequest};
 use crate::proxy::body::{
     BodyTooLarge, ClientBodyError, ProxyBody, ReqBody, SupersededTry, UpstreamBody,
 };
@@ -302,8 +302,7 @@ async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError>
             .tried
             .as_ref()
             .map_or(0, |t| t.load(Ordering::Relaxed)),
-        seed: (call.ctx.base as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ u64::from(call.ctx.attempt),
+        seed: balance::try_seed(call.ctx.base, call.ctx.attempt),
     };
     let (endpoint, index, permit) = cluster.choose(req)?;
     if let Some(t) = &call.ctx.tried {
