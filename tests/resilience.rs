@@ -1430,6 +1430,13 @@ async fn a_skipped_retry_is_counted_by_reason_and_the_last_answer_returned() {
         o.control.set_status(503);
     }
     deadline.control.retry_after.store(10, Ordering::SeqCst);
+    // The whole body must reach the upstream for its replay cap to be what stops the retry: an
+    // answer before the body, with the connection reset, is a retryable reset of a PUT whose
+    // body is still replayable (which is right, and is not what this test is about).
+    body_o
+        .control
+        .read_before_forced
+        .store(true, Ordering::SeqCst);
     let cluster = |name: &str, addr: SocketAddr| {
         format!(
             "  - name: {name}

@@ -47,6 +47,10 @@ pub struct Control {
     pub slow_ms: AtomicU64,
     /// Send `retry-after: N` with forced statuses.
     pub retry_after: AtomicU64,
+    /// Read the whole request body before a forced status. Otherwise the answer goes out
+    /// first and the connection closes with the body unread, and whether the proxy sees the
+    /// answer or the reset is a race (RFC 9112 §9.6).
+    pub read_before_forced: std::sync::atomic::AtomicBool,
     /// gRPC unary calls end with this status in trailers (after their message).
     pub grpc_status: AtomicU32,
     /// Serve at most this many requests at once; others wait their turn (0: unlimited).
@@ -183,6 +187,9 @@ async fn misbehave(
         None
     };
     if let Some(code) = status {
+        if c.read_before_forced.load(Ordering::SeqCst) {
+            let _ = req.into_body().collect().await;
+        }
         hits.fetch_add(1, Ordering::SeqCst);
         let mut r = Response::new(full(format!("{name} forced {code}")));
         *r.status_mut() = StatusCode::from_u16(code).unwrap();
