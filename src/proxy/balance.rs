@@ -626,24 +626,22 @@ mod tests {
     }
 
     fn keyless_runs_follow_the_weights(kind: Balancer, eps: &[Arc<Endpoint>]) {
-        {
-            let p = Picker::build(kind, eps);
-            for start in (0..1024usize).step_by(8) {
-                let heavy = (start..start + 400)
-                    .filter(|&base| {
-                        let r = PickRequest {
-                            key: None,
-                            tried: 0,
-                            seed: try_seed(base, 1),
-                        };
-                        p.pick(eps, r, |_| true) == Some(0)
-                    })
-                    .count();
-                assert!(
-                    (heavy as f64 / 400.0 - 0.75).abs() <= 0.08,
-                    "{kind:?} from request {start}: {heavy} of 400 on the heavy endpoint"
-                );
-            }
+        let p = Picker::build(kind, eps);
+        for start in (0..1024usize).step_by(8) {
+            let heavy = (start..start + 400)
+                .filter(|&base| {
+                    let r = PickRequest {
+                        key: None,
+                        tried: 0,
+                        seed: try_seed(base, 1),
+                    };
+                    p.pick(eps, r, |_| true) == Some(0)
+                })
+                .count();
+            assert!(
+                (heavy as f64 / 400.0 - 0.75).abs() <= 0.08,
+                "{kind:?} from request {start}: {heavy} of 400 on the heavy endpoint"
+            );
         }
     }
 
