@@ -10,6 +10,9 @@
 //! It reads tokio's clock, so a test that pauses time sees the paused instant here too.
 
 use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 
@@ -61,6 +64,19 @@ impl Turn {
 impl Drop for Turn {
     fn drop(&mut self) {
         SHARED.with(|s| s.set(self.outer));
+    }
+}
+
+/// A future polled inside a [`Turn`]: for a request that has a task of its own (an HTTP/2
+/// stream), so that its timestamps share one reading per wake-up as a connection's do.
+pub struct Turned<F>(pub F);
+
+impl<F: Future + Unpin> Future for Turned<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _turn = Turn::start();
+        Pin::new(&mut self.0).poll(cx)
     }
 }
 

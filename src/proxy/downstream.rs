@@ -247,7 +247,9 @@ fn parse_into(
     let (t, tl) = found.target;
     let uri = Uri::from_maybe_shared(bytes.slice(t..t + tl)).map_err(|_| Refusal::Malformed)?;
     let version = found.version;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the proxy adds before forwarding (`http::prepare` reserves as much), so
+    // that the map is not grown, and rehashed, a moment after it is built.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 5);
     let mut length = 0;
     let mut chunked = false;
     let mut keep = version == Version::HTTP_11;

@@ -284,8 +284,28 @@ impl Framing {
                 // A whole ordinary header line in this chunk is checked as a slice; anything
                 // unusual (the framing headers, an error) takes the byte-wise path, which is
                 // what decides the exact offset of a violation.
-                State::LineStart => {
-                    if let Some(len) = plain_header_line(&data[i..]) {
+                State::LineStart => match plain_header_line(&data[i..]) {
+                    Some((len, Field::Other)) => {
+                        i += len;
+                        continue;
+                    }
+                    // The first `Host` of a head counts; a trailer's is not looked at. A
+                    // second one is refused where the byte-wise path finds it.
+                    Some((len, Field::Host)) if self.trailers || self.hosts == 0 => {
+                        if !self.trailers {
+                            self.hosts = 1;
+                        }
+                        i += len;
+                        continue;
+                    }
+                    _ => {}
+                },
+                // A whole ordinary request line (every request has one) is checked as a slice.
+                State::Start => {
+                    if let Some(len) = self.request_line(&data[i..]) {
+                        if self.head_pos.is_none() {
+                            self.head_pos = Some(base + i as u64);
+                        }
                         i += len;
                         continue;
                     }
@@ -332,6 +352,35 @@ impl Framing {
             i += 1;
         }
         (data.len(), None)
+    }
+
+    /// The length of the request line at the start of `rest`, if it is whole and ordinary: a
+    /// token method, a target of visible bytes, `HTTP/1.1` or `HTTP/1.0`, CRLF. The state is
+    /// then what the byte-wise path leaves after that line; anything else takes that path.
+    fn request_line(&mut self, rest: &[u8]) -> Option<usize> {
+        let sp = rest.iter().position(|&b| !is_tchar(b))?;
+        if sp == 0 || rest[sp] != b' ' {
+            return None;
+        }
+        let at = sp + 1;
+        let len = rest[at..]
+            .iter()
+            .position(|&b| !(0x21..=0x7e).contains(&b))?;
+        if len == 0 || rest[at + len] != b' ' {
+            return None;
+        }
+        let version = at + len + 1;
+        self.http10 = match rest.get(version..version + 10)? {
+            b"HTTP/1.1\r\n" => false,
+            b"HTTP/1.0\r\n" => true,
+            _ => return None,
+        };
+        self.head_bytes = true;
+        self.pri = &rest[..sp] == b"PRI";
+        self.star = &rest[at..at + len] == b"*";
+        self.word_len = 0;
+        self.state = State::LineStart;
+        Some(version + 10)
     }
 
     fn message_done(&mut self) -> State {
@@ -606,23 +655,27 @@ impl Framing {
     }
 }
 
-/// The length (LF included) of the header line at the start of `rest`, if it is whole, ends in
-/// CRLF, and is an ordinary well-formed field: a token name, a colon, and value bytes, with a
-/// name other than `Content-Length`, `Transfer-Encoding` and `Host`.
-fn plain_header_line(rest: &[u8]) -> Option<usize> {
+/// The length (LF included) of the header line at the start of `rest` and what it is about, if
+/// it is whole, ends in CRLF, and is a well-formed field: a token name, a colon, and value
+/// bytes, with a name other than `Content-Length` and `Transfer-Encoding` (whose values the
+/// byte-wise path reads).
+fn plain_header_line(rest: &[u8]) -> Option<(usize, Field)> {
     let colon = rest.iter().position(|&b| !is_tchar(b))?;
     if colon == 0 || rest[colon] != b':' {
         return None;
     }
     let name = &rest[..colon];
-    let special = [&b"content-length"[..], b"transfer-encoding", b"host"]
-        .iter()
-        .any(|s| name.eq_ignore_ascii_case(s));
-    if special {
+    let field = if name.eq_ignore_ascii_case(b"host") {
+        Field::Host
+    } else if name.eq_ignore_ascii_case(b"content-length")
+        || name.eq_ignore_ascii_case(b"transfer-encoding")
+    {
         return None;
-    }
+    } else {
+        Field::Other
+    };
     let end = colon + 1 + first_ctl(&rest[colon + 1..])?;
-    (rest.get(end..end + 2) == Some(b"\r\n")).then_some(end + 2)
+    (rest.get(end..end + 2) == Some(b"\r\n")).then_some((end + 2, field))
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -977,6 +1030,78 @@ GET /z HTTP/1.0\r\n\r\n";
             assert_eq!(f.feed(&stream[split..]), (stream.len() - split, None));
             assert!(!f.in_head(), "idle between requests");
         }
+    }
+
+    /// The verdict on `input` fed one byte at a time, which never takes the whole-line paths.
+    fn byte_wise(input: &[u8]) -> (usize, Option<Violation>) {
+        let mut f = Framing::new();
+        for (i, b) in input.iter().enumerate() {
+            if let (_, Some(v)) = f.feed(std::slice::from_ref(b)) {
+                return (i, Some(v));
+            }
+        }
+        (input.len(), None)
+    }
+
+    #[test]
+    fn whole_request_and_host_lines_are_judged_as_byte_by_byte() {
+        let methods: [&[u8]; 4] = [b"GET", b"PRI", b"G(T", b""];
+        let targets: [&[u8]; 5] = [b"/", b"*", b"/a b", b"", b"/\x7f"];
+        let versions: [&[u8]; 5] = [
+            b"HTTP/1.1",
+            b"HTTP/1.0",
+            b"HTTP/2.0",
+            b"HTTP/1.1x",
+            b"HTTP/1.",
+        ];
+        let ends: [&[u8]; 3] = [b"\r\n", b"\n", b"\r"];
+        let hosts: [&[u8]; 6] = [
+            b"Host: a\r\n",
+            b"hOsT:\r\n",
+            b"Host: a\x01\r\n",
+            b"Host: a\r\nHOST: b\r\n",
+            b"Hosts: a\r\n",
+            b"",
+        ];
+        let mut cases = 0;
+        for m in methods {
+            for t in targets {
+                for v in versions {
+                    for e in ends {
+                        for h in hosts {
+                            let mut input = Vec::new();
+                            for part in [
+                                m,
+                                b" ",
+                                t,
+                                b" ",
+                                v,
+                                e,
+                                h,
+                                b"\r\n",
+                                b"GET / HTTP/1.0\r\n\r\n",
+                            ] {
+                                input.extend_from_slice(part);
+                            }
+                            let mut f = Framing::new();
+                            assert_eq!(
+                                f.feed(&input),
+                                byte_wise(&input),
+                                "{}",
+                                String::from_utf8_lossy(&input)
+                            );
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 4 * 5 * 5 * 3 * 6);
+        // A host line in a chunked body's trailers is not counted as the head's.
+        let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+0\r\nHost: b\r\n\r\nGET / HTTP/1.1\r\nHost: c\r\n\r\n";
+        assert_eq!(Framing::new().feed(chunked), (chunked.len(), None));
+        assert_eq!(byte_wise(chunked), (chunked.len(), None));
     }
 
     #[test]

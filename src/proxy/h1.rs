@@ -349,7 +349,9 @@ fn parse_head(rd: &mut BytesMut, head: bool) -> Result<Option<Head>, Error> {
         *span = [name, h.name.len(), value, h.value.len()].map(|n| n as u32);
     }
     let bytes = rd.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the two headers an HTTP/2 server adds to an answer (`date`, `content-length`):
+    // hyper's HTTP/2 server reserves a slot for each, and a full map would be rehashed twice.
+    let mut headers = HeaderMap::with_capacity(count + 2);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = version == Version::HTTP_10;

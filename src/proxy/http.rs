@@ -439,11 +439,13 @@ pub async fn serve<IO>(
     let theirs = conn.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let conn = theirs.clone();
-        async move {
+        // Boxed: hyper moves a stream's future into a task of its own, and tokio copies a
+        // task's whole state on spawn and on completion; a box keeps that state a pointer.
+        clock::Turned(Box::pin(async move {
             // A guard, because hyper drops this future when an HTTP/2 client resets the stream.
             let _active = Active::new(&conn);
             Ok::<_, Infallible>(handle(&conn, req.map(ClientBody::Hyper)).await)
-        }
+        }))
     });
     let own = move |req: Request<downstream::RequestBody>| {
         let conn = conn.clone();
@@ -874,19 +876,22 @@ fn request_id(headers: &mut HeaderMap, mode: RequestIdMode, rng: &Rng) {
 /// production, so ids differ across processes and runs.
 fn new_request_id(rng: &Rng) -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut bits = u128::from(rng.u64()) << 64 | u128::from(rng.u64());
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&rng.u64().to_be_bytes());
+    bytes[8..].copy_from_slice(&rng.u64().to_be_bytes());
     // Version 4 and the RFC 9562 variant.
-    bits = (bits & !(0xf << 76)) | (0x4 << 76);
-    bits = (bits & !(0x3 << 62)) | (0x2 << 62);
-    let mut out = [0u8; 36];
-    let mut nibble = 32;
-    for (i, b) in out.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            *b = b'-';
-            continue;
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    // Byte by byte: a 128-bit shift per hex digit costs more than the rest of the id.
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
         }
-        nibble -= 1;
-        *b = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0xf)];
+        at += 2;
     }
     values::cut(&out).unwrap_or_else(|| HeaderValue::from_static("-"))
 }
@@ -1027,6 +1032,22 @@ mod tests {
         assert_eq!(made.as_bytes()[14], b'4', "version 4: {made}");
         assert!(b"89ab".contains(&made.as_bytes()[19]), "variant: {made}");
         assert_eq!(made.matches('-').count(), 4);
+        for (i, c) in made.bytes().enumerate() {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                assert_eq!(c, b'-', "{made}");
+            } else {
+                assert!(c.is_ascii_hexdigit() && !c.is_ascii_uppercase(), "{made}");
+            }
+        }
+        // Its bits are the generator's next two draws, in order.
+        let again = Rng::with_seed(7);
+        let hex = format!("{:016x}{:016x}", again.u64(), again.u64());
+        let digits: String = made.chars().filter(|c| *c != '-').collect();
+        for (i, (a, b)) in hex.chars().zip(digits.chars()).enumerate() {
+            if i != 12 && i != 16 {
+                assert_eq!(a, b, "digit {i} of {made}");
+            }
+        }
         request_id(&mut h, RequestIdMode::Keep, &rng);
         assert_eq!(h[X_REQUEST_ID], made.as_str(), "the caller's is kept");
         request_id(&mut h, RequestIdMode::Replace, &rng);
