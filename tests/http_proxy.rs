@@ -108,6 +108,7 @@ async fn forwarding_headers_are_added_and_hop_by_hop_removed() {
         .header("x-private", "secret")
         .header("keep-alive", "timeout=5")
         .header("x-app", "kept")
+        .header("x-forwarded-client-cert", "URI=spiffe://forged")
         .body(empty())
         .unwrap();
     let (status, _, seen) = send(&h1_client(), req).await.unwrap();
@@ -116,6 +117,8 @@ async fn forwarding_headers_are_added_and_hop_by_hop_removed() {
         seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"),
         "{seen}"
     );
+    // A plain connection has no client certificate: a claimed one is dropped.
+    assert!(!seen.contains("x-forwarded-client-cert"), "{seen}");
     // The client's claim of `https` over a plain connection is replaced, not passed on.
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
     assert_eq!(seen.matches("x-forwarded-proto").count(), 1, "{seen}");
