@@ -44,7 +44,7 @@ use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::classify::is_grpc;
 use crate::proxy::resilience::{Call, CallCtx};
 use crate::proxy::router::Route;
-use crate::proxy::{downstream, h1, tunnel, values};
+use crate::proxy::{downstream, h1, streams, tunnel, values};
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
 use crate::telemetry::metrics::RouteMetrics;
@@ -62,7 +62,7 @@ pub struct Server {
     /// Request heads of the proxy's own HTTP/1.1 server: most bytes, most fields.
     max_head: usize,
     max_headers: usize,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<streams::InTask>,
     either: auto::Builder<TokioExecutor>,
 }
 
@@ -82,7 +82,7 @@ macro_rules! h2_settings {
 /// Builds the HTTP/1.1 + HTTP/2 servers used by HTTP listeners. The header-read timeout is not
 /// hyper's: [`Guarded`](crate::proxy::framing::Guarded) enforces it so that it can answer 408.
 pub fn server(limits: &Limits) -> Server {
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    let mut h2 = http2::Builder::new(streams::InTask);
     h2_settings!(h2, limits);
     let mut either = auto::Builder::new(TokioExecutor::new());
     // HTTP/1 on a connection whose protocol only its first read tells (TLS without ALPN).
@@ -132,9 +132,13 @@ where
     /// Waiting for the first bytes, to tell the HTTP/2 preface from an HTTP/1 request.
     Peeking(Option<(IO, S, H)>, &'a Server),
     H1(Pin<Box<downstream::Connection<IO, H, F>>>),
-    H2(Pin<Box<http2::Connection<TokioIo<IO>, S, TokioExecutor>>>),
+    H2(Pin<Box<H2Served<IO, S>>>),
     Either(Pin<Box<auto::UpgradeableConnection<'a, TokioIo<IO>, S, TokioExecutor>>>),
 }
+
+/// hyper's HTTP/2 connection, whose streams run in its own task.
+type H2Served<IO, S> =
+    streams::Served<http2::Connection<TokioIo<IO>, S, streams::InTask>, hyper::Result<()>>;
 
 impl Server {
     fn start<IO, S, H, F>(&self, proto: Proto, io: IO, svc: S, own: H) -> Serving<'_, IO, S, H, F>
@@ -153,7 +157,9 @@ impl Server {
                 self.max_head,
                 self.max_headers,
             ))),
-            Proto::H2 => Serving::H2(Box::pin(self.h2.serve_connection(TokioIo::new(io), svc))),
+            Proto::H2 => Serving::H2(Box::pin(streams::Served::new(
+                self.h2.serve_connection(TokioIo::new(io), svc),
+            ))),
             Proto::Peek => Serving::Peeking(Some((io, svc, own)), self),
             Proto::Read => Serving::Either(Box::pin(
                 self.either
@@ -185,7 +191,7 @@ where
         match self {
             Serving::Peeking(waiting, _) => *waiting = None,
             Serving::H1(c) => c.as_mut().get_mut().graceful_shutdown(),
-            Serving::H2(c) => c.as_mut().graceful_shutdown(),
+            Serving::H2(c) => c.as_mut().conn().graceful_shutdown(),
             Serving::Either(c) => c.as_mut().graceful_shutdown(),
         }
     }

@@ -25,6 +25,7 @@ pub mod pool;
 pub mod resilience;
 pub mod router;
 pub mod stack;
+pub mod streams;
 pub mod tcp;
 pub mod tunnel;
 pub mod values;
