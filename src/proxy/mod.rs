@@ -1,5 +1,6 @@
 //! The data path, in request order: accept ([`listener`]), serve ([`http`], whose HTTP/1.1 side
-//! is [`downstream`], or [`tcp`]), route ([`router`]), run the resilience stack ([`stack`]), pick
+//! is [`downstream`] and whose HTTP/2 streams run in their connection's task, [`streams`], or
+//! [`tcp`]), route ([`router`]), run the resilience stack ([`stack`]), pick
 //! an endpoint of the [`cluster`] ([`balance`], with [`outlier`] detection) and reach it through
 //! its pooled client ([`connect`]; HTTP/1.1 is spoken by the request's own task, [`h1`], and idle
 //! connections are kept in a [`pool`] on each endpoint). A request that switches protocols (a
