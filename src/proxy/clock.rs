@@ -67,15 +67,18 @@ impl Drop for Turn {
     }
 }
 
-/// A future polled inside a [`Turn`]: for a request that has a task of its own (an HTTP/2
-/// stream), so that its timestamps share one reading per wake-up as a connection's do.
+/// A future polled inside a [`Turn`]: for a request that may have a task of its own (an HTTP/2
+/// stream served by hyper-util's reader), so that its timestamps share one reading per wake-up
+/// as a connection's do. Polled inside a running turn (a stream in its connection's task), it
+/// shares that turn's reading rather than taking another.
 pub struct Turned<F>(pub F);
 
 impl<F: Future + Unpin> Future for Turned<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let _turn = Turn::start();
+        let in_turn = SHARED.with(|s| !matches!(s.get(), Shared::Off));
+        let _turn = (!in_turn).then(Turn::start);
         Pin::new(&mut self.0).poll(cx)
     }
 }
@@ -97,6 +100,25 @@ mod tests {
         assert_eq!(now(), first, "one reading for the whole turn");
         drop(turn);
         assert_eq!(now() - first, Duration::from_millis(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_turned_future_shares_a_running_turn_and_makes_one_outside() {
+        // The future is ready at its first poll, so each await is one poll of it.
+        let seen = || Turned(Box::pin(async { now() }));
+        let outer = Turn::start();
+        let t = now();
+        tokio::time::advance(Duration::from_millis(4)).await;
+        assert_eq!(seen().await, t, "inside a turn: the turn's reading");
+        drop(outer);
+        assert_eq!(
+            seen().await - t,
+            Duration::from_millis(4),
+            "outside: a reading of its own"
+        );
+        // Its own turn ended with its poll.
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert_eq!(now() - t, Duration::from_millis(6));
     }
 
     #[tokio::test(start_paused = true)]

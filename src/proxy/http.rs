@@ -445,8 +445,9 @@ pub async fn serve<IO>(
     let theirs = conn.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let conn = theirs.clone();
-        // Boxed: hyper moves a stream's future into a task of its own, and tokio copies a
-        // task's whole state on spawn and on completion; a box keeps that state a pointer.
+        // Boxed: hyper builds a stream's state around this future and moves it by value to
+        // the executor (and tokio's, on hyper-util's reader, copies a task's whole state on
+        // spawn and on completion); a box keeps the handler's 2.3 KB out of those copies.
         clock::Turned(Box::pin(async move {
             // A guard, because hyper drops this future when an HTTP/2 client resets the stream.
             let _active = Active::new(&conn);
