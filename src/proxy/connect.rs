@@ -9,6 +9,7 @@
 //! function higher in the stack.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,12 +35,13 @@ use crate::proxy::body::{
 };
 use crate::proxy::clock;
 use crate::proxy::cluster::Cluster;
-use crate::proxy::endpoint::Endpoint;
+use crate::proxy::endpoint::{Endpoint, InFlight};
 use crate::proxy::h1;
 use crate::proxy::http::strip_hop_by_hop;
 use crate::proxy::pool::{self, Loan};
+use crate::proxy::resilience::breaker::Permit;
 use crate::proxy::resilience::classify::{self, Outcome, TrailerStatus};
-use crate::proxy::resilience::{timeout, Call, Response, ResponseFuture};
+use crate::proxy::resilience::{self, timeout, Call, CallCtx, Response, ResponseFuture};
 use crate::proxy::values;
 use crate::proxy::workers;
 use crate::tasks::Tasks;
@@ -192,7 +194,7 @@ impl Client {
         &self,
         endpoint: &Arc<Endpoint>,
         head: Arc<http::request::Parts>,
-        mut set: h1::TryHeaders,
+        set: &mut h1::TryHeaders,
         body: ReqBody,
     ) -> Result<http::Response<UpstreamBody>, TryError> {
         let (connector, settings) = match &self.conns {
@@ -201,12 +203,9 @@ impl Client {
                 settings,
             } => (connector, *settings),
             Conns::Http2(clients) => {
-                // hyper's client takes the head itself: a copy, unless no retry keeps one.
-                let mut parts = Arc::unwrap_or_clone(head);
-                set.apply(&mut parts.headers);
-                parts.uri = self.uri(endpoint, path_of(&parts.uri))?;
-                parts.version = Version::HTTP_2;
-                let req = Request::from_parts(parts, body);
+                // Made by a plain function: the head it rewrites would otherwise be kept in
+                // this future beside hyper's.
+                let req = self.h2_request(endpoint, head, std::mem::take(set), body)?;
                 // Never empty (`Client::new` builds at least one); a thread that is not a
                 // worker's uses the first.
                 let at = workers::current().unwrap_or(0);
@@ -218,7 +217,7 @@ impl Client {
         // HTTP/1.1 requires `Host`; an HTTP/1.0 client may have sent none.
         if values::find(&head.headers, &http::header::HOST).is_none() {
             if let Ok(host) = http::HeaderValue::from_str(endpoint.authority.as_str()) {
-                set.set(http::header::HOST, host);
+                set.set(&HOST, host);
             }
         }
         let head_only = head.method == Method::HEAD;
@@ -231,7 +230,7 @@ impl Client {
                 None => Box::pin(self.connect(endpoint, connector.clone())).await?,
             };
             let empty = matches!(body, ReqBody::Empty);
-            let mut out = conn.encode(&head, &set, body).map_err(TryError::Http1)?;
+            let mut out = conn.encode(&head, set, body).map_err(TryError::Http1)?;
             match h1::exchange(&mut conn, &mut out, head_only).await {
                 Ok(head) => {
                     let h1::Head {
@@ -265,6 +264,22 @@ impl Client {
         }
     }
 
+    /// The request hyper's HTTP/2 client sends to `endpoint`.
+    fn h2_request(
+        &self,
+        endpoint: &Endpoint,
+        head: Arc<http::request::Parts>,
+        set: h1::TryHeaders,
+        body: ReqBody,
+    ) -> Result<Request<ReqBody>, TryError> {
+        // hyper's client takes the head itself: a copy, unless no retry keeps one.
+        let mut parts = Arc::unwrap_or_clone(head);
+        set.apply(&mut parts.headers);
+        parts.uri = self.uri(endpoint, path_of(&parts.uri))?;
+        parts.version = Version::HTTP_2;
+        Ok(Request::from_parts(parts, body))
+    }
+
     /// The absolute URI of `path` on `endpoint`, as the connector and hyper-util's client take it.
     fn uri(&self, endpoint: &Endpoint, path: PathAndQuery) -> Result<Uri, TryError> {
         let mut uri = http::uri::Parts::default();
@@ -293,154 +308,360 @@ fn path_of(uri: &Uri) -> PathAndQuery {
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
-/// Sends one try to one endpoint of `cluster` and classifies what comes back.
-async fn send(cluster: Arc<Cluster>, call: Call) -> Result<Response, ProxyError> {
-    let req = PickRequest {
-        key: cluster.hash_key(&call.head, call.ctx.peer),
-        tried: call
-            .ctx
-            .tried
-            .as_ref()
-            .map_or(0, |t| t.load(Ordering::Relaxed)),
-        seed: balance::try_seed(call.ctx.base, call.ctx.attempt),
-    };
-    let (endpoint, index, permit) = cluster.choose(req)?;
-    if let Some(t) = &call.ctx.tried {
-        t.fetch_or(1 << (index % 64), Ordering::Relaxed);
-    }
-    let Call { head, body, ctx } = call;
-    let mut set = h1::TryHeaders::default();
-    // The next hop gets the time this try has left, which is never more than the request's.
-    if let Some(deadline) = ctx.try_deadline.or(ctx.deadline) {
-        timeout::propagate(&mut set, deadline, classify::is_grpc(&head.headers));
-    }
-    cluster.metrics.attempts.inc();
-    let in_flight = endpoint.start();
-    let started = clock::now();
-    let pending = cluster.client.request(&endpoint, head, set, body);
-    let answer = match ctx.try_deadline {
-        Some(at) => tokio::time::timeout_at(at, pending).await,
-        None => Ok(pending.await),
-    };
-    let result = match answer {
-        Err(_) => {
-            // A try cut off by its deadline took at least this long: a latency sample too.
-            endpoint.observe_latency(clock::now() - started);
-            Err(ctx.expired())
+/// One try on its way: the endpoint chosen for it, what is sent there, and what its answer
+/// needs. `send`'s future keeps it in place: an async function keeps a copy of each argument
+/// beside its own locals, and every local it borrows for its whole life, which made each try's
+/// future (boxed per request) more than twice its size.
+struct Try {
+    cluster: Arc<Cluster>,
+    endpoint: Arc<Endpoint>,
+    permit: Option<Permit>,
+    in_flight: InFlight,
+    /// Headers of this try only (the deadline it propagates; `Host` for an HTTP/1.0 client).
+    set: h1::TryHeaders,
+    ctx: TryCtx,
+}
+
+/// What a try's answer needs of its request's context.
+struct TryCtx {
+    /// When the try gives up.
+    deadline: Option<Instant>,
+    /// Whether that deadline is the caller's own.
+    callers: bool,
+    /// The route's stream idle timeout, applied to the response body.
+    idle_timeout: Option<Duration>,
+    /// See [`CallCtx::hold_limit`].
+    hold_limit: u64,
+    /// See [`CallCtx::grpc_retry_codes`].
+    grpc_retry_codes: u32,
+    /// See [`CallCtx::hold_small`].
+    hold_small: bool,
+}
+
+impl TryCtx {
+    fn of(ctx: &CallCtx) -> Self {
+        Self {
+            deadline: ctx.try_deadline,
+            callers: ctx.try_deadline_is_callers(),
+            idle_timeout: ctx.idle_timeout,
+            hold_limit: ctx.hold_limit,
+            grpc_retry_codes: ctx.grpc_retry_codes,
+            hold_small: ctx.hold_small,
         }
-        Ok(Ok(resp)) => {
-            let rtt = clock::now() - started;
-            cluster.latency.record(rtt);
-            endpoint.observe_latency(rtt);
-            let (mut parts, body) = resp.into_parts();
-            // A `101` names the protocol switched to: that hop-by-hop pair is relayed, since
-            // the proxy relays the switch itself (the route allowed the upgrade).
-            let switched = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
-                .then(|| parts.headers.get(http::header::UPGRADE).cloned())
-                .flatten();
-            strip_hop_by_hop(&mut parts.headers);
-            if let Some(protocol) = switched {
-                parts.headers.insert(http::header::UPGRADE, protocol);
-                parts.headers.insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("upgrade"),
-                );
+    }
+}
+
+impl Try {
+    /// Chooses an endpoint of `cluster` for `call` (an error when none may be tried); the try,
+    /// and the request's head and body to send.
+    #[allow(clippy::type_complexity)]
+    fn begin(
+        cluster: &Arc<Cluster>,
+        call: Call,
+    ) -> Result<(Self, Arc<http::request::Parts>, ReqBody), ProxyError> {
+        let req = PickRequest {
+            key: cluster.hash_key(&call.head, call.ctx.peer),
+            tried: call
+                .ctx
+                .tried
+                .as_ref()
+                .map_or(0, |t| t.load(Ordering::Relaxed)),
+            seed: balance::try_seed(call.ctx.base, call.ctx.attempt),
+        };
+        let (endpoint, index, permit) = cluster.choose(req)?;
+        if let Some(t) = &call.ctx.tried {
+            t.fetch_or(1 << (index % 64), Ordering::Relaxed);
+        }
+        let Call { head, body, ctx } = call;
+        let mut set = h1::TryHeaders::default();
+        // The next hop gets the time this try has left, which is never more than the request's.
+        if let Some(deadline) = ctx.try_deadline.or(ctx.deadline) {
+            timeout::propagate(&mut set, deadline, classify::is_grpc(&head.headers));
+        }
+        cluster.metrics.attempts.inc();
+        let in_flight = endpoint.start();
+        let t = Self {
+            cluster: cluster.clone(),
+            endpoint,
+            permit,
+            in_flight,
+            set,
+            ctx: TryCtx::of(&ctx),
+        };
+        Ok((t, head, body))
+    }
+
+    /// The upstream's answer made the client's: hop-by-hop headers out, the proxy's version.
+    fn relayed(resp: http::Response<UpstreamBody>) -> Response {
+        let (mut parts, body) = resp.into_parts();
+        // A `101` names the protocol switched to: that hop-by-hop pair is relayed, since the
+        // proxy relays the switch itself (the route allowed the upgrade).
+        let switched = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| parts.headers.get(http::header::UPGRADE).cloned())
+            .flatten();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = switched {
+            parts.headers.insert(http::header::UPGRADE, protocol);
+            parts.headers.insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
+        }
+        // Each side gets the proxy's own protocol version: an HTTP/1.0 upstream's version
+        // would otherwise end the client's keep-alive.
+        parts.version = Version::default();
+        Response::from_parts(parts, ProxyBody::Upstream(body))
+    }
+
+    /// Until when `resp` is read ahead before it is answered, if it is.
+    fn hold_until(&self, resp: &Response, started: Instant, rtt: Duration) -> Option<Instant> {
+        let ctx = &self.ctx;
+        let grpc_hold = ctx.grpc_retry_codes != 0
+            && classify::is_grpc(resp.headers())
+            && classify::header_grpc_code(resp.headers()).is_none();
+        // A small answer usually arrives whole with its headers: reading it before answering
+        // costs nothing, and a body cut short becomes a retryable reset.
+        let small_hold = ctx.hold_small
+            && !resp.body().is_end_stream()
+            && resp
+                .body()
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= ctx.hold_limit);
+        (grpc_hold || small_hold).then(|| {
+            let latest = started + rtt + HOLD_MAX;
+            ctx.deadline.map_or(latest, |d| d.min(latest))
+        })
+    }
+
+    /// What came back, counted, and read ahead as far as it is there when it is held.
+    fn received(
+        &self,
+        answer: Result<Result<http::Response<UpstreamBody>, TryError>, tokio::time::error::Elapsed>,
+        started: Instant,
+    ) -> Hold {
+        match answer {
+            Err(_) => {
+                // A try cut off by its deadline took at least this long: a latency sample too.
+                self.endpoint.observe_latency(clock::now() - started);
+                Hold::Done(Err(resilience::expiry(self.ctx.callers)))
             }
-            // Each side gets the proxy's own protocol version: an HTTP/1.0 upstream's version
-            // would otherwise end the client's keep-alive.
-            parts.version = Version::default();
-            let resp = Response::from_parts(parts, ProxyBody::Upstream(body));
-            let grpc_hold = ctx.grpc_retry_codes != 0
-                && classify::is_grpc(resp.headers())
-                && classify::header_grpc_code(resp.headers()).is_none();
-            // A small answer usually arrives whole with its headers: reading it before
-            // answering costs nothing, and a body cut short becomes a retryable reset.
-            let small_hold = ctx.hold_small
-                && !resp.body().is_end_stream()
-                && resp
-                    .body()
-                    .size_hint()
-                    .exact()
-                    .is_some_and(|n| n <= ctx.hold_limit);
-            let held = if grpc_hold || small_hold {
-                let latest = started + rtt + HOLD_MAX;
-                let until = ctx.try_deadline.map_or(latest, |d| d.min(latest));
-                hold_for_trailers(resp, ctx.hold_limit, until).await
-            } else {
-                Ok(resp)
+            Ok(Ok(resp)) => {
+                let rtt = clock::now() - started;
+                self.cluster.latency.record(rtt);
+                self.endpoint.observe_latency(rtt);
+                let resp = Try::relayed(resp);
+                match self.hold_until(&resp, started, rtt) {
+                    Some(until) => hold_ready(resp, self.ctx.hold_limit, until),
+                    None => Hold::Done(Ok(resp)),
+                }
+            }
+            Ok(Err(e)) => Hold::Done(Err(self.failed(e))),
+        }
+    }
+
+    /// What a failed exchange means for the client.
+    fn failed(&self, e: TryError) -> ProxyError {
+        if client_side(e.cause()) {
+            return match too_large(e.cause()) {
+                Some(limit) => ProxyError::BodyTooLarge(limit),
+                None => ProxyError::ClientAbort(Box::new(e)),
             };
-            held.map(|resp| {
-                let (parts, body) = resp.into_parts();
-                Response::from_parts(parts, body.watch(ctx.idle_timeout))
-            })
         }
-        Ok(Err(e)) if client_side(e.cause()) => Err(match too_large(e.cause()) {
-            Some(limit) => ProxyError::BodyTooLarge(limit),
-            None => ProxyError::ClientAbort(Box::new(e)),
-        }),
-        Ok(Err(e)) if e.is_connect() => {
-            cluster.connect_failed(&endpoint, refused(e.cause()));
-            Err(ProxyError::UpstreamConnect(Box::new(e)))
+        if e.is_connect() {
+            self.cluster
+                .connect_failed(&self.endpoint, refused(e.cause()));
+            return ProxyError::UpstreamConnect(Box::new(e));
         }
-        Ok(Err(e)) if refused_stream(e.cause()) => Err(ProxyError::RefusedStream(Box::new(e))),
-        Ok(Err(e)) => Err(ProxyError::UpstreamReset(Box::new(e))),
-    };
-    drop(in_flight);
-    let outcome = classify::outcome(&result);
-    match outcome {
-        Outcome::ConnectFailure => endpoint.connected(false),
-        Outcome::Ignore => {}
-        _ => endpoint.connected(true),
+        if refused_stream(e.cause()) {
+            return ProxyError::RefusedStream(Box::new(e));
+        }
+        ProxyError::UpstreamReset(Box::new(e))
     }
-    cluster.observe(&endpoint, outcome);
-    if let Some(p) = permit {
-        let before = endpoint.breaker.as_ref().map(|b| b.state());
-        p.record(outcome);
-        cluster.after_breaker(&endpoint, before);
+
+    /// Counts the try's outcome for its endpoint, its cluster and its breaker.
+    fn end(self, result: &Result<Response, ProxyError>) {
+        let Try {
+            cluster,
+            endpoint,
+            permit,
+            in_flight,
+            ..
+        } = self;
+        drop(in_flight);
+        let outcome = classify::outcome(result);
+        match outcome {
+            Outcome::ConnectFailure => endpoint.connected(false),
+            Outcome::Ignore => {}
+            _ => endpoint.connected(true),
+        }
+        cluster.observe(&endpoint, outcome);
+        if let Some(p) = permit {
+            let before = endpoint.breaker.as_ref().map(|b| b.state());
+            p.record(outcome);
+            cluster.after_breaker(&endpoint, before);
+        }
     }
-    result
+}
+
+/// `Host`, as a try's own header names are: a `static`.
+static HOST: http::HeaderName = http::header::HOST;
+
+/// Sends one try to one endpoint of `cluster` and classifies what comes back.
+fn send(cluster: &Arc<Cluster>, call: Call) -> ResponseFuture {
+    match Try::begin(cluster, call) {
+        Ok((t, head, body)) => Box::pin(exchange(t, head, body)),
+        Err(e) => Box::pin(std::future::ready(Err(e))),
+    }
+}
+
+/// The exchange of a try, and the try counted. Not an `async fn`: its arguments are kept once.
+#[allow(clippy::manual_async_fn)]
+fn exchange(
+    mut t: Try,
+    head: Arc<http::request::Parts>,
+    body: ReqBody,
+) -> impl Future<Output = Result<Response, ProxyError>> + Send + 'static {
+    async move {
+        let started = clock::now();
+        let pending = t
+            .cluster
+            .client
+            .request(&t.endpoint, head, &mut t.set, body);
+        let answer = match t.ctx.deadline {
+            Some(at) => tokio::time::timeout_at(at, pending).await,
+            None => Ok(pending.await),
+        };
+        // Sorted out by a plain method, and only a box awaited: what it handles would
+        // otherwise be kept in this future, beside the request's.
+        let hold = t.received(answer, started);
+        let result = if hold.waits() {
+            hold.wait().await
+        } else {
+            hold.done()
+        };
+        let result = result.map(|resp| {
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(parts, body.watch(t.ctx.idle_timeout))
+        });
+        t.end(&result);
+        result
+    }
 }
 
 /// Longest a gRPC response is held back to read its trailers: long enough for a unary answer,
 /// short enough that a streaming one is barely delayed.
 const HOLD_MAX: Duration = Duration::from_millis(250);
 
-/// Reads a gRPC response ahead, up to `limit` bytes or until `until`, to find the status in its
-/// trailers; the frames read are sent on unchanged, and the rest streams after them.
-async fn hold_for_trailers(
-    resp: Response,
-    limit: u64,
-    until: Instant,
-) -> Result<Response, ProxyError> {
-    let (mut parts, body) = resp.into_parts();
-    let ProxyBody::Upstream(mut body) = body else {
-        return Ok(Response::from_parts(parts, body));
+/// A response being read ahead.
+enum Hold {
+    /// Read as far as it is held: the response to answer with.
+    Done(Result<Response, ProxyError>),
+    /// The rest is still to come, until the instant given.
+    Wait(Held, Instant),
+}
+
+impl Hold {
+    /// Whether the rest is still to come.
+    fn waits(&self) -> bool {
+        matches!(self, Hold::Wait(..))
+    }
+
+    /// The answer once the rest has come. Boxed: a small answer is nearly always whole already.
+    fn wait(self) -> ResponseFuture {
+        match self {
+            Hold::Wait(held, until) => Box::pin(held.rest(until)),
+            Hold::Done(result) => Box::pin(std::future::ready(result)),
+        }
+    }
+
+    /// The answer, when nothing is still to come.
+    fn done(self) -> Result<Response, ProxyError> {
+        match self {
+            Hold::Done(result) => result,
+            Hold::Wait(mut held, _) => Ok(held.response(true)),
+        }
+    }
+}
+
+/// Reads a response ahead, up to `limit` bytes, as far as its frames are already there.
+fn hold_ready(resp: Response, limit: u64, until: Instant) -> Hold {
+    let (parts, body) = resp.into_parts();
+    let ProxyBody::Upstream(body) = body else {
+        return Hold::Done(Ok(Response::from_parts(parts, body)));
     };
-    let mut frames = Frames::default();
-    let mut held = 0u64;
+    let mut held = Held {
+        parts,
+        body,
+        frames: Frames::default(),
+        held: 0,
+        limit,
+    };
     loop {
-        // A frame already read needs no timer: a small answer's usually is.
-        let next = match body.frame().now_or_never() {
-            Some(next) => next,
-            None => match tokio::time::timeout_at(until, body.frame()).await {
-                Ok(next) => next,
-                Err(_) => return Ok(Response::from_parts(parts, frames.body(Some(body)))),
-            },
-        };
+        match held.body.frame().now_or_never() {
+            Some(next) => {
+                if let Some(done) = held.take(next) {
+                    return Hold::Done(done);
+                }
+            }
+            None => return Hold::Wait(held, until),
+        }
+    }
+}
+
+/// A response read ahead, to find a gRPC status in its trailers or to have a small body whole;
+/// the frames read are sent on unchanged, and the rest streams after them.
+struct Held {
+    parts: http::response::Parts,
+    body: UpstreamBody,
+    frames: Frames,
+    held: u64,
+    limit: u64,
+}
+
+impl Held {
+    /// Takes the next frame; the response, once nothing more is held.
+    fn take(
+        &mut self,
+        next: Option<Result<Frame<Bytes>, BoxError>>,
+    ) -> Option<Result<Response, ProxyError>> {
         match next {
-            None => return Ok(Response::from_parts(parts, frames.body(None))),
-            Some(Err(e)) => return Err(ProxyError::UpstreamReset(e)),
+            None => Some(Ok(self.response(false))),
+            Some(Err(e)) => Some(Err(ProxyError::UpstreamReset(e))),
             Some(Ok(frame)) => {
                 if let Some(t) = frame.trailers_ref() {
                     if let Some(code) = classify::header_grpc_code(t) {
-                        parts.extensions.insert(TrailerStatus(code));
+                        self.parts.extensions.insert(TrailerStatus(code));
                     }
                 }
-                held += frame.data_ref().map_or(0, |d| d.len() as u64);
-                frames.push(frame);
-                if held > limit {
-                    return Ok(Response::from_parts(parts, frames.body(Some(body))));
+                self.held += frame.data_ref().map_or(0, |d| d.len() as u64);
+                self.frames.push(frame);
+                (self.held > self.limit).then(|| Ok(self.response(true)))
+            }
+        }
+    }
+
+    /// The response: the frames held, then the rest of the body if `more` may follow.
+    fn response(&mut self, more: bool) -> Response {
+        let parts = std::mem::replace(&mut self.parts, http::Response::new(()).into_parts().0);
+        let frames = std::mem::take(&mut self.frames);
+        let rest = more.then(|| {
+            let ended = UpstreamBody::H1(h1::ResponseBody::ended());
+            std::mem::replace(&mut self.body, ended)
+        });
+        Response::from_parts(parts, frames.body(rest))
+    }
+
+    /// Reads on until the whole is held or `until`.
+    async fn rest(mut self, until: Instant) -> Result<Response, ProxyError> {
+        loop {
+            match tokio::time::timeout_at(until, self.body.frame()).await {
+                Ok(next) => {
+                    if let Some(done) = self.take(next) {
+                        return done;
+                    }
                 }
+                Err(_) => return Ok(self.response(true)),
             }
         }
     }
@@ -537,7 +758,7 @@ impl Service<Call> for Upstream {
     }
 
     fn call(&mut self, call: Call) -> ResponseFuture {
-        Box::pin(send(self.cluster.clone(), call))
+        send(&self.cluster, call)
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use futures_util::future::Either;
+use futures_util::future::{Either, FutureExt as _};
 use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::service::Service as HyperService;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
@@ -43,7 +44,8 @@ use crate::proxy::framing::Peek;
 use crate::proxy::listener::{ListenerKind, ListenerState};
 use crate::proxy::resilience::classify::is_grpc;
 use crate::proxy::resilience::{Call, CallCtx};
-use crate::proxy::router::Route;
+use crate::proxy::router::{Route, Target};
+use crate::proxy::stack::RouteStack;
 use crate::proxy::{downstream, h1, streams, tunnel, values};
 use crate::rng::Rng;
 use crate::telemetry::metrics::http::NONE;
@@ -312,16 +314,16 @@ impl Conn {
 }
 
 /// Counts a request as active on its connection while it lives.
-struct Active<'a>(&'a Conn);
+struct Active(Arc<Conn>);
 
-impl<'a> Active<'a> {
-    fn new(conn: &'a Conn) -> Self {
+impl Active {
+    fn new(conn: Arc<Conn>) -> Self {
         conn.active.fetch_add(1, Ordering::AcqRel);
         Self(conn)
     }
 }
 
-impl Drop for Active<'_> {
+impl Drop for Active {
     fn drop(&mut self) {
         self.0.touch();
         self.0.active.fetch_sub(1, Ordering::AcqRel);
@@ -444,23 +446,15 @@ pub async fn serve<IO>(
     let watched = conn.clone();
     let theirs = conn.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
-        let conn = theirs.clone();
         // Boxed: hyper builds a stream's state around this future and moves it by value to
         // the executor (and tokio's, on hyper-util's reader, copies a task's whole state on
-        // spawn and on completion); a box keeps the handler's 2.3 KB out of those copies.
-        clock::Turned(Box::pin(async move {
-            // A guard, because hyper drops this future when an HTTP/2 client resets the stream.
-            let _active = Active::new(&conn);
-            Ok::<_, Infallible>(handle(&conn, req.map(ClientBody::Hyper)).await)
-        }))
+        // spawn and on completion); a box keeps the handler out of those copies.
+        clock::Turned(Box::pin(
+            handle(theirs.clone(), req.map(ClientBody::Hyper)).map(Ok::<_, Infallible>),
+        ))
     });
-    let own = move |req: Request<downstream::RequestBody>| {
-        let conn = conn.clone();
-        async move {
-            let _active = Active::new(&conn);
-            handle(&conn, req.map(ClientBody::H1)).await
-        }
-    };
+    let own =
+        move |req: Request<downstream::RequestBody>| handle(conn.clone(), req.map(ClientBody::H1));
     let mut connection = server.start(watched.who.proto, stream, svc, own);
     let stop = async {
         tokio::select! {
@@ -502,45 +496,154 @@ pub async fn serve<IO>(
     }
 }
 
-async fn handle(conn: &Conn, req: Request<ClientBody>) -> Response<ProxyBody> {
+/// Starts serving one request of `conn`: routes it and hands it to its route's stack, or
+/// answers it at once.
+fn handle(conn: Arc<Conn>, req: Request<ClientBody>) -> Handled {
+    // A guard, because a request's future is dropped when an HTTP/2 client resets the stream.
+    let active = Active::new(conn);
+    let conn = &*active.0;
     let start = clock::now();
     let state = conn.state.load_full();
-    let form = Form::of(&req);
-    let h1 = form.h1;
-    let identity = conn.who.identity.as_deref().unwrap_or(&[]);
-    let unmatched = Counted {
-        metrics: &state.unmatched,
-        route: NONE,
-        cluster: NONE,
+    let (index, route, req, form) = match route(&state, conn, req, start) {
+        Routed::Forward(index, route, req, form) => (index, route, req, form),
+        Routed::Answered(resp, form) => return Handled::answered(form, resp, active),
     };
-    let mut resp = match &state.kind {
-        // Not an open proxy: a target naming another server, or a tunnel, is never followed.
-        ListenerKind::Http(_) if req.method() == Method::CONNECT => {
-            let answer = local(&state, ProxyError::NotAccepted("CONNECT"), form);
-            finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
-        }
-        ListenerKind::Http(_) if h1 && req.uri().scheme().is_some() => {
-            let answer = local(
-                &state,
-                ProxyError::NotAccepted("absolute-form target"),
-                form,
-            );
-            finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
-        }
-        ListenerKind::Http(table) => match table.find(&req, identity) {
-            Some(route) => forward(&state, route, conn, req, form, start).await,
-            None => {
-                let answer = local(&state, ProxyError::NoRoute, form);
-                finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
-            }
+    let (call, sent) = match outbound(&state, route, conn, req, form, start) {
+        Outbound::Send(call, sent) => (call, sent),
+        Outbound::Answered(resp) => return Handled::answered(form, resp, active),
+    };
+    let pending = sent.target.stack.clone().call(call);
+    let Sent {
+        index: target,
+        switch,
+        logged,
+        ..
+    } = sent;
+    Handled::Forwarded {
+        pending,
+        rest: Some(Forwarded {
+            active,
+            state,
+            route: index,
+            target,
+            switch,
+            logged,
+            form,
+            start,
+        }),
+    }
+}
+
+/// What a routed request waits on: its route stack's future.
+type Pending = <RouteStack as Service<Call>>::Future;
+
+pin_project! {
+    /// One request, from its route's stack to its answer: the future of both protocols'
+    /// handlers. Written out rather than `async`: an async body keeps its arguments, and every
+    /// local it borrows, for its whole life, so the request was held twice beside the stack's
+    /// future, and that state was copied into its box (too large for the allocator's
+    /// per-thread cache) on every request.
+    #[project = HandledProj]
+    enum Handled {
+        /// Waiting on the stack.
+        Forwarded {
+            #[pin]
+            pending: Pending,
+            rest: Option<Forwarded>,
         },
-        // The listener became a TCP listener by reload while this connection was open.
-        ListenerKind::Tcp(_) => {
-            let answer = local(&state, ProxyError::NoRoute, form);
-            finish(&state, conn, &unmatched, || Logged::of(&req), answer, start)
+        /// Answered without the stack.
+        Answered {
+            resp: Option<Response<ProxyBody>>,
+            active: Option<Active>,
+        },
+    }
+}
+
+impl Handled {
+    fn answered(form: Form, resp: Response<ProxyBody>, active: Active) -> Self {
+        Handled::Answered {
+            resp: Some(closing(&active.0, form, resp)),
+            active: Some(active),
         }
-    };
-    if h1
+    }
+}
+
+impl Future for Handled {
+    type Output = Response<ProxyBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
+        match self.project() {
+            HandledProj::Forwarded { pending, rest } => {
+                let result = ready!(pending.poll(cx));
+                // Taken once: a finished future is not polled again.
+                match rest.take() {
+                    Some(rest) => Poll::Ready(rest.answer(result)),
+                    None => Poll::Pending,
+                }
+            }
+            HandledProj::Answered { resp, active } => {
+                let resp = resp.take();
+                drop(active.take());
+                resp.map_or(Poll::Pending, Poll::Ready)
+            }
+        }
+    }
+}
+
+/// What a forwarded request's answer needs, kept while its stack works: the listener's state
+/// it was routed with, and where its route and target are in it.
+struct Forwarded {
+    active: Active,
+    state: Arc<ListenerState>,
+    route: usize,
+    target: usize,
+    switch: Option<(OnUpgrade, HeaderValue)>,
+    logged: Option<Box<Logged>>,
+    form: Form,
+    start: Instant,
+}
+
+impl Forwarded {
+    fn answer(self, result: Result<Response<ProxyBody>, ProxyError>) -> Response<ProxyBody> {
+        let Forwarded {
+            active,
+            state,
+            route,
+            target,
+            switch,
+            logged,
+            form,
+            start,
+        } = self;
+        let conn = &*active.0;
+        let routed = match &state.kind {
+            ListenerKind::Http(table) => table
+                .route(route)
+                .and_then(|r| r.targets.get(target).map(|t| (r, t))),
+            ListenerKind::Tcp(_) => None,
+        };
+        // The state is the one the request was routed with: its route and target are there.
+        let resp = match routed {
+            Some((route, target)) => {
+                let sent = Sent {
+                    index: 0,
+                    target,
+                    switch,
+                    logged,
+                };
+                relay(&state, route, conn, sent, result, form, start)
+            }
+            None => local(&state, ProxyError::NoRoute, form).resp,
+        };
+        let resp = closing(conn, form, resp);
+        drop(active);
+        resp
+    }
+}
+
+/// `resp`, told to close an HTTP/1 connection that drains.
+fn closing(conn: &Conn, form: Form, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    if form.h1
         && conn.draining.load(Ordering::Acquire)
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
     {
@@ -548,6 +651,49 @@ async fn handle(conn: &Conn, req: Request<ClientBody>) -> Response<ProxyBody> {
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// Where a request goes: a route's cluster, or an answer given here.
+enum Routed<'s> {
+    Forward(usize, &'s Route, Request<ClientBody>, Form),
+    Answered(Response<ProxyBody>, Form),
+}
+
+/// Finds the route of `req`, or answers it (a `CONNECT`, an absolute-form target, no route).
+fn route<'s>(
+    state: &'s ListenerState,
+    conn: &Conn,
+    req: Request<ClientBody>,
+    start: Instant,
+) -> Routed<'s> {
+    let form = Form::of(&req);
+    let identity = conn.who.identity.as_deref().unwrap_or(&[]);
+    let unmatched = Counted {
+        metrics: &state.unmatched,
+        route: NONE,
+        cluster: NONE,
+    };
+    let refusal = match &state.kind {
+        // Not an open proxy: a target naming another server, or a tunnel, is never followed.
+        ListenerKind::Http(_) if req.method() == Method::CONNECT => {
+            ProxyError::NotAccepted("CONNECT")
+        }
+        ListenerKind::Http(_) if form.h1 && req.uri().scheme().is_some() => {
+            ProxyError::NotAccepted("absolute-form target")
+        }
+        ListenerKind::Http(table) => match table
+            .find_index(&req, identity)
+            .and_then(|i| table.route(i).map(|r| (i, r)))
+        {
+            Some((index, route)) => return Routed::Forward(index, route, req, form),
+            None => ProxyError::NoRoute,
+        },
+        // The listener became a TCP listener by reload while this connection was open.
+        ListenerKind::Tcp(_) => ProxyError::NoRoute,
+    };
+    let answer = local(state, refusal, form);
+    let resp = finish(state, conn, &unmatched, || Logged::of(&req), answer, start);
+    Routed::Answered(resp, form)
 }
 
 /// Where an answer is counted and logged: its request metrics and the route and cluster names
@@ -684,14 +830,33 @@ fn client_cert_header(ids: &[String]) -> Option<HeaderValue> {
     HeaderValue::from_str(&value).ok()
 }
 
-async fn forward(
+/// What the answer to a request sent through a route's stack needs.
+struct Sent<'s> {
+    /// Where `target` is in its route's targets.
+    index: usize,
+    target: &'s Target,
+    /// The client's side of an upgrade the route allows, and the protocol asked for.
+    switch: Option<(OnUpgrade, HeaderValue)>,
+    /// What the access log says of the request, when the log is on.
+    logged: Option<Box<Logged>>,
+}
+
+/// A routed request, checked against its route: what to send, or the answer.
+enum Outbound<'s> {
+    Send(Call, Sent<'s>),
+    Answered(Response<ProxyBody>),
+}
+
+/// Checks a routed request against its route, picks its target and turns the request into the
+/// [`Call`] its stack takes; a refusal is the answer.
+fn outbound<'s>(
     state: &ListenerState,
-    route: &Route,
+    route: &'s Route,
     conn: &Conn,
     mut req: Request<ClientBody>,
     form: Form,
     start: Instant,
-) -> Response<ProxyBody> {
+) -> Outbound<'s> {
     let peer = conn.peer;
     // Built only for an answer given before a cluster is chosen: its series appear then.
     let unrouted = || Counted {
@@ -703,18 +868,39 @@ async fn forward(
         let ids = conn.who.identity.as_deref().unwrap_or(&[]);
         if !allowed(patterns, ids) {
             let answer = local(state, ProxyError::Forbidden, form);
-            return finish(state, conn, &unrouted(), || Logged::of(&req), answer, start);
+            return Outbound::Answered(finish(
+                state,
+                conn,
+                &unrouted(),
+                || Logged::of(&req),
+                answer,
+                start,
+            ));
         }
     }
     if let Some(limit) = route.max_request_body {
         if req.body().size_hint().lower() > limit {
             let answer = local(state, ProxyError::BodyTooLarge(limit), form);
-            return finish(state, conn, &unrouted(), || Logged::of(&req), answer, start);
+            return Outbound::Answered(finish(
+                state,
+                conn,
+                &unrouted(),
+                || Logged::of(&req),
+                answer,
+                start,
+            ));
         }
     }
-    let Some(target) = route.pick_for(req.headers(), req.uri().path(), peer) else {
+    let Some((index, target)) = route.pick_for(req.headers(), req.uri().path(), peer) else {
         let answer = local(state, ProxyError::NoRoute, form);
-        return finish(state, conn, &unrouted(), || Logged::of(&req), answer, start);
+        return Outbound::Answered(finish(
+            state,
+            conn,
+            &unrouted(),
+            || Logged::of(&req),
+            answer,
+            start,
+        ));
     };
     // A switch of protocols the route allows, through a cluster that speaks HTTP/1.1.
     let mut switch = None;
@@ -731,7 +917,7 @@ async fn forward(
             };
             if let Some(why) = refusal {
                 let answer = local(state, ProxyError::NotAccepted(why), form);
-                return finish(
+                return Outbound::Answered(finish(
                     state,
                     conn,
                     &Counted {
@@ -742,7 +928,7 @@ async fn forward(
                     || Logged::of(&req),
                     answer,
                     start,
-                );
+                ));
             }
             switch = Some((hyper::upgrade::on(&mut req), protocol));
         }
@@ -758,7 +944,7 @@ async fn forward(
     // The request is consumed by the stack; what the log needs of it is kept first.
     let logged = state
         .access_log
-        .then(|| Logged::from_head(&head.method, &head.uri, &head.headers));
+        .then(|| Box::new(Logged::from_head(&head.method, &head.uri, &head.headers)));
     // A client could claim any identity in this header; only ours is passed on (`insert`
     // replaces every value). Looked for first: clients rarely send it, and a scan of the names
     // costs less than a hashed removal.
@@ -779,7 +965,36 @@ async fn forward(
         body: ReqBody::new(body, route.max_retry_body, route.max_request_body),
         ctx,
     };
-    let answer = match target.stack.clone().call(call).await {
+    Outbound::Send(
+        call,
+        Sent {
+            index,
+            target,
+            switch,
+            logged,
+        },
+    )
+}
+
+/// The answer to a forwarded request: the upstream's, the tunnel it switched to, or a local
+/// reply; counted, and logged when the log is on.
+fn relay(
+    state: &ListenerState,
+    route: &Route,
+    conn: &Conn,
+    sent: Sent<'_>,
+    result: Result<Response<ProxyBody>, ProxyError>,
+    form: Form,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let Sent {
+        target,
+        switch,
+        logged,
+        ..
+    } = sent;
+    let peer = conn.peer;
+    let answer = match result {
         Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match (
             switch,
             resp.extensions_mut()
@@ -834,7 +1049,7 @@ async fn forward(
         cluster: target.cluster.name(),
     };
     match logged {
-        Some(logged) => finish(state, conn, &at, || logged, answer, start),
+        Some(logged) => finish(state, conn, &at, || *logged, answer, start),
         // Without an access log only the metrics are wanted; no method or URI is cloned.
         None => {
             at.metrics.observe(answer.status, clock::now() - start);

@@ -242,9 +242,16 @@ impl RouteTable {
 
     /// The first route matching `req` from a client with the verified TLS `identity` (its SANs).
     pub fn find<B>(&self, req: &Request<B>, identity: &[String]) -> Option<&Route> {
+        self.find_index(req, identity)
+            .and_then(|i| self.routes.get(i))
+    }
+
+    /// Where in the table [`find`](Self::find)'s route is: what a request's future keeps
+    /// instead of a borrow of the table.
+    pub fn find_index<B>(&self, req: &Request<B>, identity: &[String]) -> Option<usize> {
         let host = request_host(req);
         let path = req.uri().path();
-        let i = self.index.first(path, |i| {
+        self.index.first(path, |i| {
             matches(
                 &self.routes[i].matcher,
                 req.method(),
@@ -253,8 +260,12 @@ impl RouteTable {
                 req.headers(),
                 identity,
             )
-        })?;
-        self.routes.get(i)
+        })
+    }
+
+    /// The route at `index`.
+    pub fn route(&self, index: usize) -> Option<&Route> {
+        self.routes.get(index)
     }
 
     /// Number of routes.
@@ -290,19 +301,30 @@ impl Route {
     }
 
     /// The target for a request: by its partition key on a partitioned route (`None` when the
-    /// request has no key), by weight otherwise.
-    pub fn pick_for(&self, headers: &HeaderMap, path: &str, peer: SocketAddr) -> Option<&Target> {
-        let Some(p) = &self.partition else {
-            return self.pick();
+    /// request has no key), by weight otherwise; with its index in [`targets`](Self::targets).
+    pub fn pick_for(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+        peer: SocketAddr,
+    ) -> Option<(usize, &Target)> {
+        let index = match &self.partition {
+            None => self.picker.pick(),
+            Some(_) => self.partition_index(headers, path, peer)?,
         };
-        let index = balance::with_key(&p.key, headers, path, peer, |key| match &p.mode {
+        self.targets.get(index).map(|t| (index, t))
+    }
+
+    /// The target index a partitioned route's key gives.
+    fn partition_index(&self, headers: &HeaderMap, path: &str, peer: SocketAddr) -> Option<usize> {
+        let p = self.partition.as_ref()?;
+        balance::with_key(&p.key, headers, path, peer, |key| match &p.mode {
             PartitionMode::Hash => balance::jump_hash(balance::hash(key), self.targets.len()),
             PartitionMode::Ranges(bounds) => bounds
                 .iter()
                 .position(|b| key < b.as_bytes())
                 .unwrap_or(bounds.len()),
-        })?;
-        self.targets.get(index)
+        })
     }
 }
 

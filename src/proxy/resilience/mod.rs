@@ -121,7 +121,7 @@ impl CallCtx {
 }
 
 /// The error for a deadline passing: the caller's own (`caller`), or an upstream timeout.
-fn expiry(caller: bool) -> ProxyError {
+pub(crate) fn expiry(caller: bool) -> ProxyError {
     if caller {
         ProxyError::DeadlineExceeded
     } else {

@@ -19,9 +19,9 @@ use crate::proxy::resilience::{Apply, ApplyLayer, Call, Deadline, Inner, Mechani
 use crate::proxy::values;
 
 /// The header carrying the time a caller still waits, in milliseconds.
-pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-outrigger-deadline-ms");
+pub static DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-outrigger-deadline-ms");
 /// gRPC's own deadline header.
-pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The route timeout: computes the request's deadline (the route's, or a shorter one the caller
 /// sent) and answers 504 when it passes. Always in the stack, since a caller's deadline applies
@@ -143,11 +143,11 @@ pub fn propagate(headers: &mut TryHeaders, deadline: Instant, grpc: bool) {
     // Round up so that a short but live budget never reads as "already expired".
     let ms = left.as_millis().max(1) as u64;
     if let Some(v) = values::decimal(ms, b"") {
-        headers.set(DEADLINE_HEADER, v);
+        headers.set(&DEADLINE_HEADER, v);
     }
     if grpc {
         if let Some(v) = values::decimal(ms.min(99_999_999), b"m") {
-            headers.set(GRPC_TIMEOUT, v);
+            headers.set(&GRPC_TIMEOUT, v);
         }
     }
 }
@@ -174,8 +174,8 @@ mod tests {
     #[test]
     fn smallest_caller_budget_wins() {
         let mut h = HeaderMap::new();
-        h.insert(DEADLINE_HEADER, HeaderValue::from_static("300"));
-        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("200m"));
+        h.insert(DEADLINE_HEADER.clone(), HeaderValue::from_static("300"));
+        h.insert(GRPC_TIMEOUT.clone(), HeaderValue::from_static("200m"));
         assert_eq!(caller_budget(&h), Some(Duration::from_millis(200)));
     }
 
@@ -309,10 +309,10 @@ mod tests {
         let mut set = TryHeaders::default();
         propagate(&mut set, deadline, true);
         let mut h = HeaderMap::new();
-        h.insert(DEADLINE_HEADER, HeaderValue::from_static("9000"));
+        h.insert(DEADLINE_HEADER.clone(), HeaderValue::from_static("9000"));
         set.apply(&mut h);
-        assert_eq!(h[DEADLINE_HEADER], "380");
-        assert_eq!(h[GRPC_TIMEOUT], "380m");
+        assert_eq!(h[&DEADLINE_HEADER], "380");
+        assert_eq!(h[&GRPC_TIMEOUT], "380m");
         assert_eq!(h.len(), 2);
     }
 }

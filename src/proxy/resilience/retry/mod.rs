@@ -15,6 +15,7 @@
 pub mod backoff;
 pub mod budget;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -92,6 +93,65 @@ pub struct RetryLayer {
     policy: Arc<RetryPolicy>,
 }
 
+/// What follows a try: its result is the answer, or the next try goes after a wait.
+enum Next {
+    Done(Result<Response, ProxyError>),
+    Retry(Call, Duration),
+}
+
+impl RetryPolicy {
+    /// Whether `result`, after `tries` tries, is retried: with `sent`, the copy taken before the
+    /// try, after the wait the backoff or the upstream's `Retry-After` asks for.
+    fn next_try(
+        &self,
+        result: Result<Response, ProxyError>,
+        sent: Option<Call>,
+        tries: u32,
+        resendable: bool,
+        deadline: Option<Instant>,
+    ) -> Next {
+        let cfg = &self.cfg;
+        let Some(reason): Option<RetryReason> = classify::retry_reason(&cfg.on, &result) else {
+            return Next::Done(result);
+        };
+        if reason.needs_resend() && !resendable {
+            self.skip(Skip::Method);
+            return Next::Done(result);
+        }
+        if tries >= cfg.attempts {
+            self.skip(Skip::Attempts);
+            return Next::Done(result);
+        }
+        // The copy was taken before the try; a body that outgrew the cap while it was being
+        // sent can no longer be replayed whole.
+        let Some(next) = sent.filter(|c| c.body.replayable()) else {
+            self.skip(Skip::Body);
+            return Next::Done(result);
+        };
+        let wait = match retry_after(&result) {
+            Some(ra) if ra > cfg.retry_after_max => {
+                self.skip(Skip::RetryAfter);
+                return Next::Done(result);
+            }
+            Some(ra) => ra,
+            None => self.backoff.delay(tries, self.rng.f64()),
+        };
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            self.skip(Skip::Deadline);
+            return Next::Done(result);
+        }
+        if !self.budget.withdraw() {
+            self.skip(Skip::Budget);
+            return Next::Done(result);
+        }
+        if let Some(m) = &self.metrics {
+            m.retries.inc();
+        }
+        // The failed try's connection is freed before the wait.
+        Next::Retry(next, wait)
+    }
+}
+
 impl RetryLayer {
     /// A layer applying `policy`.
     pub fn new(policy: Arc<RetryPolicy>) -> Self {
@@ -139,88 +199,65 @@ impl<S: Inner> Service<Call> for Retry<S> {
     }
 }
 
-async fn run<S: Inner>(
+/// Sends `call` through `inner` until a result is final. Not an `async fn`: its arguments (the
+/// request among them) are kept once in the future, which is boxed per request.
+#[allow(clippy::manual_async_fn)]
+fn run<S: Inner>(
     policy: Arc<RetryPolicy>,
     mut inner: S,
     mut call: Call,
-) -> Result<Response, ProxyError> {
-    let cfg = &policy.cfg;
-    let idempotent = classify::idempotent(&call.head.method);
-    let resendable = idempotent || cfg.non_idempotent;
-    let deadline = call.ctx.deadline;
-    let mut tries = 0u32;
-    loop {
-        let more = tries + 1 < cfg.attempts;
-        call.ctx.attempt = tries + 1;
-        // Read gRPC trailers ahead only while another try could follow.
-        if more && call.body.replayable() {
-            call.ctx.grpc_retry_codes = cfg.on.grpc_codes;
-            call.ctx.hold_limit = cfg.max_body;
-            call.ctx.hold_small = resendable && cfg.on.reset;
-        } else {
-            call.ctx.grpc_retry_codes = 0;
-            call.ctx.hold_small = false;
-        }
-        let spare = if more || cfg.hedge.is_some() {
-            call.try_clone()
-        } else {
-            None
-        };
-        let ((result, sent_tries), sent) = match (&cfg.hedge, spare) {
+) -> impl Future<Output = Result<Response, ProxyError>> + Send + 'static {
+    async move {
+        let cfg = &policy.cfg;
+        let idempotent = classify::idempotent(&call.head.method);
+        let resendable = idempotent || cfg.non_idempotent;
+        let deadline = call.ctx.deadline;
+        let mut tries = 0u32;
+        loop {
+            let more = tries + 1 < cfg.attempts;
+            call.ctx.attempt = tries + 1;
+            // Read gRPC trailers ahead only while another try could follow.
+            if more && call.body.replayable() {
+                call.ctx.grpc_retry_codes = cfg.on.grpc_codes;
+                call.ctx.hold_limit = cfg.max_body;
+                call.ctx.hold_small = resendable && cfg.on.reset;
+            } else {
+                call.ctx.grpc_retry_codes = 0;
+                call.ctx.hold_small = false;
+            }
+            let spare = if more || cfg.hedge.is_some() {
+                call.try_clone()
+            } else {
+                None
+            };
             // Tries of a hedge run at once; only a request without a body can be sent twice
             // concurrently.
-            (Some(_), Some(spare))
-                if tries == 0 && idempotent && matches!(call.body, ReqBody::Empty) =>
-            {
-                // Boxed: hedging is rare, and its state would otherwise be part of (and be
-                // moved with) every request's future.
-                Box::pin(hedged(&policy, &mut inner, call, spare)).await
-            }
-            (_, spare) => ((inner.call(call).await, 1), spare),
-        };
-        tries += sent_tries;
-        let Some(reason): Option<RetryReason> = classify::retry_reason(&cfg.on, &result) else {
-            return result;
-        };
-        if reason.needs_resend() && !resendable {
-            policy.skip(Skip::Method);
-            return result;
+            let hedge = cfg.hedge.is_some()
+                && tries == 0
+                && idempotent
+                && matches!(call.body, ReqBody::Empty);
+            let ((result, sent_tries), sent) = if hedge {
+                match spare {
+                    // Boxed: hedging is rare, and its state would otherwise be part of (and be
+                    // moved with) every request's future.
+                    Some(spare) => Box::pin(hedged(&policy, &mut inner, call, spare)).await,
+                    None => ((inner.call(call).await, 1), None),
+                }
+            } else {
+                ((inner.call(call).await, 1), spare)
+            };
+            tries += sent_tries;
+            // Decided by a plain method: the result it looks at would otherwise be kept in this
+            // future through the wait before the next try.
+            let (next, wait) = match policy.next_try(result, sent, tries, resendable, deadline) {
+                Next::Done(result) => return result,
+                Next::Retry(next, wait) => (next, wait),
+            };
+            tokio::time::sleep(wait).await;
+            call = next;
+            call.body.claim();
+            call.ctx.attempt = tries + 1;
         }
-        if tries >= cfg.attempts {
-            policy.skip(Skip::Attempts);
-            return result;
-        }
-        // The copy was taken before the try; a body that outgrew the cap while it was being
-        // sent can no longer be replayed whole.
-        let Some(next) = sent.filter(|c| c.body.replayable()) else {
-            policy.skip(Skip::Body);
-            return result;
-        };
-        let wait = match retry_after(&result) {
-            Some(ra) if ra > cfg.retry_after_max => {
-                policy.skip(Skip::RetryAfter);
-                return result;
-            }
-            Some(ra) => ra,
-            None => policy.backoff.delay(tries, policy.rng.f64()),
-        };
-        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-            policy.skip(Skip::Deadline);
-            return result;
-        }
-        if !policy.budget.withdraw() {
-            policy.skip(Skip::Budget);
-            return result;
-        }
-        if let Some(m) = &policy.metrics {
-            m.retries.inc();
-        }
-        // Free the failed try's connection before waiting.
-        drop(result);
-        tokio::time::sleep(wait).await;
-        call = next;
-        call.body.claim();
-        call.ctx.attempt = tries + 1;
     }
 }
 
