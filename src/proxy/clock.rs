@@ -67,19 +67,31 @@ impl Drop for Turn {
     }
 }
 
-/// A future polled inside a [`Turn`]: for a request that may have a task of its own (an HTTP/2
-/// stream served by hyper-util's reader), so that its timestamps share one reading per wake-up
-/// as a connection's do. Polled inside a running turn (a stream in its connection's task), it
-/// shares that turn's reading rather than taking another.
-pub struct Turned<F>(pub F);
+pin_project_lite::pin_project! {
+    /// A future polled inside a [`Turn`]: for a request that may have a task of its own (an
+    /// HTTP/2 stream served by hyper-util's reader), so that its timestamps share one reading
+    /// per wake-up as a connection's do. Polled inside a running turn (a stream in its
+    /// connection's task), it shares that turn's reading rather than taking another.
+    pub struct Turned<F> {
+        #[pin]
+        inner: F,
+    }
+}
 
-impl<F: Future + Unpin> Future for Turned<F> {
+impl<F> Turned<F> {
+    /// `inner`, polled under a turn.
+    pub fn new(inner: F) -> Self {
+        Self { inner }
+    }
+}
+
+impl<F: Future> Future for Turned<F> {
     type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let in_turn = SHARED.with(|s| !matches!(s.get(), Shared::Off));
         let _turn = (!in_turn).then(Turn::start);
-        Pin::new(&mut self.0).poll(cx)
+        self.project().inner.poll(cx)
     }
 }
 
@@ -105,7 +117,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_turned_future_shares_a_running_turn_and_makes_one_outside() {
         // The future is ready at its first poll, so each await is one poll of it.
-        let seen = || Turned(Box::pin(async { now() }));
+        let seen = || Turned::new(async { now() });
         let outer = Turn::start();
         let t = now();
         tokio::time::advance(Duration::from_millis(4)).await;
