@@ -40,6 +40,7 @@ use crate::error::BoxError;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::clock;
 use crate::proxy::h1::{self, Chunk, Framing, Rewound};
+use crate::proxy::values;
 
 /// Bytes asked of each read: a whole small request in one.
 const READ_SIZE: usize = 4096;
@@ -848,7 +849,10 @@ where
                     }
                     let (parts, body) = resp.into_parts();
                     let out = self.encode(&parts, &body, head, version);
-                    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+                    // The head is written: its map serves the next answer read on this thread.
+                    values::give_map(parts.headers);
+                    if switched {
                         self.state = State::Closing { switched: true };
                     } else {
                         self.state = State::Body { body, out };

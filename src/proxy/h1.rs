@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::error::BoxError;
 use crate::proxy::body::ReqBody;
 use crate::proxy::pool::Loan;
+use crate::proxy::values;
 use crate::tls::UpstreamStream;
 
 /// The longest response head (status line and headers) accepted.
@@ -351,7 +352,7 @@ fn parse_head(rd: &mut BytesMut, head: bool) -> Result<Option<Head>, Error> {
     let bytes = rd.split_to(len).freeze();
     // Room for the two headers an HTTP/2 server adds to an answer (`date`, `content-length`):
     // hyper's HTTP/2 server reserves a slot for each, and a full map would be rehashed twice.
-    let mut headers = HeaderMap::with_capacity(count + 2);
+    let mut headers = values::take_map(count + 2);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = version == Version::HTTP_10;

@@ -1,6 +1,7 @@
 //! Header values the proxy makes for each request (request ids, deadlines), cut from a block of
-//! bytes each worker thread holds instead of being allocated one by one, and the lookup of the
-//! headers it reads on every request.
+//! bytes each worker thread holds instead of being allocated one by one, the lookup of the
+//! headers it reads on every request, and the header maps of upstream answers, kept per thread
+//! once their head is written.
 
 use std::cell::RefCell;
 
@@ -22,6 +23,43 @@ pub fn find<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderV
         return None;
     }
     headers.get(name)
+}
+
+/// Emptied header maps each thread keeps.
+const MAPS: usize = 64;
+/// A map that held more fields than this is let go rather than kept.
+const MAP_MOST: usize = 64;
+
+thread_local! {
+    /// Header maps of answers already written, emptied, for the next answers read.
+    static SPARE_MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A header map with room for `n` fields: one this thread kept, or a new one. An upstream
+/// answer's map is two allocations (its index and its entries) that its downstream write frees
+/// again; with many requests in flight, glibc's per-thread cache runs out for those sizes.
+pub fn take_map(n: usize) -> HeaderMap {
+    match SPARE_MAPS.with(|m| m.borrow_mut().pop()) {
+        Some(mut map) => {
+            map.reserve(n);
+            map
+        }
+        None => HeaderMap::with_capacity(n),
+    }
+}
+
+/// Keeps `map`, emptied, for [`take_map`] on this thread.
+pub fn give_map(mut map: HeaderMap) {
+    if map.capacity() == 0 || map.capacity() > MAP_MOST {
+        return;
+    }
+    map.clear();
+    SPARE_MAPS.with(|m| {
+        let mut spare = m.borrow_mut();
+        if spare.len() < MAPS {
+            spare.push(map);
+        }
+    });
 }
 
 /// Bytes per block: about a hundred request ids for one allocation.
@@ -69,6 +107,28 @@ pub fn decimal(n: u64, unit: &[u8]) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_map_comes_back_empty_with_its_room_and_a_huge_one_is_not_kept() {
+        // Each test runs on a thread of its own: the spare list starts empty.
+        let mut map = HeaderMap::with_capacity(20);
+        map.insert("x-a", HeaderValue::from_static("1"));
+        map.append("x-a", HeaderValue::from_static("2"));
+        let room = map.capacity();
+        give_map(map);
+        let again = take_map(4);
+        assert!(again.is_empty(), "no field of the last answer is left");
+        assert_eq!(again.capacity(), room, "the same map, not a new one");
+        assert_eq!(
+            take_map(4).capacity(),
+            HeaderMap::<HeaderValue>::with_capacity(4).capacity()
+        );
+        give_map(HeaderMap::<HeaderValue>::with_capacity(MAP_MOST * 2));
+        assert!(
+            take_map(1).capacity() < MAP_MOST,
+            "a map grown huge is let go"
+        );
+    }
 
     #[test]
     fn find_gives_what_get_gives_in_small_and_large_maps() {
