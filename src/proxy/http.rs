@@ -857,49 +857,36 @@ fn outbound<'s>(
     start: Instant,
 ) -> Outbound<'s> {
     let peer = conn.peer;
-    // Built only for an answer given before a cluster is chosen: its series appear then.
-    let unrouted = || Counted {
-        metrics: route.unrouted(),
-        route: &route.name,
-        cluster: NONE,
+    // An answer given before a cluster is chosen: its series appear then.
+    let refuse = |e: ProxyError, req: &Request<ClientBody>| {
+        let unrouted = Counted {
+            metrics: route.unrouted(),
+            route: &route.name,
+            cluster: NONE,
+        };
+        let answer = local(state, e, form);
+        Outbound::Answered(finish(
+            state,
+            conn,
+            &unrouted,
+            || Logged::of(req),
+            answer,
+            start,
+        ))
     };
     if let Some(patterns) = &route.allowed_identities {
         let ids = conn.who.identity.as_deref().unwrap_or(&[]);
         if !allowed(patterns, ids) {
-            let answer = local(state, ProxyError::Forbidden, form);
-            return Outbound::Answered(finish(
-                state,
-                conn,
-                &unrouted(),
-                || Logged::of(&req),
-                answer,
-                start,
-            ));
+            return refuse(ProxyError::Forbidden, &req);
         }
     }
     if let Some(limit) = route.max_request_body {
         if req.body().size_hint().lower() > limit {
-            let answer = local(state, ProxyError::BodyTooLarge(limit), form);
-            return Outbound::Answered(finish(
-                state,
-                conn,
-                &unrouted(),
-                || Logged::of(&req),
-                answer,
-                start,
-            ));
+            return refuse(ProxyError::BodyTooLarge(limit), &req);
         }
     }
     let Some((index, target)) = route.pick_for(req.headers(), req.uri().path(), peer) else {
-        let answer = local(state, ProxyError::NoRoute, form);
-        return Outbound::Answered(finish(
-            state,
-            conn,
-            &unrouted(),
-            || Logged::of(&req),
-            answer,
-            start,
-        ));
+        return refuse(ProxyError::NoRoute, &req);
     };
     // A switch of protocols the route allows, through a cluster that speaks HTTP/1.1.
     let mut switch = None;
