@@ -507,17 +507,12 @@ fn handle(conn: Arc<Conn>, req: Request<ClientBody>) -> Handled {
         Routed::Forward(index, route, req, form) => (index, route, req, form),
         Routed::Answered(resp, form) => return Handled::answered(form, resp, active),
     };
-    let (call, sent) = match outbound(&state, route, conn, req, form, start) {
-        Outbound::Send(call, sent) => (call, sent),
+    let (call, target, sent) = match outbound(&state, route, conn, req, form, start) {
+        Outbound::Send(call, target, sent) => (call, target, sent),
         Outbound::Answered(resp) => return Handled::answered(form, resp, active),
     };
     let pending = sent.target.stack.clone().call(call);
-    let Sent {
-        index: target,
-        switch,
-        logged,
-        ..
-    } = sent;
+    let Sent { switch, logged, .. } = sent;
     Handled::Forwarded {
         pending,
         rest: Some(Forwarded {
@@ -625,7 +620,6 @@ impl Forwarded {
         let resp = match routed {
             Some((route, target)) => {
                 let sent = Sent {
-                    index: 0,
                     target,
                     switch,
                     logged,
@@ -831,8 +825,6 @@ fn client_cert_header(ids: &[String]) -> Option<HeaderValue> {
 
 /// What the answer to a request sent through a route's stack needs.
 struct Sent<'s> {
-    /// Where `target` is in its route's targets.
-    index: usize,
     target: &'s Target,
     /// The client's side of an upgrade the route allows, and the protocol asked for.
     switch: Option<(OnUpgrade, HeaderValue)>,
@@ -842,7 +834,8 @@ struct Sent<'s> {
 
 /// A routed request, checked against its route: what to send, or the answer.
 enum Outbound<'s> {
-    Send(Call, Sent<'s>),
+    /// The call, where its target is in the route's targets, and what its answer needs.
+    Send(Call, usize, Sent<'s>),
     Answered(Response<ProxyBody>),
 }
 
@@ -953,8 +946,8 @@ fn outbound<'s>(
     };
     Outbound::Send(
         call,
+        index,
         Sent {
-            index,
             target,
             switch,
             logged,
@@ -977,7 +970,6 @@ fn relay(
         target,
         switch,
         logged,
-        ..
     } = sent;
     let peer = conn.peer;
     let answer = match result {
