@@ -4,7 +4,9 @@
 # N requests (h2load, HTTP/1.1, 16 keep-alive connections, the default resilience stack) to a
 # HAProxy that answers `200 ok` itself; the counters are zeroed after a 2,000-request warm-up.
 # Counts only user space (the kernel's share is in benches/load.sh's figures). `rep movs`/`stos`
-# count one instruction per byte here, so large copies weigh more than their time.
+# count one instruction per byte here, so large copies weigh more than their time. The proxy
+# runs itself again at start with glibc's allocator tuned (see the README's Performance section):
+# valgrind follows it (--trace-children). Set GLIBC_TUNABLES= to measure it untuned.
 #   bash benches/instructions.sh [N] [BINARY...]   # default: 20000 target/release/outrigger
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +57,7 @@ EOF
 haproxy -f "$dir/origin.cfg" -D -p "$dir/origin.pid"
 trap 'kill "$(cat "$dir/origin.pid")" 2>/dev/null || true; rm -rf "$dir"' EXIT
 for bin in "${bins[@]}"; do
-  valgrind --tool=callgrind --callgrind-out-file="$dir/cg.%p" "$bin" run --workers 1 \
+  valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$dir/cg.%p" "$bin" run --workers 1 \
     --config "$dir/outrigger.yaml" >"$dir/log" 2>&1 &
   pid=$!
   for _ in $(seq 150); do

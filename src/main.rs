@@ -127,7 +127,11 @@ fn main() -> ExitCode {
             log_format,
             workers,
         } => {
+            let tuned = tune_allocator();
             logging::init(log_format);
+            if let Err(e) = tuned {
+                tracing::debug!(error = %e, "running with glibc's default per-thread cache");
+            }
             // The control side (admin, discovery, health checks, the Raft group) runs here;
             // connections are served on the workers' threads.
             let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
@@ -149,6 +153,33 @@ fn main() -> ExitCode {
             code
         }
     }
+}
+
+/// What the proxy asks of glibc's allocator through `GLIBC_TUNABLES`: a per-thread cache of
+/// up to 256 freed blocks of each small size instead of 7. A worker with a few dozen requests
+/// in flight frees more blocks of a size than 7 before it allocates one again, and every block
+/// past the seventh went through the arena's bins (about 1,350 instructions per request, 5%,
+/// with 64 requests in flight); the cache holds no more than what was live at once anyway.
+const TUNABLES: &str = "glibc.malloc.tcache_count=256";
+
+/// Runs this program again, in place, with [`TUNABLES`] in its environment, which glibc reads
+/// only when a program starts. It returns (the program goes on untuned) when `GLIBC_TUNABLES`
+/// is already set, by an operator or by the run before, or when the program cannot be run
+/// again. Called before any thread starts.
+fn tune_allocator() -> std::io::Result<()> {
+    if !cfg!(all(target_os = "linux", target_env = "gnu"))
+        || std::env::var_os("GLIBC_TUNABLES").is_some()
+    {
+        return Ok(());
+    }
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let mut again = std::process::Command::new(std::env::current_exe()?);
+    if let Some(arg0) = args.next() {
+        again.arg0(arg0);
+    }
+    // `exec` only returns on failure.
+    Err(again.args(args).env("GLIBC_TUNABLES", TUNABLES).exec())
 }
 
 /// The runtime `builder` makes, with every driver on; `None` (said on stderr) if it cannot start.

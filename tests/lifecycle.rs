@@ -742,3 +742,47 @@ async fn probe_reports_readiness_for_container_health_checks() {
     assert_eq!(code, Some(1));
     assert!(said.contains("pass --admin"), "{said}");
 }
+
+/// The `GLIBC_TUNABLES` the running process has, read as an operator would, from `/proc`.
+fn tunables_of(proc: &Process) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{}/environ", proc.child.id())).unwrap();
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("GLIBC_TUNABLES=").map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_raises_glibcs_thread_cache_unless_the_operator_tuned_glibc() {
+    let origin = Origin::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &origin, "1s");
+    let run = |tunables: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrigger"));
+        cmd.args(["run", "--log-format", "json", "--config"])
+            .arg(&path)
+            .env_remove("GLIBC_TUNABLES");
+        if let Some(t) = tunables {
+            cmd.env("GLIBC_TUNABLES", t);
+        }
+        Process::start_with(&mut cmd)
+    };
+
+    // Run again in place: the same process, serving, with the cache raised.
+    let tuned = run(None);
+    assert_eq!(
+        tunables_of(&tuned).as_deref(),
+        Some("glibc.malloc.tcache_count=256")
+    );
+    let addr = tuned.listener("in").await.unwrap();
+    let (status, _, _) = get(&h1_client(), &format!("http://{addr}/x"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+
+    // An operator's own setting, even an empty one, is left as it is.
+    for own in ["glibc.malloc.arena_max=2", ""] {
+        let untouched = run(Some(own));
+        assert_eq!(tunables_of(&untouched).as_deref(), Some(own));
+    }
+}
