@@ -53,6 +53,21 @@ impl Proc {
         self.child.id()
     }
 
+    /// Panics, naming it, if the process has exited: a proxy that could not start would
+    /// otherwise leave its row measuring nothing, or another process.
+    fn check_running(&self, name: &str) {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next());
+        assert!(
+            matches!(state, Some(s) if s != "Z" && s != "X"),
+            "{name} (pid {}) is not running",
+            self.pid()
+        );
+    }
+
     /// User + system CPU seconds so far, from /proc/PID/stat.
     fn cpu(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
@@ -75,12 +90,23 @@ impl Proc {
     }
 }
 
+/// A port free now and not handed out before in this run. The kernel may give a port that was
+/// bound and let go again to the next `bind(0)`; two processes of the run given one port made
+/// the second fail to start, and its row measured whatever answered there.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn spawn(cmd: &mut Command) -> Proc {
@@ -540,6 +566,13 @@ fn main() {
         });
         if let Some((_, port, _, _)) = &baseline {
             wait_port(*port).await;
+        }
+        for (name, p) in [("haproxy", &ha), ("haproxy nbthread 2", &ha2), ("outrigger", &min)]
+            .into_iter()
+            .chain([("outrigger+resilience", &def), ("outrigger --workers 2", &def2)])
+            .chain(baseline.iter().map(|(p, ..)| ("baseline+resilience", p)))
+        {
+            p.check_running(name);
         }
         let mut rows: Vec<(&str, u16, Option<&Proc>)> = vec![
             ("direct", t.direct, None),
